@@ -1,0 +1,50 @@
+"""The ``beit3`` console script: a thin dispatcher to each command's own module."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, help). Each module exposes main(argv) -> int.
+COMMANDS = {
+    "info": ("beit3.info", "build a preset, print its parameter table, run a forward/backward pass"),
+    "pretrain": ("beit3.pretrain", "masked data modeling pretraining (DeepSpeed)"),
+    "train-tokenizer": ("beit3.tokenizer.train", "train a VQ-KD visual tokenizer"),
+    "data": (None, "data preparation: 'beit3 data synthetic|shards ...'"),
+    "export": ("beit3.export", "export weights: --to timm | safetensors"),
+    "finetune": ("beit3.finetune.main", "fine-tune on vqa, retrieval, captioning, classification, nlvr2"),
+    "evaluate": ("beit3.finetune.evaluate", "evaluate a fine-tuned checkpoint"),
+    "benchmark": ("beit3.benchmark", "throughput, TFLOP/s and MFU of pretraining steps"),
+}
+DATA_COMMANDS = {
+    "synthetic": "beit3.data.synthetic",
+    "shards": "beit3.data.shards",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: beit3 <command> [options]", "", "commands:"]
+    lines += [f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "data":
+        if not rest or rest[0] not in DATA_COMMANDS:
+            print(f"usage: beit3 data {{{','.join(DATA_COMMANDS)}}} [options]", file=sys.stderr)
+            return 2
+        module, rest = DATA_COMMANDS[rest[0]], rest[1:]
+    elif cmd in COMMANDS:
+        module = COMMANDS[cmd][0]
+    else:
+        print(f"beit3: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(module).main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+from .beit3 import BEiT3, EncoderOutput
+from .multiway import Multiway, Streams, join, split
+
+__all__ = ["BEiT3", "EncoderOutput", "Multiway", "Streams", "join", "split"]

@@ -1,0 +1,48 @@
+"""The embedded default: the synthetic world, its SentencePiece model and a tiny VQ-KD trained on
+it, built once and cached so that ``beit3 pretrain --data synthetic`` needs no download."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .distributed import barrier
+
+
+def cache_root() -> str:
+    return os.environ.get("BEIT3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beit3"))
+
+
+@dataclass
+class DemoAssets:
+    world: str  # synthetic world directory
+    shards: str  # pretraining shards directory (images/texts/pairs + manifest.json)
+    spm: str  # SentencePiece model
+    tokenizer: str  # trained VQ-KD directory
+
+
+def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tokenizer_steps: int = 600,
+                is_main: bool = True, log=print) -> DemoAssets:
+    """Build (rank 0) or wait for (other ranks) the cached demo assets."""
+    root = os.path.join(cache_root(), f"synthetic-s{seed}-n{num_images}-px{image_size}")
+    world = os.path.join(root, "world")
+    tok_dir = os.path.join(root, f"vqkd-tiny-{tokenizer_steps}")
+    done = os.path.join(root, "READY.json")
+    if is_main and not os.path.isfile(done):
+        from ..data.synthetic import make_synthetic_world
+        from ..tokenizer.train import train_tokenizer_cli_defaults
+
+        if not os.path.isfile(os.path.join(world, "READY")):
+            log(f"building the synthetic world in {world} (once; cached)")
+            make_synthetic_world(world, num_images=num_images, image_size=image_size, seed=seed)
+            open(os.path.join(world, "READY"), "w").close()
+        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.pth")):
+            log(f"training the tiny VQ-KD visual tokenizer on it ({tokenizer_steps} steps, once; cached)")
+            train_tokenizer_cli_defaults(os.path.join(world, "images", "train"), tok_dir,
+                                         steps=tokenizer_steps, seed=seed)
+        with open(done + ".tmp", "w") as f:
+            json.dump({"world": world, "tokenizer": tok_dir}, f)
+        os.replace(done + ".tmp", done)
+    barrier()
+    return DemoAssets(world=world, shards=os.path.join(world, "shards"),
+                      spm=os.path.join(world, "spm", "synthetic.model"), tokenizer=tok_dir)

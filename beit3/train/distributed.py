@@ -1,0 +1,81 @@
+"""Process-group setup for single-process, torchrun, the deepspeed launcher and Slurm."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    # srun sets SLURM_* but not the torch variables; the deepspeed launcher and torchrun set both.
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> DistInfo:
+    """Initialise torch.distributed (NCCL on GPUs, gloo on CPU) for any launcher, or a world of one.
+
+    On CPU plain gloo is used rather than ``deepspeed.init_distributed``, which would JIT-compile a
+    shared-memory op first (~30 s). ``timeout_s`` bounds every collective, so a rank whose peer died
+    fails with a timeout instead of hanging forever.
+    """
+    _env_from_slurm()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start with torchrun, "
+                               "deepspeed or srun (see scripts/)")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local, dev)
+
+
+def all_reduce_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,70 @@
+"""DeepSpeed configs: read, check against the command line, fill "auto" values.
+
+Everything here runs before a model is built, so a bad config costs no GPU time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config {path!r} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from e
+
+
+def _int_or_auto(cfg: dict, key: str, path: str) -> Any:
+    v = cfg.get(key, "auto")
+    if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise ConfigError(f"{path}: {key}={v!r}; expected a positive integer or \"auto\"")
+    return v
+
+
+def resolve_ds_config(path: str, micro_batch: int, grad_accum: int | None, world_size: int) -> dict:
+    """Return the config with batch sizes filled in, or raise ConfigError naming the mismatch.
+
+    micro_batch: samples per rank per micro-step (images + texts + pairs).
+    grad_accum: from the command line, or None to take the config's (default 1).
+    """
+    cfg = load_json(path)
+    mb = _int_or_auto(cfg, "train_micro_batch_size_per_gpu", path)
+    ga = _int_or_auto(cfg, "gradient_accumulation_steps", path)
+    tb = _int_or_auto(cfg, "train_batch_size", path)
+    if mb != "auto" and mb != micro_batch:
+        raise ConfigError(f"{path}: train_micro_batch_size_per_gpu={mb} but the command line asks for "
+                          f"{micro_batch} samples per micro-batch (images + texts + pairs); "
+                          f"make them agree or set it to \"auto\"")
+    if grad_accum is not None and ga != "auto" and ga != grad_accum:
+        raise ConfigError(f"{path}: gradient_accumulation_steps={ga} but --grad-accum {grad_accum}")
+    ga = grad_accum if grad_accum is not None else (1 if ga == "auto" else ga)
+    expected = micro_batch * ga * world_size
+    if tb != "auto" and tb != expected:
+        raise ConfigError(f"{path}: train_batch_size={tb} but micro-batch {micro_batch} x grad-accum {ga} "
+                          f"x {world_size} ranks = {expected}")
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = ga
+    cfg["train_batch_size"] = expected
+    zero = cfg.get("zero_optimization", {}).get("stage", 0)
+    if zero not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage={zero}; expected 0-3")
+    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{path}: fp16 and bf16 are both enabled")
+    return cfg
+
+
+def precision(cfg: dict) -> str:
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"

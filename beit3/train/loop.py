@@ -1,0 +1,348 @@
+"""The pretraining run: build everything, then step, log, checkpoint, and stop cleanly.
+
+Kept apart from the command line (beit3/pretrain.py) so tests can drive a run with their own data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+import os
+import random
+import signal
+import subprocess
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..config import BEiT3Config
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_flag, init_distributed
+from .ds_config import precision
+from .flops import encoder_flops, head_flops, measure_matmul_peak
+from .metrics_log import MetricsLogger
+from .objective import MaskedDataModeling
+from .optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger("beit3.pretrain")
+# DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
+warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move a nested batch to ``device``; floating tensors (images) to the engine's dtype."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = to_device(v, device, dtype)
+        elif isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            out[k] = v.to(dtype) if v.is_floating_point() else v
+        else:
+            out[k] = v
+    return out
+
+
+def batch_flops(cfg: BEiT3Config, batch: dict, num_visual_tokens: int) -> float:
+    """Model FLOPs (forward + backward) of one micro-batch on one rank."""
+    total, img_tokens = 0.0, 1 + cfg.num_patches
+    for part, has_img, has_txt in (("images", True, False), ("texts", False, True), ("pairs", True, True)):
+        if part not in batch:
+            continue
+        p = batch[part]
+        B = (p["image"] if has_img else p["text"]).shape[0]
+        L_txt = p["text"].shape[1] if has_txt else 0
+        total += encoder_flops(cfg, B, img_tokens if has_img else 0, L_txt)
+        if has_txt:
+            total += head_flops(cfg.embed_dim, cfg.vocab_size, int((p["labels"] != -100).sum()))
+        if "image_mask" in p:
+            total += head_flops(cfg.embed_dim, num_visual_tokens, int(p["image_mask"].sum()))
+    return total
+
+
+def batch_counts(batch: dict) -> tuple[int, int]:
+    """(samples, tokens) of a micro-batch; text tokens exclude padding."""
+    samples = tokens = 0
+    for part in ("images", "texts", "pairs"):
+        if part not in batch:
+            continue
+        p = batch[part]
+        if "image" in p:
+            samples += p["image"].shape[0]
+            tokens += p["image"].shape[0] * (1 + p["image_mask"].shape[1] if "image_mask" in p else 0)
+        else:
+            samples += p["text"].shape[0]
+        if "text" in p:
+            tokens += int((~p["padding_mask"]).sum())
+    return samples, tokens
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> "StopRequested":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class PretrainRun:
+    def __init__(self, args, ds_config: dict, device: str, data: Optional[Iterator] = None):
+        """``data``: an iterator of batches to use instead of the shard loader (tests)."""
+        self.args, self.ds_config, self.device_kind = args, ds_config, device
+        self.external_data = data
+
+    # -- building ------------------------------------------------------------------------------
+    def build(self) -> None:
+        a = self.args
+        self.dist: DistInfo = init_distributed(a.dist_timeout, self.device_kind)
+        seed_everything(a.seed)
+        self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=not a.no_tensorboard)
+        self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
+        cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, vocab_size=self.text_tokenizer.vocab_size,
+                                      drop_path_rate=a.drop_path)
+        if self.visual_tokenizer.grid_size != cfg.grid_size:
+            raise ValueError(f"visual tokenizer grid {self.visual_tokenizer.grid_size}x"
+                             f"{self.visual_tokenizer.grid_size} != model patch grid {cfg.grid_size}x{cfg.grid_size}")
+        self.cfg = cfg
+        model = MaskedDataModeling(cfg, num_visual_tokens=self.visual_tokenizer.num_tokens,
+                                   patch_aggregation=a.patch_aggregation)
+        model.model.set_grad_checkpointing(a.checkpoint_every > 0, a.checkpoint_every)
+        self.engine = self.build_engine(model)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(self.ds_config), torch.float32)
+        self.data = data_source if self.external_data is None else self.external_data
+        self.write_run_info()
+
+    def build_tokenizers_and_data(self):
+        from ..data.text_tokenizer import TextTokenizer
+        from ..tokenizer.vqkd import load_trained_tokenizer, load_vqkd, VQKDConfig
+        a = self.args
+        spm, tok, shards = a.spm, a.tokenizer, a.data
+        if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
+            from .demo_assets import demo_assets
+            assets = demo_assets(seed=0, is_main=self.dist.is_main, log=self.logger.write)
+            spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
+        text_tok = TextTokenizer(spm)
+        if a.tokenizer_preset:
+            vqkd = load_vqkd(tok, VQKDConfig.from_preset(a.tokenizer_preset))
+        else:
+            vqkd = load_trained_tokenizer(tok)
+        vqkd = vqkd.to(self.dist.device).freeze()
+        data = None
+        if self.external_data is None:
+            data = self.build_loader(shards, text_tok, vqkd)
+        return text_tok, vqkd, data
+
+    def build_loader(self, shards: str, text_tok, vqkd):
+        from ..data.pretrain_loader import PretrainDataConfig, PretrainLoader
+        a = self.args
+        preset = BEiT3Config.from_preset(a.preset)
+        cfg = PretrainDataConfig(
+            shards_dir=shards, batch_images=a.batch_images, batch_texts=a.batch_texts,
+            batch_pairs=a.batch_pairs, img_size=preset.img_size, patch_size=preset.patch_size,
+            tokenizer_img_size=vqkd.config.img_size, max_text_len=a.max_text_len,
+            num_workers=a.num_workers, seed=a.seed, mask_pair_images=a.mask_pair_images)
+        return PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def build_engine(self, model):
+        import deepspeed
+        a, ds = self.args, self.ds_config
+        ds.setdefault("gradient_clipping", a.grad_clip)
+        groups = param_groups(model, a.weight_decay)
+        total = a.steps
+        if "offload_optimizer" in ds.get("zero_optimization", {}):
+            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own (compiled) CPU Adam.
+            ds["optimizer"] = {"type": "AdamW", "params": {"lr": a.lr, "betas": [0.9, a.beta2], "eps": 1e-6,
+                                                           "weight_decay": a.weight_decay}}
+            for g in groups:
+                g.pop("names")
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=groups, config=ds, dist_init_required=False,
+                lr_scheduler=lambda opt: build_scheduler(opt, a.warmup_steps, total, a.min_lr_ratio))
+            return engine
+        opt = build_optimizer(groups, a.lr, betas=(0.9, a.beta2), eps=1e-6)
+        sched = build_scheduler(opt, a.warmup_steps, total, a.min_lr_ratio)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds,
+                                               dist_init_required=False)
+        return engine
+
+    def write_run_info(self) -> None:
+        if not self.dist.is_main:
+            return
+        info = {"args": vars(self.args), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
+                "world_size": self.dist.world_size, "git_commit": git_commit(),
+                "torch": torch.__version__}
+        with open(os.path.join(self.args.output, "run_config.json"), "w") as f:
+            json.dump(info, f, indent=1, default=str)
+
+    # -- one step --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def visual_targets(self, batch: dict) -> dict:
+        """VQ-KD tokens of every image part that is masked: frozen, no_grad, bf16 on CUDA."""
+        out = {}
+        for part in ("images", "pairs"):
+            if part in batch and "tokenizer_image" in batch[part]:
+                out[part] = self.visual_tokenizer.get_codebook_indices(batch[part]["tokenizer_image"].float())
+        return out
+
+    def micro_step(self, batch: dict) -> tuple[bool, dict]:
+        """Forward, backward and (at the accumulation boundary) optimizer step. Returns whether the
+        loss was finite on every rank, and the metrics."""
+        batch = to_device(batch, self.dist.device, self.dtype)
+        targets = self.visual_targets(batch)
+        loss, metrics = self.engine(batch, targets)
+        if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):
+            return False, metrics  # skipped on every rank: no backward, no step
+        self.engine.backward(loss)
+        self.engine.step()
+        return True, metrics
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> int:
+        self.build()
+        a, eng = self.args, self.engine
+        step = self.maybe_resume()
+        first = step
+        ga = eng.gradient_accumulation_steps()
+        peak = measure_matmul_peak(self.dist.device)
+        stop = StopRequested().install()
+        data_iter = iter(self.data)
+        bad_in_a_row, skipped_total = 0, 0
+        window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "metrics": []}
+        self.logger.advance(0)
+        self.logger.write(f"pretraining {a.preset} ({self.cfg.layout} layout) for {a.steps} steps from step "
+                          f"{step} on {self.dist.world_size} x {self.dist.device.type}; output {a.output}")
+        try:
+            while step < a.steps:
+                ok_all = True
+                for _ in range(ga):
+                    batch = next(data_iter)
+                    ok, metrics = self.micro_step(batch)
+                    ok_all &= ok
+                    s, t = batch_counts(batch)
+                    window["samples"] += s
+                    window["tokens"] += t
+                    window["flops"] += batch_flops(self.cfg, batch, self.visual_tokenizer.num_tokens)
+                    if ok:
+                        window["metrics"].append(metrics)
+                    window["skipped_data"] = batch.get("stats", {}).get("skipped", 0)
+                grad_norm = eng.get_global_grad_norm()
+                finite_grad = grad_norm is None or np.isfinite(float(grad_norm))
+                if not ok_all or not finite_grad:
+                    bad_in_a_row += 1
+                    skipped_total += 1
+                    self.logger.write(f"step {step + 1}: non-finite {'loss' if not ok_all else 'gradient'}; "
+                                      f"step skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= a.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"{bad_in_a_row} non-finite steps in a row (limit --max-bad-steps "
+                            f"{a.max_bad_steps}); stopping. Last complete checkpoint: "
+                            f"{latest_checkpoint(self.ckpt_dir)}")
+                    continue  # the optimizer did not step: the step is not counted
+                else:
+                    bad_in_a_row = 0
+                step += 1
+                self.logger.advance()
+                if step % a.log_every == 0 or step == a.steps:
+                    self.log_window(step, window, peak, grad_norm, skipped_total)
+                leave = a.stop_after_steps is not None and step - first >= a.stop_after_steps
+                stop_now = all_reduce_flag(stop.signal is not None or leave, self.dist.device)
+                if step % a.save_every == 0 or step == a.steps or stop_now:
+                    self.save(step)
+                if stop_now:
+                    why = "by signal" if stop.signal is not None else "after --stop-after-steps"
+                    self.logger.write(f"stopped {why} at step {step}; checkpoint written")
+                    return 0
+            return 0
+        finally:
+            stop.restore()
+            self.logger.close()
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.args.output, "checkpoints")
+
+    def save(self, step: int) -> str:
+        state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
+        meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
+                "world_size": self.dist.world_size}
+        return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta,
+                               keep_last=self.args.keep_last)
+
+    def maybe_resume(self) -> int:
+        a = self.args
+        if a.resume is None:
+            return 0
+        path = latest_checkpoint(self.ckpt_dir) if a.resume == "auto" else a.resume
+        if path is None:
+            self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+            return 0
+        meta, state = load_checkpoint(self.engine, path, self.dist.rank)
+        if meta.get("world_size") != self.dist.world_size:
+            self.logger.write(f"warning: checkpoint written by {meta.get('world_size')} ranks, resuming on "
+                              f"{self.dist.world_size}: the data stream restarts its epoch")
+        elif state.get("data") is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        self.logger.write(f"resumed from {path} at step {meta['step']}")
+        return int(meta["step"])
+
+    def log_window(self, step: int, w: dict, peak: float, grad_norm, skipped_steps: int) -> None:
+        dt = max(time.perf_counter() - w["t"], 1e-9)
+        keys = sorted({k for m in w["metrics"] for k in m})
+        vals = {}
+        if keys:
+            stacked = torch.stack([torch.stack([m.get(k, torch.tensor(float("nan"))).float().cpu()
+                                                for k in keys]) for m in w["metrics"]])
+            mean = torch.nanmean(stacked, dim=0)
+            if torch.distributed.is_initialized() and self.dist.world_size > 1:
+                mean = mean.to(self.dist.device)
+                torch.distributed.all_reduce(mean)
+                mean = mean.cpu() / self.dist.world_size
+            vals = {k: float(v) for k, v in zip(keys, mean) if not k.startswith("tokens/")}
+        world = self.dist.world_size
+        flops_per_s = w["flops"] * world / dt
+        out = {**vals, "lr": self.engine.get_lr()[0], "samples_per_s": w["samples"] * world / dt,
+               "tokens_per_s": w["tokens"] * world / dt, "model_tflops": flops_per_s / 1e12 / world,
+               "mfu": flops_per_s / world / peak, "skipped_steps": skipped_steps,
+               "skipped_samples": w.get("skipped_data", 0), "memory_gb": self.peak_memory_gb()}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        self.logger.log(step, out)
+        w.update(t=time.perf_counter(), samples=0, tokens=0, flops=0.0, metrics=[])
+
+    def peak_memory_gb(self) -> float:
+        if self.dist.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)

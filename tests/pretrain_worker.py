@@ -1,0 +1,25 @@
+"""Run a short pretraining on IndexedBatches; started by tests under torchrun or directly."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pretrain_fixtures import IndexedBatches, run_args  # noqa: E402
+
+from beit3.pretrain import check_args  # noqa: E402
+from beit3.train.loop import PretrainRun  # noqa: E402
+
+
+def main(out: str, spm: str, tok: str, ga: int, steps: int) -> int:
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    args = run_args(out, spm, tok, steps=steps, batch_images=2, batch_texts=2, batch_pairs=2,
+                    grad_accum=ga, log_every=1, save_every=steps, drop_path=0.0)
+    ds = check_args(args, world)
+    data = IndexedBatches(spm, rank, world, ga, sizes=(2, 2, 2))
+    return PretrainRun(args, ds, "cpu", data=data).train()
+
+
+if __name__ == "__main__":
+    out, spm, tok, ga, steps = sys.argv[1:6]
+    sys.exit(main(out, spm, tok, int(ga), int(steps)))
