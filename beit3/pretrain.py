@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--beta2", type=float, default=0.98)
     ap.add_argument("--drop-path", type=float, default=0.1)
-    ap.add_argument("--grad-clip", type=float, default=3.0)
+    ap.add_argument("--grad-clip", type=float, default=None, help="override the DeepSpeed config's gradient_clipping (3.0 in ours)")
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU)")
     ap.add_argument("--save-every", type=int, default=100)
@@ -112,6 +112,13 @@ def check_args(args: argparse.Namespace, world_size: int) -> dict:
     return resolve_ds_config(args.ds_config, micro, args.grad_accum, world_size)
 
 
+def _peer_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(k in text for k in ("connection closed", "connection reset",
+                                                                     "timed out", "timeout", "gloo"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -128,8 +135,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beit3 pretrain: error: {e}", file=sys.stderr)
         return 2
     from .train.loop import PretrainRun
-    run = PretrainRun(args, ds_config, device)
-    return run.train()
+    return run_with_errors(PretrainRun(args, ds_config, device), args)
+
+
+def run_with_errors(run, args) -> int:
+    """Run, turning the failures a user must act on into one clear line and exit code 1."""
+    from .train.checkpoint import CheckpointError
+    from .train.loop import NonFiniteLossError
+    try:
+        return run.train()
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        print(f"beit3 pretrain: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not _peer_failure(e):
+            raise
+        print(f"beit3 pretrain: error: a peer process died or a collective timed out "
+              f"(--dist-timeout {args.dist_timeout:g}s): {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,10 +85,10 @@ class IndexedBatches:
         return out
 
 
-def run_args(output: str, spm: str, tok: str, **kw) -> argparse.Namespace:
+def run_args(output: str, spm: str, tok: str, extra: tuple = (), **kw) -> argparse.Namespace:
     from beit3.pretrain import build_parser, defaults_for
     args = build_parser().parse_args(["--preset", "tiny", "--output", output, "--data", "synthetic",
-                                      "--spm", spm, "--tokenizer", tok, "--no-tensorboard"])
+                                      "--spm", spm, "--tokenizer", tok, "--no-tensorboard", *extra])
     for k, v in kw.items():
         setattr(args, k, v)
     return defaults_for(args, "cpu")

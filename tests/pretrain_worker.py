@@ -1,4 +1,7 @@
-"""Run a short pretraining on IndexedBatches; started by tests under torchrun or directly."""
+"""Run a short pretraining on IndexedBatches; started by tests under torchrun or directly.
+
+    python tests/pretrain_worker.py OUT SPM TOKENIZER GRAD_ACCUM STEPS [beit3 pretrain flags...]
+"""
 import os
 import sys
 
@@ -7,19 +10,24 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain_fixtures import IndexedBatches, run_args  # noqa: E402
 
-from beit3.pretrain import check_args  # noqa: E402
+from beit3.pretrain import check_args, run_with_errors  # noqa: E402
 from beit3.train.loop import PretrainRun  # noqa: E402
 
 
-def main(out: str, spm: str, tok: str, ga: int, steps: int) -> int:
+def main(out: str, spm: str, tok: str, ga: int, steps: int, extra: list) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    args = run_args(out, spm, tok, steps=steps, batch_images=2, batch_texts=2, batch_pairs=2,
-                    grad_accum=ga, log_every=1, save_every=steps, drop_path=0.0)
+    defaults = dict(steps=steps, batch_images=2, batch_texts=2, batch_pairs=2, grad_accum=ga,
+                    log_every=1, save_every=steps, drop_path=0.0)
+    args = run_args(out, spm, tok, extra=tuple(extra))
+    for k, v in defaults.items():
+        flag = "--" + k.replace("_", "-")
+        if not any(e == flag or e.startswith(flag + "=") for e in extra):
+            setattr(args, k, v)
     ds = check_args(args, world)
     data = IndexedBatches(spm, rank, world, ga, sizes=(2, 2, 2))
-    return PretrainRun(args, ds, "cpu", data=data).train()
+    return run_with_errors(PretrainRun(args, ds, "cpu", data=data), args)
 
 
 if __name__ == "__main__":
     out, spm, tok, ga, steps = sys.argv[1:6]
-    sys.exit(main(out, spm, tok, int(ga), int(steps)))
+    sys.exit(main(out, spm, tok, int(ga), int(steps), sys.argv[6:]))

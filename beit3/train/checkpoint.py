@@ -110,6 +110,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
         info = {**meta, "step": step, "time": time.time()}
         atomic_write_bytes(os.path.join(path, MARKER), json.dumps(info, indent=1).encode())
         for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            os.remove(os.path.join(old, MARKER))  # first un-mark it, so a kill mid-delete leaves no half checkpoint
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return path

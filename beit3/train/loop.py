@@ -24,7 +24,7 @@ from .ds_config import precision
 from .flops import encoder_flops, head_flops, measure_matmul_peak
 from .metrics_log import MetricsLogger
 from .objective import MaskedDataModeling
-from .optim import build_optimizer, build_scheduler, param_groups
+from .engine import OptimConfig, build_engine
 
 log = logging.getLogger("beit3.pretrain")
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
@@ -176,26 +176,11 @@ class PretrainRun:
         return PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size)
 
     def build_engine(self, model):
-        import deepspeed
-        a, ds = self.args, self.ds_config
-        ds.setdefault("gradient_clipping", a.grad_clip)
-        groups = param_groups(model, a.weight_decay)
-        total = a.steps
-        if "offload_optimizer" in ds.get("zero_optimization", {}):
-            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own (compiled) CPU Adam.
-            ds["optimizer"] = {"type": "AdamW", "params": {"lr": a.lr, "betas": [0.9, a.beta2], "eps": 1e-6,
-                                                           "weight_decay": a.weight_decay}}
-            for g in groups:
-                g.pop("names")
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=groups, config=ds, dist_init_required=False,
-                lr_scheduler=lambda opt: build_scheduler(opt, a.warmup_steps, total, a.min_lr_ratio))
-            return engine
-        opt = build_optimizer(groups, a.lr, betas=(0.9, a.beta2), eps=1e-6)
-        sched = build_scheduler(opt, a.warmup_steps, total, a.min_lr_ratio)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds,
-                                               dist_init_required=False)
-        return engine
+        a = self.args
+        opt = OptimConfig(lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, a.beta2), eps=1e-6,
+                          warmup_steps=a.warmup_steps, total_steps=a.steps, min_lr_ratio=a.min_lr_ratio,
+                          grad_clip=a.grad_clip)
+        return build_engine(model, self.ds_config, opt)
 
     def write_run_info(self) -> None:
         if not self.dist.is_main:

@@ -1,0 +1,53 @@
+"""DeepSpeed engine construction shared by pretraining, fine-tuning and the benchmark."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from .optim import build_optimizer, build_scheduler, param_groups
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+    layer_decay: Optional[float] = None  # fine-tuning: lr x decay^(depth + 1 - layer)
+    depth: int = 0
+
+
+def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Optional[list] = None):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup + cosine schedule.
+
+    A torch AdamW is passed as a client optimizer (no JIT-compiled extension). With ZeRO-Offload
+    DeepSpeed needs its own CPU Adam, which it builds from an "optimizer" section we add here.
+    ``groups`` (from ``optim.param_groups``) override the default decay / no-decay groups.
+    """
+    import deepspeed
+
+    if opt.grad_clip is not None:
+        ds_config["gradient_clipping"] = opt.grad_clip
+    if groups is None:
+        groups = param_groups(model, opt.weight_decay, opt.layer_decay, opt.depth)
+    def schedule(o):
+        return build_scheduler(o, opt.warmup_steps, opt.total_steps, opt.min_lr_ratio)
+    if "offload_optimizer" in ds_config.get("zero_optimization", {}):
+        ds_config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}}
+        clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        for g in clean:
+            g["lr"] = opt.lr * g["lr_scale"]
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=clean, config=ds_config,
+                                               dist_init_required=False, lr_scheduler=schedule)
+        return engine
+    optimizer = build_optimizer(groups, opt.lr, betas=opt.betas, eps=opt.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule(optimizer),
+                                           config=ds_config, dist_init_required=False)
+    return engine
