@@ -1,6 +1,15 @@
 """beit3: pretraining and fine-tuning of BEiT-3 Multiway Transformers."""
+from .checkpoint.official import from_official, to_official
 from .config import PRESETS, BEiT3Config
 from .model import BEiT3
 
 __version__ = "0.1.0"
-__all__ = ["BEiT3", "BEiT3Config", "PRESETS", "__version__"]
+__all__ = ["BEiT3", "BEiT3Config", "PRESETS", "from_official", "to_official", "backbones", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: backbones imports timm, which `import beit3` should not pay for.
+    if name == "backbones":
+        import importlib
+        return importlib.import_module(".backbones", __name__)
+    raise AttributeError(f"module 'beit3' has no attribute {name!r}")

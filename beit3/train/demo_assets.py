@@ -30,7 +30,7 @@ def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tok
     done = os.path.join(root, "READY.json")
     if is_main and not os.path.isfile(done):
         from ..data.synthetic import make_synthetic_world
-        from ..tokenizer.train import train_tokenizer_cli_defaults
+        from ..tokenizer.train import main as train_tokenizer_main
 
         if not os.path.isfile(os.path.join(world, "READY")):
             log(f"building the synthetic world in {world} (once; cached)")
@@ -38,8 +38,11 @@ def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tok
             open(os.path.join(world, "READY"), "w").close()
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.pth")):
             log(f"training the tiny VQ-KD visual tokenizer on it ({tokenizer_steps} steps, once; cached)")
-            train_tokenizer_cli_defaults(os.path.join(world, "images", "train"), tok_dir,
-                                         steps=tokenizer_steps, seed=seed)
+            rc = train_tokenizer_main(["--images", os.path.join(world, "images", "train"), "--preset", "tiny",
+                                       "--teacher", "hog", "--steps", str(tokenizer_steps), "--batch-size", "64",
+                                       "--output", tok_dir, "--seed", str(seed)])
+            if rc != 0:
+                raise RuntimeError(f"training the demo VQ-KD into {tok_dir} failed (exit code {rc})")
         with open(done + ".tmp", "w") as f:
             json.dump({"world": world, "tokenizer": tok_dir}, f)
         os.replace(done + ".tmp", done)

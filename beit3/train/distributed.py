@@ -61,10 +61,22 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+        skip_cpu_shm_op()
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local, dev)
+
+
+def skip_cpu_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on its first
+    ``initialize`` (30 s to 5 min on 2 cores); gloo alone is all the CPU path needs."""
+    import importlib
+    try:
+        comm_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    comm_torch.build_shm_op = lambda: None
 
 
 def all_reduce_flag(flag: bool, device: torch.device) -> bool:

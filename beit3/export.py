@@ -1,0 +1,152 @@
+"""``beit3 export``: write BEiT-3 weights for other tools.
+
+    beit3 export --to timm CKPT -o DIR            the vision path as a timm VisionTransformer:
+                                                  DIR/model.safetensors + DIR/config.json (timm's format)
+    beit3 export --to safetensors CKPT -o F.safetensors   consolidated backbone weights, our names
+    beit3 export --to official CKPT -o F.pth      unilm/beit3 layout ({"model": {"beit3.*": ...}})
+
+CKPT: one of our ``.pt``/``.safetensors`` state dicts, an official unilm/beit3 checkpoint, or a
+DeepSpeed (ZeRO) checkpoint directory, consolidated with DeepSpeed's ``zero_to_fp32``. The backbone
+is found under its prefix (``model.`` for our pretraining engine, ``beit3.`` for unilm, ``module.``)
+unless ``--prefix`` names it; other weights (objective or task heads) are dropped unless
+``--keep-heads``.
+
+Load a timm export with ``create_timm_model(DIR)``, or ``timm.create_model("local-dir:DIR",
+pretrained=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5))``: BEiT-3's
+LayerNorms use eps 1e-5 and timm's string norm names all mean 1e-6, so the norm layer cannot be
+written in config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import timm_vit_kwargs, vision_state_dict
+from .checkpoint.official import CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone
+from .config import PRESETS, BEiT3Config
+
+
+def _plain(sd: dict) -> dict[str, Tensor]:
+    """Contiguous CPU tensors that share no memory (safetensors refuses views of one buffer)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def _save_safetensors(sd: dict, path: str, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(_plain(sd), path, metadata=metadata)
+
+
+def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
+    """Write ``model.safetensors`` and timm's ``config.json``; returns the config written."""
+    cfg = loaded.config
+    kwargs = timm_vit_kwargs(cfg, final_norm=loaded.final_norm)
+    config = {
+        # Any vision_transformer entry point works: model_args override all of its sizes.
+        "architecture": "vit_base_patch16_224",
+        "num_classes": 0,
+        "num_features": cfg.embed_dim,
+        "global_pool": "token",
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "interpolation": "bicubic",
+            "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],  # BEiT-3: pixels to [-1, 1]
+            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+        "beit3": {"norm_layer": "torch.nn.LayerNorm", "layer_norm_eps": cfg.layer_norm_eps,
+                  "source_format": loaded.source_format, "config": cfg.to_dict()},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    _save_safetensors(vision_state_dict(loaded.state_dict), os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def create_timm_model(export_dir: str, **kwargs) -> nn.Module:
+    """The timm ``VisionTransformer`` of a ``--to timm`` export, weights loaded strictly."""
+    import timm
+
+    with open(os.path.join(export_dir, "config.json")) as f:
+        eps = json.load(f)["beit3"]["layer_norm_eps"]
+    norm = functools.partial(nn.LayerNorm, eps=eps)
+    return timm.create_model(f"local-dir:{os.path.abspath(export_dir)}", pretrained=True, norm_layer=norm, **kwargs)
+
+
+def export_safetensors(loaded: LoadedBackbone, path: str, keep_heads: bool = False) -> dict:
+    """Our-format backbone weights (and, with ``keep_heads``, the other weights under their own
+    names); the config goes into the file's metadata."""
+    sd = {**loaded.state_dict, **(loaded.extras if keep_heads else {})}
+    _save_safetensors(sd, path, metadata={CONFIG_KEY: json.dumps(loaded.config.to_dict())})
+    return sd
+
+
+def export_official(loaded: LoadedBackbone, path: str, keep_heads: bool = False) -> dict:
+    """``{"model": ...}`` under official names, as unilm's fine-tuning scripts load it."""
+    sd = convert_ours_to_official(loaded.state_dict)
+    sd.update(loaded.extras if keep_heads else {})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": _plain(sd)}, path)
+    return sd
+
+
+def _config_arg(args) -> Optional[BEiT3Config]:
+    if args.config:
+        with open(args.config) as f:
+            d = json.load(f)
+        d = d.get("model", d) if "embed_dim" not in d else d  # a run's resolved config may nest it
+        return BEiT3Config.from_dict(d)
+    return args.preset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="beit3 export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="file (.pt/.pth/.safetensors) or DeepSpeed checkpoint directory")
+    ap.add_argument("--to", required=True, choices=["timm", "safetensors", "official"])
+    ap.add_argument("-o", "--output", required=True, help="directory (timm) or file")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default: from the weights)")
+    ap.add_argument("--config", help="BEiT3Config JSON (overrides --preset)")
+    ap.add_argument("--img-size", type=int, help="image size to export for (patch positions interpolated)")
+    ap.add_argument("--prefix", help="prefix of the backbone's keys (default: found automatically)")
+    ap.add_argument("--tag", help="DeepSpeed checkpoint tag, when CKPT is the parent directory")
+    ap.add_argument("--keep-heads", action="store_true", help="also write non-backbone weights")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="allow full unpickling (only for files you trust; e.g. unilm fine-tuned checkpoints)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_backbone(args.checkpoint, _config_arg(args), allow_pickle=args.allow_pickle,
+                               prefix=args.prefix, tag=args.tag, img_size=args.img_size)
+        if loaded.unexpected:
+            raise ValueError(f"{args.checkpoint}: unknown backbone keys {loaded.unexpected[:12]}")
+        if args.to == "timm":
+            export_timm(loaded, args.output)
+        elif args.to == "safetensors":
+            export_safetensors(loaded, args.output, args.keep_heads)
+        else:
+            export_official(loaded, args.output, args.keep_heads)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"beit3 export: {e}", file=sys.stderr)
+        return 2
+    cfg = loaded.config
+    guessed = " (guessed from the width: pass --preset or --config if wrong)" if loaded.inferred else ""
+    dropped = "" if args.keep_heads or not loaded.extras else f"; {len(loaded.extras)} non-backbone tensors dropped"
+    print(f"wrote {args.output} ({args.to}) from {loaded.source_format} weights: layout {cfg.layout}, "
+          f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, image {cfg.img_size}/{cfg.patch_size}, "
+          f"heads {cfg.num_heads}{guessed}{dropped}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

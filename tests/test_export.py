@@ -1,0 +1,168 @@
+"""``beit3 export``: timm ViT, consolidated safetensors (incl. from a DeepSpeed ZeRO-3 checkpoint), official."""
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from beit3 import BEiT3, BEiT3Config
+from beit3.backbones import vision_encoder
+from beit3.checkpoint import from_official, load_backbone
+from beit3.export import create_timm_model, main
+
+TOL = 1e-5
+
+
+def small_config(layout="released"):
+    return BEiT3Config.from_preset("tiny", layout=layout, embed_dim=64, num_heads=4, ffn_dim=128, depth=2,
+                                   vl_layers=1, img_size=32, patch_size=8, vocab_size=120)
+
+
+def randomized(cfg, seed=7):
+    model = BEiT3(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.2 * noise if (p.dim() == 1 and "norm" in name and name.endswith("weight")) else 0.2 * noise)
+    return model
+
+
+def write_config(cfg, path):
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f)
+    return str(path)
+
+
+def test_timm_export_builds_loads_strictly_and_matches(tmp_path):
+    cfg = small_config()
+    model = randomized(cfg)
+    ckpt = tmp_path / "official.pth"
+    torch.save({"model": {"beit3." + k: v for k, v in _official(model).items()}}, ckpt)
+    out = tmp_path / "timm"
+    assert main(["--to", "timm", str(ckpt), "-o", str(out), "--config", write_config(cfg, tmp_path / "c.json")]) == 0
+
+    config = json.loads((out / "config.json").read_text())
+    eps = config["beit3"]["layer_norm_eps"]
+    vit = VisionTransformer(**config["model_args"], norm_layer=functools.partial(nn.LayerNorm, eps=eps)).eval()
+    result = vit.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = vision_encoder(model)(image)
+        tokens = vit.forward_features(image)
+        pooled = vit.forward_head(tokens)  # global_pool "token", num_classes 0: the CLS features
+        hub = create_timm_model(str(out)).eval()(image)
+    assert (tokens - ours.tokens).abs().max() <= TOL
+    assert (tokens - model(image=image)).abs().max() <= TOL
+    assert (pooled - ours.pooled).abs().max() <= TOL and (hub - pooled).abs().max() <= TOL
+
+
+def _official(model):
+    from beit3.checkpoint import to_official
+    return {k[len("beit3."):]: v for k, v in to_official(model).items()}
+
+
+def test_safetensors_export_of_our_checkpoint_keeps_every_weight_and_the_config(tmp_path):
+    cfg = small_config("paper")
+    model = randomized(cfg)
+    ckpt = tmp_path / "ours.pt"
+    torch.save({"model": model.state_dict(), "step": 3}, ckpt)
+    out = tmp_path / "ours.safetensors"
+    config = write_config(cfg, tmp_path / "c.json")
+    assert main(["--to", "safetensors", str(ckpt), "-o", str(out), "--config", config]) == 0
+    sd = load_file(str(out))
+    ref = model.state_dict()
+    assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    loaded = load_backbone(str(out))  # the config comes back from the file's metadata, not guessed
+    assert loaded.config == cfg and not loaded.inferred
+
+
+def test_official_export_round_trips(tmp_path):
+    cfg = small_config()
+    model = randomized(cfg)
+    ours = tmp_path / "ours.pt"
+    torch.save(model.state_dict(), ours)
+    out = tmp_path / "official.pth"
+    config = write_config(cfg, tmp_path / "c.json")
+    assert main(["--to", "official", str(ours), "-o", str(out), "--config", config]) == 0
+    again = from_official(str(out), cfg).eval()
+    image, text = torch.randn(1, 3, 32, 32), torch.randint(3, 120, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(again(image=image, text=text), model(image=image, text=text))
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    import argparse
+    cfg = small_config()
+    ckpt = tmp_path / "finetuned.pth"
+    torch.save({"model": randomized(cfg).state_dict(), "args": argparse.Namespace(lr=1.0)}, ckpt)
+    assert main(["--to", "safetensors", str(ckpt), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="full unpickling"):
+        assert main(["--to", "timm", str(ckpt), "-o", str(tmp_path / "t"), "--preset", "base", "--allow-pickle"]) == 2
+    assert "checkpoint embed_dim 64 but config embed_dim 768 (base)" in capsys.readouterr().err
+
+
+ZERO_SCRIPT = textwrap.dedent("""
+    import json, os, socket, sys
+    import torch, torch.distributed as dist
+    out = sys.argv[1]
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    import deepspeed, deepspeed.comm.torch
+    # One CPU process needs no shared-memory collectives; building that C++ op takes minutes.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    from beit3 import BEiT3, BEiT3Config
+    torch.manual_seed(0)
+    cfg = BEiT3Config.from_dict(json.load(open(os.path.join(out, "config.json"))))
+
+    class Pretrain(torch.nn.Module):  # the backbone at .model, as the pretraining engine holds it
+        def __init__(self):
+            super().__init__()
+            self.model = BEiT3(cfg)
+            self.mlm_head = torch.nn.Linear(cfg.embed_dim, cfg.vocab_size)
+
+    module = Pretrain()
+    torch.save(module.model.state_dict(), os.path.join(out, "reference.pt"))
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "bf16": {"enabled": False}}
+    engine, *_ = deepspeed.initialize(model=module, config=ds, model_parameters=module.parameters(),
+                                      dist_init_required=False)
+    engine.save_checkpoint(os.path.join(out, "checkpoints"), tag="step_00000001", save_latest=False)
+    dist.destroy_process_group()
+""")
+
+
+def test_safetensors_export_from_a_zero3_checkpoint(tmp_path):
+    cfg = small_config()
+    write_config(cfg, tmp_path / "config.json")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", ZERO_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tag_dir = tmp_path / "checkpoints" / "step_00000001"
+    assert any(f.endswith("model_states.pt") for f in os.listdir(tag_dir))
+
+    out = tmp_path / "consolidated.safetensors"
+    assert main(["--to", "safetensors", str(tag_dir), "-o", str(out), "--config", str(tmp_path / "config.json")]) == 0
+    sd, ref = load_file(str(out)), torch.load(tmp_path / "reference.pt", weights_only=True)
+    assert sorted(sd) == sorted(ref)  # "model." stripped, mlm_head dropped
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["beit3_config"]) == cfg.to_dict()
+
+    heads = tmp_path / "with_heads.safetensors"
+    args = ["--to", "safetensors", str(tmp_path / "checkpoints"), "--tag", "step_00000001", "-o", str(heads),
+            "--config", str(tmp_path / "config.json"), "--keep-heads"]
+    assert main(args) == 0
+    assert {"mlm_head.weight", "mlm_head.bias"} <= set(load_file(str(heads)))
