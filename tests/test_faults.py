@@ -232,3 +232,22 @@ def test_a_dead_peer_does_not_hang_the_other_rank(assets, tmp_path):
     assert rc != 0 and waited < 90
     with open(f"{out}.rank0.log") as f:
         assert "peer process died or a collective timed out" in f.read()
+
+
+def test_bad_shards_are_skipped_counted_and_the_run_goes_on(assets, tmp_path, capsys):
+    from bad_shards import BAD_PER_EPOCH, write_bad_shards
+
+    from beit3.pretrain import main as pretrain_main
+    spm, tok = assets
+    shards = write_bad_shards(tmp_path / "shards")
+    out = str(tmp_path / "run")
+    rc = pretrain_main(["--preset", "tiny", "--data", str(shards), "--spm", spm, "--tokenizer", tok,
+                        "--steps", "6", "--batch-images", "3", "--batch-texts", "2", "--batch-pairs", "2",
+                        "--log-every", "1", "--save-every", "6", "--output", out, "--no-tensorboard"])
+    assert rc == 0
+    lines = _lines(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    # 6 steps x 3 images = 2 epochs of the 9 usable images: every bad sample met at least once.
+    tried = lines[-1]["skipped_samples"]
+    assert tried >= sum(BAD_PER_EPOCH.values())
+    print(f"bad samples skipped and counted: {tried}")

@@ -6,6 +6,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from bad_shards import png as _png, write_bad_shards, write_tar as _write_tar
 import torch
 import webdataset as wds
 from PIL import Image
@@ -183,18 +184,6 @@ def test_resume_continues_the_stream_exactly(world, workers):
 
 
 # --------------------------------------------------------------------------- epochs and bad data
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _write_tar(path, samples):
-    with wds.TarWriter(str(path)) as w:
-        for s in samples:
-            w.write(s)
-
-
 @pytest.fixture
 def tiny(tmp_path, world):
     """12 images, texts and pairs in 4 shards of 3 each."""
@@ -230,27 +219,8 @@ def test_epochs_cover_every_sample_and_reshuffle(tiny):
 
 @pytest.fixture
 def bad(tmp_path, world):
-    """images: a good shard, one with a corrupt image, one truncated in its third sample; pairs: an
-    empty and a non-UTF-8 caption; texts: good. Usable per epoch: 9 images, 6 pairs, 6 texts."""
     d = tmp_path / "bad"
-    d.mkdir()
-    _write_tar(d / "images-000000.tar", [{"__key__": f"a{i}", "png": _png(i)} for i in range(4)])
-    corrupt = b"\x89PNG\r\n\x1a\nrubbish"  # a PNG signature, then garbage
-    _write_tar(d / "images-000001.tar", [{"__key__": f"b{i}", "png": corrupt if i == 2 else _png(10 + i)}
-                                         for i in range(4)])
-    _write_tar(d / "images-000002.tar", [{"__key__": f"c{i}", "png": _png(20 + i)} for i in range(4)])
-    with tarfile.open(d / "images-000002.tar") as tf:
-        cut = tf.getmember("c2.png").offset_data + 10
-    data = (d / "images-000002.tar").read_bytes()
-    (d / "images-000002.tar").write_bytes(data[:cut])
-    captions = ["one circle", "", "two squares", "\xff", "a red triangle"]
-    _write_tar(d / "pairs-000000.tar", [{"__key__": f"p{i}", "png": _png(30 + i),
-                                         "txt": c.encode("latin-1") if c == "\xff" else c}
-                                        for i, c in enumerate(captions)])
-    _write_tar(d / "pairs-000001.tar", [{"__key__": f"q{i}", "png": _png(40 + i), "txt": "a blue square"}
-                                        for i in range(3)])
-    for n in range(2):
-        _write_tar(d / f"texts-00000{n}.tar", [{"__key__": f"t{i}", "txt": f"text {n} {i}"} for i in range(3)])
+    write_bad_shards(d)
     return d, world / "spm/synthetic.model"
 
 

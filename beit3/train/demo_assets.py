@@ -21,12 +21,12 @@ class DemoAssets:
     tokenizer: str  # trained VQ-KD directory
 
 
-def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tokenizer_steps: int = 600,
+def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tokenizer_steps: int = 200,
                 is_main: bool = True, log=print) -> DemoAssets:
     """Build (rank 0) or wait for (other ranks) the cached demo assets."""
     root = os.path.join(cache_root(), f"synthetic-s{seed}-n{num_images}-px{image_size}")
     world = os.path.join(root, "world")
-    tok_dir = os.path.join(root, f"vqkd-tiny-{tokenizer_steps}")
+    tok_dir = os.path.join(root, f"vqkd-tiny-pixel-{tokenizer_steps}")
     done = os.path.join(root, "READY.json")
     if is_main and not os.path.isfile(done):
         from ..data.synthetic import make_synthetic_world
@@ -39,7 +39,7 @@ def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tok
         if not os.path.isfile(os.path.join(tok_dir, "tokenizer.pth")):
             log(f"training the tiny VQ-KD visual tokenizer on it ({tokenizer_steps} steps, once; cached)")
             rc = train_tokenizer_main(["--images", os.path.join(world, "images", "train"), "--preset", "tiny",
-                                       "--teacher", "hog", "--steps", str(tokenizer_steps), "--batch-size", "64",
+                                       "--teacher", "pixel", "--steps", str(tokenizer_steps), "--batch-size", "64",
                                        "--output", tok_dir, "--seed", str(seed)])
             if rc != 0:
                 raise RuntimeError(f"training the demo VQ-KD into {tok_dir} failed (exit code {rc})")
