@@ -9,3 +9,35 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A 240-image synthetic world with its SentencePiece model and a briefly trained tiny VQ-KD
+    (the same code path as the demo's cached assets), shared by pretraining and fine-tuning tests."""
+    from beit3.train import demo_assets as da
+
+    root = tmp_path_factory.mktemp("beit3_cache")
+    old = os.environ.get("BEIT3_CACHE")
+    os.environ["BEIT3_CACHE"] = str(root)
+    try:
+        return da.demo_assets(seed=0, num_images=240, tokenizer_steps=60, tokenizer_batch=16, log=lambda *_: None)
+    finally:
+        if old is None:
+            os.environ.pop("BEIT3_CACHE")
+        else:
+            os.environ["BEIT3_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(small_world, tmp_path_factory):
+    """A tiny BEiT-3 pretrained for 60 steps on the small world through `beit3 pretrain`."""
+    from beit3.pretrain import main as pretrain_main
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    rc = pretrain_main(["--preset", "tiny", "--data", small_world.shards, "--spm", small_world.spm,
+                        "--tokenizer", small_world.tokenizer, "--steps", "60", "--batch-images", "8",
+                        "--batch-texts", "8", "--batch-pairs", "8", "--log-every", "5", "--save-every", "60",
+                        "--warmup-steps", "6", "--output", str(out), "--no-tensorboard"])
+    assert rc == 0
+    return out
