@@ -340,3 +340,13 @@ def test_cuda_bf16_tokens_agree_with_cpu_float32():
     cpu = model.get_codebook_indices(images)
     gpu = model.cuda().get_codebook_indices(images.cuda()).cpu()
     assert (cpu == gpu).float().mean() > 0.9
+
+
+def test_load_at_another_image_size_resamples_positions():
+    """A 224/16 tokenizer serves a patch-14 model's 16x16 grid on 256 px views."""
+    model = VQKD(VQKDConfig.from_preset("tiny"))
+    bigger = load_vqkd(model.state_dict(), VQKDConfig.from_preset("tiny", img_size=80))
+    assert bigger.grid_size == 10 and bigger.encoder.pos_embed.shape[1] == 1 + 100
+    torch.testing.assert_close(bigger.encoder.pos_embed[:, 0], model.encoder.pos_embed[:, 0])  # CLS row kept
+    tokens = bigger.get_codebook_indices(torch.rand(2, 3, 80, 80))
+    assert tokens.shape == (2, 100) and tokens.dtype == torch.long

@@ -269,14 +269,31 @@ def load_vqkd(path_or_state_dict: str | os.PathLike | Mapping, config: VQKDConfi
     Accepts a file or a state dict, plain or under a ``model``/``state_dict`` key (beit2's release
     files); the teacher and scaling-layer keys of beit2 training checkpoints are dropped first.
     Raises ValueError naming missing/unexpected keys or mismatched shapes. Returns the model
-    frozen (eval, no grad) unless ``freeze=False``."""
+    frozen (eval, no grad) unless ``freeze=False``.
+
+    A ``config.img_size`` other than the checkpoint's resamples the encoder's and decoder's
+    absolute position tables (bicubic), so a 224/16 tokenizer can tokenize 256 px views on the
+    16x16 grid of a patch-14 model at 224 px."""
     config = config or VQKDConfig.from_preset("base")
     state, name = _read_state_dict(path_or_state_dict)
     state = _unwrap(state)
     model = VQKD(config)
+    state = _resample_positions(state, model)
     _check_keys(model, state, name)
     model.load_state_dict(state, strict=True)
     return model.freeze() if freeze else model
+
+
+def _resample_positions(state: dict, model: VQKD) -> dict:
+    from timm.layers import resample_abs_pos_embed
+    own = model.state_dict()
+    for key in ("encoder.pos_embed", "decoder.pos_embed"):
+        if key in state and key in own and state[key].shape != own[key].shape \
+                and state[key].shape[-1] == own[key].shape[-1]:
+            grid = model.config.grid_size
+            state[key] = resample_abs_pos_embed(state[key].float(), new_size=[grid, grid],
+                                                num_prefix_tokens=1).to(state[key].dtype)
+    return state
 
 
 def save_trained(model: VQKD, output_dir: str | os.PathLike) -> Path:

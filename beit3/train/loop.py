@@ -155,7 +155,14 @@ class PretrainRun:
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         if a.tokenizer_preset:
-            vqkd = load_vqkd(tok, VQKDConfig.from_preset(a.tokenizer_preset))
+            vcfg = VQKDConfig.from_preset(a.tokenizer_preset)
+            grid = BEiT3Config.from_preset(a.preset).grid_size
+            if vcfg.grid_size != grid:
+                # e.g. giant (224/14: 16x16) with the 224/16 tokenizer: tokenize a 256 px view.
+                vcfg = VQKDConfig.from_preset(a.tokenizer_preset, img_size=grid * vcfg.patch_size)
+                self.logger.write(f"visual tokenizer sees {vcfg.img_size} px views for the model's "
+                                  f"{grid}x{grid} patch grid")
+            vqkd = load_vqkd(tok, vcfg)
         else:
             vqkd = load_trained_tokenizer(tok)
         vqkd = vqkd.to(self.dist.device).freeze()
