@@ -158,8 +158,10 @@ def _gather_worker(rank: int, world: int, init_file: str, out: dict) -> None:
 
 def test_gather_features_two_ranks_uneven_sizes_and_gradient(tmp_path):
     out = mp.Manager().dict()
-    # fork: the ranks inherit the imported modules instead of re-importing them (seconds each).
-    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, start_method="fork")
+    # forkserver: a clean server process (no process group inherited from in-process training
+    # tests) imports torch once and forks both ranks from it.
+    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "store"), out), nprocs=2,
+                       start_method="forkserver")
     expected = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [100.0, 101.0], [102.0, 103.0]]
     weights = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]
     for rank in (0, 1):
