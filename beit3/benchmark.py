@@ -1,0 +1,276 @@
+"""``beit3 benchmark``: pretraining throughput, model TFLOP/s and MFU on the current device.
+
+    beit3 benchmark --preset tiny --compare torchscale --compare timm          (CPU)
+    beit3 benchmark --preset giant --batch-images 0 --batch-texts 0 --batch-pairs 48 \\
+        --text-len 64 --checkpoint-every 1 --compare torchscale                   (one GPU)
+
+Measures the matmul peak of the device (bf16 8192^3 on GPU, fp32 on the CPU), then times
+``--warmup`` + ``--steps`` pretraining steps (forward, backward, AdamW) of the preset on a
+synthetic batch through the DeepSpeed config, and reports samples/s, tokens/s, model TFLOP/s
+(6 x active parameters x tokens + attention, recomputation not counted), MFU against the measured
+peak and the datasheet, and peak memory. ``--compare`` times the official torchscale BEiT-3 and/or
+timm's ViT of the same size on the same batch in the same run. See docs/benchmark.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from .config import PRESETS, BEiT3Config
+
+DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="beit3 benchmark", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--layout", default="paper", choices=["paper", "released"])
+    ap.add_argument("--deepspeed", "--ds-config", dest="ds_config", default=None,
+                    help="DeepSpeed JSON for our model (default: ds_configs/zero3_bf16.json on GPU, "
+                         "cpu_zero3.json on CPU), or 'none' for plain PyTorch (bf16 autocast, fused AdamW)")
+    batch = ap.add_argument_group("batch (per device, per step; default 4 of each for tiny, 16 otherwise)")
+    batch.add_argument("--batch-images", type=int, default=None)
+    batch.add_argument("--batch-texts", type=int, default=None)
+    batch.add_argument("--batch-pairs", type=int, default=None)
+    batch.add_argument("--image-only", action="store_true", help="images only (--batch-images of them)")
+    batch.add_argument("--text-len", type=int, default=None, help="text tokens (default 32 tiny, 64 otherwise)")
+    batch.add_argument("--text-padding", type=float, default=0.0,
+                       help="fraction of every text that is padding (0: no mask, SDPA may use flash)")
+    batch.add_argument("--mask-pair-images", action="store_true", help="also mask and predict pair images")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 5 on CPU)")
+    ap.add_argument("--checkpoint-every", type=int, default=None,
+                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU)")
+    ap.add_argument("--checkpoint-cost", action="store_true",
+                    help="also time the same batch with checkpointing toggled and report what it costs")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every backbone layer (if supported)")
+    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
+                    help="restrict scaled_dot_product_attention to one kernel")
+    ap.add_argument("--find-max-batch", action="store_true",
+                    help="CUDA: find the largest per-part micro-batch that fits, then measure it")
+    ap.add_argument("--max-batch-limit", type=int, default=1024)
+    ap.add_argument("--compare", action="append", default=[], choices=["torchscale", "timm"],
+                    help="also time torchscale's BEiT3 (same batch) or timm's ViT (image-only batch)")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="profile our model's steps (torch.profiler): op table, time by kind, trace in DIR")
+    ap.add_argument("--data-loader", action="store_true",
+                    help="time the real pretraining data loader on the synthetic world instead")
+    ap.add_argument("--num-workers", type=int, default=None, help="--data-loader workers (default 0 CPU, 6 GPU)")
+    ap.add_argument("--data", default=None, help="--data-loader: a shards directory (default: the synthetic world)")
+    ap.add_argument("--spm", default=None, help="--data-loader: the SentencePiece model of --data")
+    ap.add_argument("--num-visual-tokens", type=int, default=8192, help="MIM classes (VQ-KD codebook)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
+    ap.add_argument("--markdown", metavar="FILE", default=None,
+                    help="also write a dated Markdown result file (e.g. benchmarks/2025-01-01-h100.md)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's; 1 gives steadier numbers on a shared machine)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
+    tiny, gpu = args.preset == "tiny", device == "cuda"
+    n = 4 if tiny else 16
+    if args.image_only:
+        args.batch_texts = args.batch_texts or 0
+        args.batch_pairs = args.batch_pairs or 0
+    for name, value in (("batch_images", n), ("batch_texts", n), ("batch_pairs", n),
+                        ("text_len", 32 if tiny else 64), ("warmup", 3), ("steps", 10 if gpu else 5),
+                        ("checkpoint_every", 1 if gpu else 0), ("num_workers", 6 if gpu else 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.ds_config is None:
+        args.ds_config = os.path.join(REPO_ROOT, DEFAULT_DS[device])
+    return args
+
+
+def check_args(args: argparse.Namespace, world: int):
+    """Every check that needs no model. Returns (BatchMix, resolved DeepSpeed config or None)."""
+    from .bench.batches import BatchMix
+    from .train.ds_config import resolve_ds_config
+
+    if args.image_only and (args.batch_texts or args.batch_pairs):
+        raise ValueError("--image-only with --batch-texts/--batch-pairs > 0")
+    for name in ("steps", "max_batch_limit"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("warmup", "checkpoint_every", "num_workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if world > 1 and args.compare:
+        raise ValueError("--compare runs the reference models on one process; start it without a launcher")
+    mix = BatchMix(args.batch_images, args.batch_texts, args.batch_pairs, args.text_len,
+                   args.text_padding, args.mask_pair_images)
+    cfg = BEiT3Config.from_preset(args.preset, layout=args.layout)
+    if not mix.image_only and args.text_len > cfg.max_text_len:
+        raise ValueError(f"--text-len {args.text_len}: the model's text positions hold {cfg.max_text_len}")
+    if args.ds_config == "none":
+        return mix, None
+    return mix, resolve_ds_config(args.ds_config, mix.samples, None, world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command = "beit3 benchmark " + shlex.join(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("beit3 benchmark: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    args = defaults_for(args, device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        mix, ds_config = check_args(args, world)
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"beit3 benchmark: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data_loader:
+        return data_loader_main(args, mix)
+    return run_main(args, mix, ds_config, device, world)
+
+
+def data_loader_main(args: argparse.Namespace, mix) -> int:
+    from .bench import dataloader
+
+    absent = dataloader.missing()
+    if absent:
+        print(f"beit3 benchmark --data-loader: not available yet: {absent} cannot be imported "
+              f"(the pretraining loader and the synthetic world are built in another part of the "
+              f"project); nothing was timed", file=sys.stderr)
+        return 2
+    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    try:
+        r = dataloader.time_loader(args.preset, mix, args.num_workers, args.warmup, args.steps, args.seed,
+                                   shards=args.data, spm=args.spm, log=log)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"beit3 benchmark --data-loader: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"data loader ({args.num_workers} workers, {mix.describe()}): {r['batches_per_s']:.2f} "
+              f"batches/s, {r['samples_per_s']:.1f} samples/s")
+    return 0
+
+
+def _settings(args, mix, ds_config, device: str):
+    import torch
+
+    from .bench.runner import Settings
+    from .train.distributed import init_distributed
+
+    dist = init_distributed(device=device)  # DeepSpeed needs a process group, also for one rank
+    cfg = BEiT3Config.from_preset(args.preset, layout=args.layout)
+    s = Settings(cfg=cfg, device=dist.device, mix=mix, warmup=args.warmup, steps=args.steps,
+                 checkpoint_every=args.checkpoint_every, ds_config=ds_config, compile=args.compile,
+                 sdpa=args.sdpa, num_visual_tokens=args.num_visual_tokens, compare=tuple(dict.fromkeys(args.compare)),
+                 checkpoint_cost=args.checkpoint_cost, seed=args.seed)
+    torch.manual_seed(args.seed)
+    return s, dist
+
+
+def run_main(args: argparse.Namespace, mix, ds_config, device: str, world: int) -> int:
+    from .bench import report, runner
+    from .train.flops import datasheet_peak, measure_matmul_peak
+
+    s, dist = _settings(args, mix, ds_config, device)
+    say = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    if not dist.is_main:
+        say = lambda m: None  # noqa: E731
+    if s.compile_skipped:
+        say(f"--compile: not applied, running eagerly: {s.compile_skipped}")
+    elif s.compile and ds_config and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        say("--compile with ZeRO-3: DeepSpeed hooks every submodule to gather its parameters, which "
+            "breaks each compiled layer into one graph per submodule; compare with --deepspeed none")
+    if args.find_max_batch:
+        s = find_max_batch(args, s, say)
+        if s is None:
+            return 1
+    # The peak before and after the steps, the higher counts: a shared or cold device is not a
+    # reason for an MFU above 100%.
+    peak = measure_matmul_peak(s.device)
+    results = runner.run(s)
+    peak, sheet = max(peak, measure_matmul_peak(s.device)), datasheet_peak(s.device)
+    env = report.environment(s.device, peak, sheet, world)
+    say(f"{env['device_name']}: matmul peak {peak / 1e12:.3f} TFLOP/s measured "
+        f"({'bf16' if s.device.type == 'cuda' else 'fp32'}), datasheet "
+        f"{'n/a' if sheet is None else f'{sheet / 1e12:.0f} TFLOP/s'}")
+    ds_name = "plain PyTorch" if ds_config is None else f"DeepSpeed {os.path.basename(args.ds_config)}"
+    records = [report.record(c, ms, s, env, ds_name) for c, ms in results]
+    if dist.is_main:
+        emit(args, records, [c.peers for c, _ in results], say)
+    if args.profile:
+        profile_ours(s, args.profile if dist.is_main else None, say)
+    return 0
+
+
+def find_max_batch(args, s, say):
+    from .bench import runner
+    if s.device.type != "cuda":
+        say("--find-max-batch: not applicable on the CPU (there is no out-of-memory error to search "
+            "against); measuring the given batch")
+        return s
+    b = runner.find_max_batch(s, args.max_batch_limit)
+    if b == 0:
+        say("--find-max-batch: even 1 sample per part does not fit in device memory")
+        return None
+    say(f"--find-max-batch: largest micro-batch that fits: {s.mix.scaled(b).describe()}")
+    return runner.with_mix(s, s.mix.scaled(b))
+
+
+def emit(args, records: list[dict], peers_of: list[tuple], say) -> None:
+    from .bench import report
+
+    cost = report.checkpoint_cost(records)
+    if cost is not None:  # goes into the record of the configuration with checkpointing on
+        on = next(r for r in records if r["checkpoint_every"] == cost["every"])
+        on.update(checkpoint_slowdown=cost["slowdown"], checkpoint_memory_saved_gb=cost["memory_saved_gb"])
+    for r, peers in zip(records, peers_of):
+        if args.json:
+            print(json.dumps(r), flush=True)
+        else:
+            print("\n".join(report.text_lines(r, peers)))
+    if cost is not None:
+        say(report.checkpoint_line(cost))
+    if args.markdown:
+        report.write_markdown(args.markdown, report.markdown(records, args.command, peers_of))
+        say(f"wrote {args.markdown}")
+
+
+def profile_ours(s, out_dir: str | None, say) -> None:
+    """torch.profiler over our model's steps on the main batch: the op table and time by kind
+    (every rank steps, as ZeRO needs; ``out_dir`` None: no trace written)."""
+    from .bench.profile import profile_steps
+    from .bench.runner import Batches, build_trainer
+    from .bench.measure import time_steps
+
+    trainer = build_trainer("beit3", s, s.checkpoint_every)
+    try:
+        step = Batches(s).step_fn(trainer, s.mix)
+        time_steps(step, s.warmup, 0, s.device)
+        table, shares = profile_steps(step, s.steps, s.device, out_dir)
+    finally:
+        trainer.close()
+    say(table)
+    say("time by kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+    if out_dir:
+        say(f"trace: {os.path.join(out_dir, 'trace.json')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
