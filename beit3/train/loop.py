@@ -21,7 +21,8 @@ from ..config import BEiT3Config
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_flag, init_distributed
 from .ds_config import precision
-from .flops import encoder_flops, head_flops, measure_matmul_peak
+from ..bench.batches import batch_counts
+from .flops import measure_matmul_peak, pretrain_flops_breakdown
 from .metrics_log import MetricsLogger
 from .objective import MaskedDataModeling
 from .engine import OptimConfig, build_engine
@@ -53,40 +54,6 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
         else:
             out[k] = v
     return out
-
-
-def batch_flops(cfg: BEiT3Config, batch: dict, num_visual_tokens: int) -> float:
-    """Model FLOPs (forward + backward) of one micro-batch on one rank."""
-    total, img_tokens = 0.0, 1 + cfg.num_patches
-    for part, has_img, has_txt in (("images", True, False), ("texts", False, True), ("pairs", True, True)):
-        if part not in batch:
-            continue
-        p = batch[part]
-        B = (p["image"] if has_img else p["text"]).shape[0]
-        L_txt = p["text"].shape[1] if has_txt else 0
-        total += encoder_flops(cfg, B, img_tokens if has_img else 0, L_txt)
-        if has_txt:
-            total += head_flops(cfg.embed_dim, cfg.vocab_size, int((p["labels"] != -100).sum()))
-        if "image_mask" in p:
-            total += head_flops(cfg.embed_dim, num_visual_tokens, int(p["image_mask"].sum()))
-    return total
-
-
-def batch_counts(batch: dict) -> tuple[int, int]:
-    """(samples, tokens) of a micro-batch; text tokens exclude padding."""
-    samples = tokens = 0
-    for part in ("images", "texts", "pairs"):
-        if part not in batch:
-            continue
-        p = batch[part]
-        if "image" in p:
-            samples += p["image"].shape[0]
-            tokens += p["image"].shape[0] * (1 + p["image_mask"].shape[1] if "image_mask" in p else 0)
-        else:
-            samples += p["text"].shape[0]
-        if "text" in p:
-            tokens += int((~p["padding_mask"]).sum())
-    return samples, tokens
 
 
 def git_commit() -> Optional[str]:
@@ -242,10 +209,10 @@ class PretrainRun:
                     batch = next(data_iter)
                     ok, metrics = self.micro_step(batch)
                     ok_all &= ok
-                    s, t = batch_counts(batch)
+                    s, t = batch_counts(self.cfg, batch)
                     window["samples"] += s
                     window["tokens"] += t
-                    window["flops"] += batch_flops(self.cfg, batch, self.visual_tokenizer.num_tokens)
+                    window["flops"] += pretrain_flops_breakdown(self.cfg, batch, self.visual_tokenizer.num_tokens)["total"]
                     if ok:
                         window["metrics"].append(metrics)
                     window["skipped_data"] = batch.get("stats", {}).get("skipped", 0)
