@@ -1,0 +1,150 @@
+"""``beit3 finetune``: fine-tune BEiT-3 on VQA, retrieval, captioning, classification or NLVR2.
+
+    beit3 finetune --task vqa                                   (tiny demo on the synthetic world, CPU)
+    beit3 finetune --task retrieval --init runs/pretrain        (from our pretraining run)
+    deepspeed --num_gpus 8 -m beit3.finetune.main --recipe vqa-base --init beit3_base_patch16_224.pth \\
+        --data /data/vqa --spm beit3.spm --output runs/vqa-base
+
+A recipe (``--recipe``, default ``<task>-tiny``) sets every hyperparameter; any of them can be
+overridden by its own flag (``--lr``, ``--epochs``, ``--layer-decay``, ...). The entry point
+parses and checks; the run lives in ``beit3.finetune.trainer``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Optional
+
+from ..train.ds_config import ConfigError, resolve_ds_config
+from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, FinetuneConfig, get_recipe, recipe_names
+
+DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
+          "Optional[str]": str}
+
+
+def add_config_flags(ap: argparse.ArgumentParser) -> None:
+    """One flag per FinetuneConfig field (default None = the recipe's value)."""
+    group = ap.add_argument_group("recipe overrides (each FinetuneConfig field; default: the recipe's)")
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name == "task":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type == "tuple":
+            group.add_argument(flag, type=float, nargs=2, default=None)
+        elif f.type == "Optional[str]":
+            group.add_argument(flag, type=lambda s: None if s.lower() == "none" else s, default=None)
+        else:
+            group.add_argument(flag, type=_TYPES[f.type], default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="beit3 finetune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=TASKS, help="default: the recipe's")
+    ap.add_argument("--recipe", help=f"named hyperparameters (default <task>-tiny): {', '.join(RECIPES)}")
+    ap.add_argument("--init", help="weights to start from: a run directory or checkpoint of ours, a state dict "
+                                   "file, or an official unilm/beit3 checkpoint (default: random init)")
+    ap.add_argument("--data", default="synthetic", help="data root holding the index files "
+                    "(beit3.data.downstream), or 'synthetic' (the embedded world, built and cached)")
+    ap.add_argument("--spm", help="SentencePiece model (default: the synthetic world's, or the --init run's)")
+    ap.add_argument("--output", help="run directory (default runs/finetune-<task>)")
+    ap.add_argument("--deepspeed", "--ds-config", dest="ds_config", default=None,
+                    help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU)")
+    ap.add_argument("--grad-accum", type=int, default=None)
+    ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
+    ap.add_argument("--allow-pickle", action="store_true", help="trust --init files that need unpickling "
+                    "(unilm's fine-tuned checkpoints pickle their argparse Namespace)")
+    ap.add_argument("--vqa-annotations", help="VQA v2 annotation JSON of the val questions: also report the "
+                    "official accuracy with answer normalisation")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--save-every", type=int, default=0, help="optimizer steps between resumable checkpoints "
+                    "(0: at the end of every epoch only)")
+    ap.add_argument("--keep-last", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=1, help="epochs between validations")
+    ap.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 0 on CPU, 6 on GPU)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    ap.add_argument("--dist-timeout", type=float, default=1800.0)
+    ap.add_argument("--no-tensorboard", action="store_true")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_config_flags(ap)
+    return ap
+
+
+def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The recipe (``--recipe``, else the task's demo recipe) with the flags given on top."""
+    if args.recipe is None and args.task is None:
+        raise ConfigError(f"give --task ({', '.join(TASKS)}) or --recipe")
+    name = args.recipe or DEFAULT_RECIPE[args.task]
+    if name not in RECIPES:
+        lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
+        raise ConfigError(f"unknown --recipe {name!r}; choices:\n" + "\n".join(lines))
+    if args.task is not None and RECIPES[name]["task"] != args.task:
+        raise ConfigError(f"--recipe {name} is a {RECIPES[name]['task']} recipe, not {args.task}; "
+                          f"{args.task} recipes: {', '.join(recipe_names(args.task))}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
+                 if f.name != "task" and getattr(args, f.name, None) is not None}
+    return get_recipe(name, **overrides)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    if args.data != "synthetic":
+        if not os.path.isdir(args.data):
+            raise ConfigError(f"--data {args.data!r}: no such directory (expected index files, or 'synthetic')")
+        if args.spm is None:
+            raise ConfigError("--data with a real data root needs --spm (the model's sentencepiece file)")
+    for name in ("spm", "init", "vqa_annotations"):
+        path = getattr(args, name)
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(f"--{name.replace('_', '-')} {path!r} does not exist")
+    if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
+        raise ConfigError(f"--resume {args.resume!r}: no such checkpoint directory")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    try:
+        cfg = resolve_config(args)
+        if cfg.checkpoint_every is None:
+            cfg = cfg.replace(checkpoint_every=0 if device == "cpu" else 1)
+        check_paths(args)
+        ds_path = args.ds_config or os.path.join(REPO_ROOT, DEFAULT_DS[device])
+        ds_config = resolve_ds_config(ds_path, cfg.batch_size, args.grad_accum, world)
+    except (ConfigError, ValueError, TypeError) as e:
+        print(f"beit3 finetune: error: {e}", file=sys.stderr)
+        return 2
+    from ..eval.report import print_results_table
+    from .trainer import FinetuneRun, RunOptions
+
+    options = RunOptions(
+        output=args.output or f"runs/finetune-{cfg.task}", data=args.data, spm=args.spm, ds_config=ds_config,
+        device=device, init=args.init, resume=args.resume, allow_pickle=args.allow_pickle,
+        log_every=args.log_every, save_every=args.save_every, keep_last=args.keep_last,
+        eval_every=args.eval_every, num_workers=args.num_workers if args.num_workers is not None else
+        (0 if device == "cpu" else 6), tensorboard=not args.no_tensorboard,
+        vqa_annotations=args.vqa_annotations, dist_timeout=args.dist_timeout)
+    os.makedirs(options.output, exist_ok=True)
+    run = FinetuneRun(cfg, options)
+    try:
+        best = run.train()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"beit3 finetune: error: {e}", file=sys.stderr)
+        return 1
+    if run.dist.is_main and best:
+        print_results_table(best, title=f"best validation ({cfg.task}, {cfg.dataset}) -> {options.output}/best")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

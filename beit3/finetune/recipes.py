@@ -1,0 +1,207 @@
+"""Fine-tuning hyperparameters: one dataclass, and the official unilm/beit3 recipes by name.
+
+The ``*-base`` / ``*-large`` recipes are the commands of unilm/beit3 ``get_started/*.md`` (8 GPUs
+unless noted; ``batch_size`` is per GPU as there, so the effective batch is GPUs x batch_size x
+grad-accum). Values not on those command lines are ``run_beit3_finetuning.py`` defaults: AdamW
+betas (0.9, 0.999) and eps 1e-8, min lr 1e-6, 64 text tokens, label smoothing 0.1, captioning
+mask probability 0.6, beam 3, length penalty 0.6.
+
+The ``*-tiny`` recipes fine-tune the tiny preset on the synthetic world on a CPU in minutes. The
+world's texts say "left" and "right", so they never flip images; its classes are colours, so the
+classification demo uses no colour-changing augmentation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+TASKS = ("vqa", "retrieval", "captioning", "classification", "nlvr2")
+DATASETS = {
+    "vqa": ("vqav2",),
+    "retrieval": ("coco_retrieval", "flickr30k"),
+    "captioning": ("coco_captioning", "nocaps"),
+    "classification": ("imagenet", "cifar10", "cifar100"),
+    "nlvr2": ("nlvr2",),
+}
+
+
+@dataclass
+class FinetuneConfig:
+    task: str
+    dataset: str = ""  # "" = the task's first (see DATASETS)
+    # model (used when --init does not fix them)
+    preset: str = "tiny"
+    layout: str = "paper"
+    img_size: int = 224
+    max_text_len: int = 64  # tokens including <s> and </s> (--num_max_bpe_tokens)
+    drop_path: float = 0.1
+    checkpoint_every: Optional[int] = None  # activation checkpointing; None = 1 on GPU, 0 on CPU
+    # schedule
+    epochs: float = 20
+    warmup_epochs: float = 5
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule too)
+    batch_size: int = 64  # per rank and micro-step
+    eval_batch_size: Optional[int] = None  # default 1.5 x batch_size, as unilm/beit3
+    # optimizer
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float = 1.0  # lr of layer l times layer_decay ** (depth + 1 - l)
+    head_lr_scale: float = 1.0  # lr multiplier of ``head.*`` (unilm --task_head_lr_weight)
+    grad_clip: float = 0.0  # max gradient norm; 0 = none (unilm's --clip_grad default), replaces the DeepSpeed config's
+    # augmentation and loss
+    randaug: bool = False  # vision-language tasks
+    hflip: float = 0.5
+    crop_scale: tuple = (0.5, 1.0)  # vision-language tasks: RandomResizedCrop area range
+
+    label_smoothing: float = 0.1  # classification (without mixup) and captioning
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # classification
+    color_jitter: float = 0.4
+    re_prob: float = 0.25
+    crop_pct: float = 1.0
+    linear_probe: bool = False  # classification: frozen backbone, BatchNorm + linear head
+    # captioning
+    mask_prob: float = 0.6
+    drop_worst_ratio: float = 0.2
+    drop_worst_after: int = 12000
+    num_beams: int = 3
+    length_penalty: float = 0.6
+    # EMA of the weights (timm ModelEmaV3), validated beside the model
+    model_ema: bool = False
+    ema_decay: float = 0.9999
+    seed: int = 0
+
+    def __post_init__(self):
+        self.betas, self.crop_scale = tuple(self.betas), tuple(self.crop_scale)
+        if not self.dataset and self.task in DATASETS:
+            self.dataset = DATASETS[self.task][0]
+        self.validate()
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choices: {', '.join(TASKS)}")
+        if self.dataset not in DATASETS[self.task]:
+            raise ValueError(f"task {self.task} has no dataset {self.dataset!r}; choices: "
+                             f"{', '.join(DATASETS[self.task])}")
+        for name in ("epochs", "batch_size", "lr", "img_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.layer_decay <= 0 or self.head_lr_scale <= 0:
+            raise ValueError("warmup_epochs must be >= 0 and layer_decay, head_lr_scale > 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.max_text_len < 3:
+            raise ValueError(f"max_text_len={self.max_text_len} leaves no token between <s> and </s>")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
+        if self.linear_probe and self.task != "classification":
+            raise ValueError("linear_probe is a classification mode")
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or max(1, int(self.batch_size * 1.5))
+
+    def replace(self, **changes) -> "FinetuneConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"FinetuneConfig has no field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_VL_BASE = dict(randaug=True, weight_decay=0.05, seed=42)
+RECIPES: dict[str, dict] = {
+    # get_started_for_vqav2.md (lr 3e-5 base, 2e-5 large; head lr x20)
+    "vqa-base": dict(task="vqa", preset="base", img_size=480, batch_size=16, layer_decay=1.0, lr=3e-5,
+                     epochs=10, warmup_epochs=1, drop_path=0.1, head_lr_scale=20, betas=(0.9, 0.98),
+                     **{**_VL_BASE, "weight_decay": 0.01}),
+    "vqa-large": dict(task="vqa", preset="large", img_size=480, batch_size=16, layer_decay=1.0, lr=2e-5,
+                      epochs=10, warmup_epochs=1, drop_path=0.15, head_lr_scale=20, betas=(0.9, 0.98),
+                      **{**_VL_BASE, "weight_decay": 0.01}),
+    # get_started_for_retrieval.md: 16 GPUs (base, batch 192) / 32 GPUs (large, batch 96); init from
+    # the *_itc_* checkpoints. COCO 15 epochs, 3 warmup; Flickr30k 20 and 5.
+    "retrieval-coco-base": dict(task="retrieval", dataset="coco_retrieval", preset="base", img_size=384,
+                                batch_size=192, layer_decay=0.65, lr=2e-4, epochs=15, warmup_epochs=3,
+                                drop_path=0.2, weight_decay=0.05, seed=42),
+    "retrieval-coco-large": dict(task="retrieval", dataset="coco_retrieval", preset="large", img_size=384,
+                                 batch_size=96, layer_decay=0.85, lr=5e-5, epochs=15, warmup_epochs=3,
+                                 drop_path=0.2, weight_decay=0.05, seed=42),
+    "retrieval-flickr30k-base": dict(task="retrieval", dataset="flickr30k", preset="base", img_size=384,
+                                     batch_size=192, layer_decay=0.65, lr=1e-4, epochs=20, warmup_epochs=5,
+                                     drop_path=0.2, weight_decay=0.05, seed=42),
+    "retrieval-flickr30k-large": dict(task="retrieval", dataset="flickr30k", preset="large", img_size=384,
+                                      batch_size=96, layer_decay=0.85, lr=5e-5, epochs=20, warmup_epochs=5,
+                                      drop_path=0.2, weight_decay=0.05, seed=42),
+    # get_started_for_captioning.md (COCO lr 4e-5 base / 8e-6 large; NoCaps 1e-5 base / 8e-6 large)
+    "captioning-coco-base": dict(task="captioning", dataset="coco_captioning", preset="base", img_size=480,
+                                 batch_size=32, layer_decay=1.0, lr=4e-5, epochs=10, warmup_epochs=1,
+                                 drop_path=0.1, max_text_len=32, mask_prob=0.7, drop_worst_after=12000,
+                                 **_VL_BASE),
+    "captioning-coco-large": dict(task="captioning", dataset="coco_captioning", preset="large", img_size=480,
+                                  batch_size=32, layer_decay=1.0, lr=8e-6, epochs=10, warmup_epochs=1,
+                                  drop_path=0.1, max_text_len=32, mask_prob=0.7, drop_worst_after=12000,
+                                  **_VL_BASE),
+    "captioning-nocaps-base": dict(task="captioning", dataset="nocaps", preset="base", img_size=480,
+                                   batch_size=32, layer_decay=1.0, lr=1e-5, epochs=10, warmup_epochs=1,
+                                   drop_path=0.1, max_text_len=32, mask_prob=0.7, drop_worst_after=12000,
+                                   **_VL_BASE),
+    "captioning-nocaps-large": dict(task="captioning", dataset="nocaps", preset="large", img_size=480,
+                                    batch_size=32, layer_decay=1.0, lr=8e-6, epochs=10, warmup_epochs=1,
+                                    drop_path=0.1, max_text_len=32, mask_prob=0.7, drop_worst_after=12000,
+                                    **_VL_BASE),
+    # get_started_for_image_classification.md (mixup 0.8, cutmix 1.0, RandAugment, random erasing)
+    "imagenet-base": dict(task="classification", dataset="imagenet", preset="base", img_size=224,
+                          batch_size=128, layer_decay=0.65, lr=7e-4, epochs=50, warmup_epochs=5,
+                          drop_path=0.15, weight_decay=0.05, mixup=0.8, cutmix=1.0, seed=42),
+    "imagenet-large": dict(task="classification", dataset="imagenet", preset="large", img_size=224,
+                           batch_size=128, layer_decay=0.8, lr=2e-4, epochs=50, warmup_epochs=5,
+                           drop_path=0.25, weight_decay=0.05, mixup=0.8, cutmix=1.0, seed=42),
+    # get_started_for_nlvr2.md (lr 7e-4 base, 3e-4 large)
+    "nlvr2-base": dict(task="nlvr2", preset="base", img_size=224, batch_size=32, layer_decay=0.65, lr=7e-4,
+                       epochs=20, warmup_epochs=5, drop_path=0.2, weight_decay=0.2, seed=42),
+    "nlvr2-large": dict(task="nlvr2", preset="large", img_size=224, batch_size=32, layer_decay=0.85, lr=3e-4,
+                        epochs=20, warmup_epochs=5, drop_path=0.2, weight_decay=0.2, seed=42),
+}
+
+_TINY = dict(preset="tiny", img_size=64, max_text_len=32, drop_path=0.0, hflip=0.0, betas=(0.9, 0.98),
+             weight_decay=0.01, layer_decay=0.9)
+RECIPES.update({
+    "vqa-tiny": dict(task="vqa", batch_size=32, lr=5e-4, epochs=6, warmup_epochs=0.5, **_TINY),
+    # contrastive learning of the tiny model collapses (constant features) at lr 1e-3
+    "retrieval-tiny": dict(task="retrieval", dataset="coco_retrieval", batch_size=32, lr=5e-4, epochs=5,
+                           warmup_epochs=0.2, **{**_TINY, "layer_decay": 1.0}),
+    "captioning-tiny": dict(task="captioning", dataset="coco_captioning", batch_size=32, lr=1e-3, epochs=3,
+                            warmup_epochs=0.2, mask_prob=0.6, drop_worst_ratio=0.0, num_beams=3,
+                            **{**_TINY, "max_text_len": 24}),
+    "classification-tiny": dict(task="classification", dataset="imagenet", batch_size=32, lr=1e-3, epochs=15,
+                                warmup_epochs=1, auto_augment=None, color_jitter=0.0, re_prob=0.0,
+                                label_smoothing=0.0, **_TINY),
+    "linprobe-tiny": dict(task="classification", dataset="imagenet", batch_size=32, lr=1e-2, epochs=20,
+                          warmup_epochs=1, auto_augment=None, color_jitter=0.0, re_prob=0.0,
+                          label_smoothing=0.0, linear_probe=True, **{**_TINY, "weight_decay": 0.0}),
+    "nlvr2-tiny": dict(task="nlvr2", batch_size=16, lr=1e-3, epochs=10, warmup_epochs=1, **_TINY),
+})
+DEFAULT_RECIPE = {task: f"{task}-tiny" for task in TASKS}
+
+
+def recipe_names(task: Optional[str] = None) -> list[str]:
+    return [n for n, r in RECIPES.items() if task is None or r["task"] == task]
+
+
+def get_recipe(name: str, **overrides) -> FinetuneConfig:
+    """The named recipe with ``overrides`` (FinetuneConfig fields) applied."""
+    if name not in RECIPES:
+        lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
+        raise ValueError(f"unknown recipe {name!r}; choices:\n" + "\n".join(lines))
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"FinetuneConfig has no field(s) {unknown}")
+    return FinetuneConfig(**{**RECIPES[name], **overrides})

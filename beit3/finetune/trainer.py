@@ -1,0 +1,465 @@
+"""The fine-tuning run shared by every task: build, train under DeepSpeed, validate, keep the best.
+
+    run = FinetuneRun(cfg, options); run.train()
+
+What differs between tasks (model head, data, loss, metric) comes from ``tasks.py``. Around it:
+layer-wise lr decay and the head lr multiplier (``param_groups``), warmup + cosine per optimizer
+step, parameters the task never reaches frozen (the language experts for classification, the
+whole backbone for linear probing), an optional EMA (timm ``ModelEmaV3``), validation on the eval
+transforms after every ``eval_every`` epochs, ``best/`` weights by the task's main metric,
+resumable checkpoints (``checkpoints/step_*``, as pretraining), metrics.jsonl / tensorboard / tqdm.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+
+from ..config import BEiT3Config
+from ..data.text_tokenizer import TextTokenizer
+from ..eval.distributed import gather_features
+from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..train.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
+from ..train.ds_config import precision
+from ..train.engine import OptimConfig, build_engine
+from ..train.loop import git_commit, seed_everything
+from ..train.metrics_log import MetricsLogger
+from ..train.optim import param_groups
+from .heads import TaskModel, unreached_parameters
+from .init import META_FILE, WEIGHTS_FILE, InitWeights, apply_init, load_init
+from .recipes import FinetuneConfig
+from .tasks import Task, build_task
+
+warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
+
+
+@dataclass
+class RunOptions:
+    output: str
+    data: str  # data root holding the index files
+    spm: str
+    ds_config: dict  # resolved (batch sizes filled in)
+    device: str = "cpu"
+    init: Optional[str] = None
+    resume: Optional[str] = None  # "auto" or a checkpoint directory
+    allow_pickle: bool = False
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = at epoch ends only
+    keep_last: int = 1
+    eval_every: int = 1  # epochs
+    num_workers: int = 0
+    tensorboard: bool = True
+    vqa_annotations: Optional[str] = None  # VQA v2 annotation file of the val split (official accuracy)
+    dist_timeout: float = 1800.0
+
+
+# -- the default data -------------------------------------------------------------------------------
+SYNTHETIC = "synthetic"
+
+
+def synthetic_data(is_main: bool, log=print, seed: int = 0, num_images: int = 2000,
+                   image_size: int = 64) -> tuple[str, str]:
+    """(data root, spm) of the synthetic world with its fine-tuning index files, built once in the
+    cache that ``beit3 pretrain --data synthetic`` uses, so a model pretrained there fits its vocabulary."""
+    from ..data.downstream import build_all_indexes
+    from ..data.synthetic import make_synthetic_world
+    from ..train.demo_assets import cache_root
+
+    world = os.path.join(cache_root(), f"synthetic-s{seed}-n{num_images}-px{image_size}", "world")
+    spm = os.path.join(world, "spm", "synthetic.model")
+    if is_main and not os.path.isfile(os.path.join(world, "READY")):
+        log(f"building the synthetic world in {world} (once; cached)")
+        make_synthetic_world(world, num_images=num_images, image_size=image_size, seed=seed)
+        open(os.path.join(world, "READY"), "w").close()
+    if is_main and not os.path.isfile(os.path.join(world, "INDEXES_READY")):
+        log(f"writing the fine-tuning index files into {world} (once)")
+        build_all_indexes(os.path.join(world, "raw"), world, spm, seed=seed, rest_val_images=num_images // 20)
+        open(os.path.join(world, "INDEXES_READY"), "w").close()
+    barrier()
+    return world, spm
+
+
+def cpu_flush_denormal(device: torch.device) -> None:
+    """On the CPU, treat denormal floats as zero: the 0.001-scaled classifier heads make gradients
+    and Adam moments denormal, and x86 CPUs compute with those 10-100x slower."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
+# -- model -----------------------------------------------------------------------------------------
+def model_config(cfg: FinetuneConfig, init: Optional[InitWeights], vocab_size: int) -> BEiT3Config:
+    """The checkpoint's architecture (else the preset's) at the recipe's image size and drop path."""
+    drop_path = 0.0 if cfg.linear_probe else cfg.drop_path
+    if init is not None:
+        mc = init.config.replace(img_size=cfg.img_size, drop_path_rate=drop_path)
+    else:
+        mc = BEiT3Config.from_preset(cfg.preset, layout=cfg.layout, vocab_size=vocab_size, img_size=cfg.img_size,
+                                     drop_path_rate=drop_path)
+    if vocab_size > mc.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} ids but the model's text embedding only {mc.vocab_size} "
+                         f"rows: use the sentencepiece model the checkpoint was trained with (--spm)")
+    if cfg.max_text_len > mc.max_text_len:
+        raise ValueError(f"max_text_len {cfg.max_text_len} exceeds the model's {mc.max_text_len} text positions")
+    return mc
+
+
+def freeze_unreached(model: TaskModel, linear_probe: bool) -> list[str]:
+    """requires_grad=False for what the task never reaches (and the backbone when probing); these
+    parameters are given to no optimizer group. Returns their names."""
+    frozen = set(unreached_parameters(model))
+    if linear_probe:
+        frozen |= {n for n, _ in model.named_parameters() if n.startswith("beit3.")}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return sorted(frozen)
+
+
+def optimizer_setup(model: TaskModel, cfg: FinetuneConfig, total_steps: int, warmup_steps: int):
+    depth = model.cfg.depth
+    opt = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
+                      warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
+                      grad_clip=cfg.grad_clip, layer_decay=cfg.layer_decay, depth=depth)
+    head = (lambda name: cfg.head_lr_scale if name.startswith("head.") else 1.0)  # unilm: get_is_head_flag_for_vit
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, lr_scale=head)
+    return opt, groups
+
+
+# -- data --------------------------------------------------------------------------------------------
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to ``device``; images (keys ``image*``) to the engine's dtype, labels stay fp32."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if k.startswith("image") and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def collate(items: list[dict]) -> dict:
+    """``default_collate``, then the text cut to its longest caption: the index readers pad every
+    text to max_text_len, and attention over padding is wasted work."""
+    batch = default_collate(items)
+    if "padding_mask" in batch:
+        keep = int((~batch["padding_mask"]).sum(dim=1).max())
+        batch["text"], batch["padding_mask"] = batch["text"][:, :keep], batch["padding_mask"][:, :keep]
+    return batch
+
+
+def epoch_batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches of an epoch: one permutation per (seed, epoch), cut into equal
+    rank shards (the tail that does not fill a batch on every rank is dropped)."""
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    per_rank = (n // world) // batch * batch
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + batch] for i in range(0, per_rank, batch)]
+
+
+def eval_shard(n: int, rank: int, world: int) -> list[int]:
+    """Contiguous, equal shards (the last padded by wrapping): every rank runs the same number of
+    batches, which ZeRO-3 needs, and the first n gathered rows are the dataset in order."""
+    per = math.ceil(n / world)
+    return [(rank * per + i) % n for i in range(per)]
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(task: Task, model, dataset: Dataset, batch_size: int, device: torch.device,
+             dtype: torch.dtype = torch.float32, num_workers: int = 0, output_dir: Optional[str] = None) -> dict:
+    """Run the task's eval passes over ``dataset`` on every rank, gather the rows, compute metrics
+    (on every rank, so that all of them agree on the best checkpoint)."""
+    with torch.random.fork_rng(devices=[]):  # the training stream's RNG is left as it was
+        return _evaluate(task, model, dataset, batch_size, device, dtype, num_workers, output_dir)
+
+
+def _evaluate(task: Task, model, dataset: Dataset, batch_size: int, device: torch.device, dtype: torch.dtype,
+              num_workers: int, output_dir: Optional[str]) -> dict:
+    was_training = model.training
+    model.eval()
+    rank, world = _rank_world()
+    rows = {}
+    for p in task.eval_passes(dataset):
+        loader = DataLoader(Subset(p.dataset, eval_shard(len(p.dataset), rank, world)), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=collate)
+        parts: dict[str, list] = {}
+        for batch in loader:
+            for k, v in p.run(model, to_device(batch, device, dtype)).items():
+                parts.setdefault(k, []).append(v.detach())
+        rows[p.name] = {k: gather_features(torch.cat(v))[:len(p.dataset)].cpu() for k, v in parts.items()}
+    model.train(was_training)
+    return task.metrics(rows, dataset, output_dir)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def scalars(metrics: dict, prefix: str) -> dict:
+    return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# -- weights of ours ---------------------------------------------------------------------------------
+def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict:
+    """The module's weights on the CPU (collective under ZeRO-3: each parameter is gathered)."""
+    if not zero3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+    out = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            out[name] = p.detach().cpu().clone()
+    out.update({k: v.detach().cpu().clone() for k, v in module.named_buffers()})
+    return module.official_shapes(out) if hasattr(module, "official_shapes") else out
+
+
+def save_weights(directory: str, state_dict: dict, meta: dict) -> None:
+    """``directory/model.safetensors`` + ``meta.json``, replaced as a whole (written beside, renamed)."""
+    from safetensors.torch import save_file
+    tmp = directory.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, WEIGHTS_FILE))
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    old = directory.rstrip("/") + ".old"
+    if os.path.isdir(directory):
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the run -----------------------------------------------------------------------------------------
+class FinetuneRun:
+    def __init__(self, cfg: FinetuneConfig, options: RunOptions):
+        self.cfg, self.opt = cfg, options
+        self.best: Optional[float] = None
+        self.history: list[dict] = []
+
+    # building
+    def build(self) -> None:
+        o, c = self.opt, self.cfg
+        self.dist: DistInfo = init_distributed(o.dist_timeout, o.device)
+        cpu_flush_denormal(self.dist.device)
+        self.logger = MetricsLogger(o.output, self.dist.is_main, 1, tensorboard=o.tensorboard, desc=c.task)
+        if o.data == SYNTHETIC:
+            o.data, spm = synthetic_data(self.dist.is_main, self.logger.write)
+            o.spm = o.spm or spm
+            if o.vqa_annotations is None and c.task == "vqa":
+                o.vqa_annotations = os.path.join(o.data, "raw", "vqa", "v2_mscoco_val_annotations.json")
+        self.tokenizer = TextTokenizer(o.spm)
+        self.task = build_task(c, self.tokenizer, **({"annotations": o.vqa_annotations} if c.task == "vqa" else {}))
+        self.train_set = self.task.dataset(o.data, "train", train=True)
+        self.val_set = self.task.dataset(o.data, self.task.eval_split, train=False)
+        self.build_schedule()
+        seed_everything(c.seed)  # the same initial weights on every rank
+        self.model = self.build_model()
+        self.ema = self.build_ema()
+        opt, groups = optimizer_setup(self.model, c, self.total_steps, self.warmup_steps)
+        self.engine = build_engine(self.model, self.opt.ds_config, opt, groups)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(o.ds_config), torch.float32)
+        seed_everything(c.seed + self.dist.rank)  # augmentations differ per rank
+        self.write_run_info()
+
+    def build_schedule(self) -> None:
+        c, ga = self.cfg, self.opt.ds_config["gradient_accumulation_steps"]
+        self.micro_per_epoch = (len(self.train_set) // self.dist.world_size) // c.batch_size
+        self.steps_per_epoch = self.micro_per_epoch // ga
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training samples do not fill one step of "
+                             f"{c.batch_size} x {ga} x {self.dist.world_size} ranks")
+        self.total_steps = math.ceil(c.epochs * self.steps_per_epoch)
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
+        self.warmup_steps = int(c.warmup_epochs * self.steps_per_epoch)
+        if self.logger.bar is not None:
+            self.logger.bar.total = self.total_steps
+
+    def build_model(self) -> TaskModel:
+        o, c = self.opt, self.cfg
+        init = load_init(o.init, o.allow_pickle) if o.init else None
+        mc = model_config(c, init, self.tokenizer.vocab_size)
+        model = self.task.build_model(mc, self.train_set)
+        if init is not None:
+            report = apply_init(model, init)
+            self.logger.write(f"initialised from {init.source} ({init.source_format}); {report.summary()}")
+        else:
+            self.logger.write(f"no --init: {c.preset} ({c.layout}) from random initialisation")
+        model.beit3.set_grad_checkpointing(bool(c.checkpoint_every), c.checkpoint_every or 1)
+        frozen = freeze_unreached(model, c.linear_probe)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.logger.write(f"{type(model).__name__}: {trainable:,} trainable parameters, "
+                          f"{len(frozen)} tensors frozen (unused by {c.task}{', linear probe' if c.linear_probe else ''})")
+        self.init = init
+        return model
+
+    def build_ema(self):
+        if not self.cfg.model_ema:
+            return None
+        from timm.utils import ModelEmaV3
+        return ModelEmaV3(self.model, decay=self.cfg.ema_decay, device=self.dist.device, dtype=torch.float32)
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine.zero_optimization_stage() == 3
+
+    def write_run_info(self) -> None:
+        if not self.dist.is_main:
+            return
+        info = {"finetune": self.cfg.to_dict(), "options": {k: v for k, v in vars(self.opt).items() if k != "ds_config"},
+                "deepspeed": self.opt.ds_config, "model": self.model.cfg.to_dict(), "head_args": self.model.head_args,
+                "world_size": self.dist.world_size, "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "train_samples": len(self.train_set), "val_samples": len(self.val_set),
+                "git_commit": git_commit(), "torch": torch.__version__}
+        with open(os.path.join(self.opt.output, "run_config.json"), "w") as f:
+            json.dump(info, f, indent=1, default=str)
+
+    def meta(self) -> dict:
+        return {"task": self.cfg.task, "dataset": self.cfg.dataset, "model": self.model.cfg.to_dict(),
+                "head_args": self.model.head_args, "finetune": self.cfg.to_dict(), "spm": self.opt.spm,
+                "world_size": self.dist.world_size}
+
+    # training
+    def train(self) -> dict:
+        """Train; returns the best validation metrics."""
+        self.build()
+        step, epoch, skip = self.maybe_resume()
+        self.logger.write(f"fine-tuning {self.cfg.task} for {self.total_steps} steps ({self.steps_per_epoch}/epoch) "
+                          f"on {self.dist.world_size} x {self.dist.device.type}; output {self.opt.output}")
+        self.logger.advance(step)
+        try:
+            while step < self.total_steps:
+                step, micro = self.train_epoch(epoch, step, skip)
+                complete = micro >= self.micro_per_epoch
+                epoch, skip = (epoch + 1, 0) if complete else (epoch, micro)
+                if step >= self.total_steps or (complete and epoch % self.opt.eval_every == 0):
+                    self.validate(step, epoch)
+                self.save(step, epoch, skip)
+        finally:
+            self.logger.close()
+        return self.best_metrics
+
+    def train_epoch(self, epoch: int, step: int, skip: int) -> tuple[int, int]:
+        """Micro-batches ``skip``.. of ``epoch`` until the epoch or the schedule ends; returns the
+        step reached and the micro-batches of the epoch done."""
+        c, eng = self.cfg, self.engine
+        batches = epoch_batches(len(self.train_set), c.batch_size, self.dist.rank, self.dist.world_size, c.seed, epoch)
+        # Its own generator: building the loader draws no number from the global RNG, so a resumed
+        # run (RNG restored from the checkpoint) augments the same way as an uninterrupted one.
+        g = torch.Generator().manual_seed(c.seed * 10_007 + epoch * 101 + self.dist.rank)
+        loader = DataLoader(self.train_set, batch_sampler=batches[skip:], num_workers=self.opt.num_workers,
+                            collate_fn=collate, pin_memory=self.dist.device.type == "cuda", generator=g)
+        ga = eng.gradient_accumulation_steps()
+        window = {"t": time.perf_counter(), "samples": 0, "logs": []}
+        self.engine.train()
+        done = skip
+        for micro, batch in enumerate(loader, start=skip):
+            loss, logs = self.task.train_step(eng, to_device(batch, self.dist.device, self.dtype), step)
+            if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):
+                raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch}); lower --lr or "
+                                         f"check the data; last checkpoint: {latest_checkpoint(self.ckpt_dir)}")
+            eng.backward(loss)
+            eng.step()
+            done = micro + 1
+            window["samples"] += c.batch_size
+            window["logs"].append({"loss": loss.detach(), **logs})
+            if (micro + 1) % ga:
+                continue
+            step += 1
+            self.after_step(step, window)
+            if self.opt.save_every and step % self.opt.save_every == 0 and micro + 1 < len(batches):
+                self.save(step, epoch, micro + 1)
+            if step >= self.total_steps:
+                break
+        return step, done
+
+    def after_step(self, step: int, window: dict) -> None:
+        self.logger.advance()
+        if self.ema is not None:
+            ctx = (__import__("deepspeed").zero.GatheredParameters(list(self.engine.module.parameters()))
+                   if self.zero3 else contextlib.nullcontext())
+            with ctx:
+                self.ema.update(self.engine.module, step)
+        if step % self.opt.log_every and step != self.total_steps:
+            return
+        dt = max(time.perf_counter() - window["t"], 1e-9)
+        keys = sorted({k for m in window["logs"] for k in m})
+        mean = {k: float(torch.stack([m[k].float().cpu() for m in window["logs"] if k in m]).mean()) for k in keys}
+        out = {"loss": mean["loss"], **{f"train/{k}": v for k, v in mean.items() if k != "loss"}}
+        out.update({"lr": max(self.engine.get_lr()), "samples_per_s": window["samples"] * self.dist.world_size / dt})
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            out["grad_norm"] = float(gn)
+        self.logger.log(step, out)
+        window.update(t=time.perf_counter(), samples=0, logs=[])
+
+    # validation and checkpoints
+    def validate(self, step: int, epoch: int) -> dict:
+        o, c = self.opt, self.cfg
+        t = time.perf_counter()
+        metrics = evaluate(self.task, self.engine, self.val_set, c.eval_batch, self.dist.device, self.dtype, o.num_workers)
+        logged = {**scalars(metrics, "val"), "epoch": epoch, "val_seconds": time.perf_counter() - t}
+        if self.ema is not None:
+            ema = evaluate(self.task, self.ema.module, self.val_set, c.eval_batch, self.dist.device, torch.float32,
+                           o.num_workers)
+            logged.update(scalars(ema, "ema_val"))
+        self.logger.log(step, logged)
+        value = metrics[self.task.main_metric]
+        self.logger.write(f"step {step} epoch {epoch}: val {self.task.main_metric} {value:.4f}"
+                          + (f" (best so far {self.best:.4f})" if self.best is not None else ""))
+        self.history.append({"step": step, **scalars(metrics, "val")})
+        if self.best is None or value > self.best:
+            self.best, self.best_metrics = value, {k: v for k, v in metrics.items() if k != "predictions"}
+            self.save_best(step, epoch)
+        return metrics
+
+    def save_best(self, step: int, epoch: int) -> None:
+        sd = full_state_dict(self.engine.module, self.zero3)
+        if self.dist.is_main:
+            meta = {**self.meta(), "step": step, "epoch": epoch, "metric": self.task.main_metric, "value": self.best,
+                    "val": scalars(self.best_metrics, "val")}
+            save_weights(os.path.join(self.opt.output, "best"), sd, meta)
+        barrier()
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.opt.output, "checkpoints")
+
+    def save(self, step: int, epoch: int, micro: int) -> None:
+        """Resumable checkpoint at micro-batch ``micro`` of ``epoch`` (every rank keeps its EMA copy)."""
+        state = {"epoch": epoch, "micro": micro, "best": self.best, "best_metrics": self.best_metrics,
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, self.meta(), keep_last=self.opt.keep_last)
+
+    def maybe_resume(self) -> tuple[int, int, int]:
+        """(step, epoch, micro-batches of that epoch already done)."""
+        self.best_metrics = {}
+        r = self.opt.resume
+        if r is None:
+            return 0, 0, 0
+        path = latest_checkpoint(self.ckpt_dir) if r == "auto" else r
+        if path is None:
+            self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+            return 0, 0, 0
+        meta, state = load_checkpoint(self.engine, path, self.dist.rank)
+        if meta.get("world_size") != self.dist.world_size:
+            raise ValueError(f"{path} was written by {meta.get('world_size')} ranks; resume on as many "
+                             f"(the data order is per rank)")
+        self.best, self.best_metrics = state.get("best"), state.get("best_metrics") or {}
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.logger.write(f"resumed from {path} at step {meta['step']}")
+        return int(meta["step"]), int(state["epoch"]), int(state["micro"])
