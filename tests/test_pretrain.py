@@ -123,3 +123,17 @@ def test_pretraining_losses_fall_on_the_synthetic_world(pretrained_tiny, small_w
     assert mean(last, "acc/image") > 5 / codes  # chance 1 / 256
     assert mean(last, "acc/text") > 10 / vocab and mean(last, "acc/pair") > 10 / vocab  # chance 1 / ~400
     assert complete_checkpoints(os.path.join(pretrained_tiny, "checkpoints"))[-1][0] == 60
+
+
+def test_activation_checkpointing_under_zero3_and_patch_aggregation(assets, tmp_path):
+    """Checkpointing every layer inside the ZeRO-3 engine recomputes the same routing: the same
+    losses as without; BEiT v2's patch aggregation adds its CLS loss through the shared MIM head."""
+    runs = {}
+    for every in (0, 1):
+        out = tmp_path / f"ckpt{every}"
+        _run(out, assets, steps=3, save_every=3, drop_path=0.0, checkpoint_every=every, patch_aggregation=True)
+        runs[every] = _metrics(out)
+    for a, b in zip(runs[0], runs[1]):
+        for k in ("loss", "loss/image", "loss/image_cls", "loss/text", "loss/pair"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert all(m["loss/image_cls"] > 0 for m in runs[0])

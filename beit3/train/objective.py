@@ -12,6 +12,7 @@ masked visual tokens through the shared MIM head.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ class PatchAggregation(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.ffn_dim / cfg.embed_dim, qkv_bias=True,
-                  norm_layer=lambda d: nn.LayerNorm(d, eps=cfg.layer_norm_eps)) for _ in range(depth))
+                  norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps)) for _ in range(depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
     def forward(self, cls: Tensor, patches: Tensor) -> Tensor:  # (B, 1, D), (B, N, D) -> (B, N, D)
