@@ -80,7 +80,7 @@ def causal_blocked(n_img, n_txt):
     return ~allowed
 
 
-def compare(ours, ts):
+def assert_same_outputs(ours, ts):
     image, text, pad, image_mask = inputs()
     n_img = 1 + (IMG // PATCH) ** 2
     blocked = causal_blocked(n_img, text.shape[1])
@@ -107,7 +107,7 @@ def compare(ours, ts):
 def test_official_checkpoint_matches_torchscale_in_every_mode(ts):
     official = {"beit3." + k: v for k, v in ts.state_dict().items()}
     model = from_official({"model": official}, our_config()).eval()
-    compare(model, ts)
+    assert_same_outputs(model, ts)
 
 
 def test_to_official_loads_strictly_into_torchscale_with_equal_outputs():
@@ -118,7 +118,7 @@ def test_to_official_loads_strictly_into_torchscale_with_equal_outputs():
     ts = torchscale_model()
     result = ts.load_state_dict({k[len("beit3."):]: v for k, v in sd.items()}, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    compare(ours, ts.eval())
+    assert_same_outputs(ours, ts.eval())
 
 
 def test_conversion_round_trip_is_exact(ts):
@@ -137,7 +137,7 @@ def test_normalize_output_false_checkpoints_load_without_a_final_norm():
     ts = randomize(torchscale_model(normalize_output=False))
     loaded = load_official({"model": {"beit3." + k: v for k, v in ts.state_dict().items()}}, our_config())
     assert not any(k.startswith("norm.") for k in loaded.model.state_dict())
-    compare(loaded.model.eval(), ts)
+    assert_same_outputs(loaded.model.eval(), ts)
 
 
 def test_other_image_size_interpolates_only_patch_rows(ts):
