@@ -41,3 +41,15 @@ def pretrained_tiny(small_world, tmp_path_factory):
                         "--warmup-steps", "6", "--output", str(out), "--no-tensorboard"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def data(small_world):
+    """The small world with its fine-tuning index files (VQA: every val image in rest_val)."""
+    from beit3.data.downstream import build_all_indexes
+
+    world = small_world.world
+    val_images = len(os.listdir(os.path.join(world, "images", "val")))
+    build_all_indexes(os.path.join(world, "raw"), world, small_world.spm, min_answer_count=2,
+                      rest_val_images=val_images)
+    return small_world

@@ -8,85 +8,19 @@ short pretraining leaves them worse off than random weights within these budgets
 recall 0.23-0.35 from it vs 0.43-0.58 from scratch; VQA, the other way, 0.34 from it vs 0.16).
 """
 import json
-import math
 import os
 
 import pytest
 import torch
 
-from beit3.data.downstream import build_all_indexes
-from beit3.data.downstream_datasets import VQADataset, read_jsonl
-from beit3.finetune.evaluate import main as evaluate_main
+from beit3.data.downstream_datasets import read_jsonl
 from beit3.finetune.main import main as finetune_main
 from beit3.finetune.trainer import epoch_batches, eval_shard
 
-# Short runs for 2 CPU cores: 32 px images (4 x 4 patches; the pretrained 8 x 8 position table is
-# interpolated), micro-batches of 16.
-COMMON = ["--img-size", "32", "--batch-size", "16", "--log-every", "5", "--no-tensorboard", "--eval-every", "100"]
-
-
-@pytest.fixture(scope="session")
-def data(small_world):
-    """The small world with its fine-tuning index files (VQA: every val image in rest_val)."""
-    world = small_world.world
-    val_images = len(os.listdir(os.path.join(world, "images", "val")))
-    build_all_indexes(os.path.join(world, "raw"), world, small_world.spm, min_answer_count=2,
-                      rest_val_images=val_images)
-    return small_world
-
-
-def _finetune(task, data, init, out, *flags):
-    start = ["--init", str(init)] if init is not None else ["--preset", "tiny"]
-    rc = finetune_main(["--task", task, *start, "--data", data.world, "--spm", data.spm,
-                        "--output", str(out), *COMMON, *flags])
-    assert rc == 0
-    return out
-
-
-def _evaluate(task, data, checkpoint, out, *flags):
-    rc = evaluate_main(["--task", task, "--checkpoint", str(checkpoint), "--data", data.world, "--spm", data.spm,
-                        "--split", "val", "--output", str(out), *flags])
-    assert rc == 0
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
-
-
-def _val_lines(run):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [m for m in map(json.loads, f) if any(k.startswith("val/") for k in m)]
-
-
-def _best_is_tracked(run, metric):
-    with open(os.path.join(run, "best", "meta.json")) as f:
-        meta = json.load(f)
-    values = [m[f"val/{metric}"] for m in _val_lines(run)]
-    assert meta["metric"] == metric and meta["value"] == pytest.approx(max(values))
-    return meta
-
-
-# -- chance levels -----------------------------------------------------------------------------
-def vqa_chance(world):
-    """(uniform, best constant): the expected VQA score of a uniformly random answer, and of the
-    single answer that scores best on the split without looking at image or question."""
-    ds = VQADataset(world, "val")
-    scores = torch.zeros(len(ds.items), ds.num_answers)
-    for i, item in enumerate(ds.items):
-        scores[i, item["labels"]] = torch.tensor(item["scores"])
-    return scores.sum(1).mean().item() / ds.num_answers, scores.mean(0).max().item()
-
-
-def retrieval_chance(world, ks=(1, 5, 10)):
-    """Expected recall@k of a random ranking: text->image k / images; image->text the chance that
-    one of the image's n captions is among k of T captions drawn at random, 1 - C(T-n, k) / C(T, k)."""
-    items = read_jsonl(os.path.join(world, "coco_retrieval.val.jsonl"))
-    per_image = torch.bincount(torch.tensor([it["image_id"] for it in items])).tolist()
-    T = len(items)
-    out = {}
-    for k in ks:
-        out[f"t2i_r{k}"] = min(k, len(per_image)) / len(per_image)
-        out[f"i2t_r{k}"] = sum(1 - math.comb(T - n, k) / math.comb(T, k) for n in per_image) / len(per_image)
-    out["mean_recall"] = sum(out.values()) / len(out)
-    return out
+from finetune_helpers import best_is_tracked as _best_is_tracked
+from finetune_helpers import evaluate as _evaluate
+from finetune_helpers import finetune as _finetune
+from finetune_helpers import retrieval_chance, vqa_chance
 
 
 # -- the tasks ---------------------------------------------------------------------------------
@@ -112,9 +46,9 @@ def test_vqa_beats_chance(data, pretrained_tiny, tmp_path):
                     "--vqa-annotations", annotations)
     res = _evaluate("vqa", data, run, tmp_path / "eval", "--vqa-annotations", annotations)
     uniform, constant = vqa_chance(data.world)
-    # Measured in CI: 0.165 against uniform chance 0.072 and the majority-answer baseline 0.194.
-    # This short budget beats uniform chance but not reliably the majority answer (issue 7 stays open).
-    assert res["vqa_score"] > 2 * uniform, (res, uniform, constant)
+    # Measured: 0.342 against uniform chance 0.072 and the best single answer 0.194 (with the
+    # vqa-tiny recipe's gradient clipping at 3.0; unclipped this start stays at 0.15-0.17).
+    assert res["vqa_score"] > max(3 * uniform, constant + 0.05), (res, uniform, constant)
     assert res["vqa_accuracy"] == pytest.approx(res["vqa_score"], abs=0.02)  # official accuracy from the raw answers
     with open(res["submission"]) as f:
         sub = json.load(f)
