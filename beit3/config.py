@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 LAYOUTS = ("paper", "released")
 
 
+def checked_from_dict(cls, d):
+    """``cls(**d)`` for a dataclass, naming the unknown keys (a config file from another version)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class BEiT3Config:
     layout: str = "paper"
@@ -92,11 +101,7 @@ class BEiT3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BEiT3Config":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise TypeError(f"BEiT3Config has no field(s) {unknown}")
-        return cls(**d)
+        return checked_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

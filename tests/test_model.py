@@ -249,3 +249,10 @@ def test_bad_inputs_fail_with_clear_errors():
         BEiT3Config.from_preset("tiny", emb_dim=3)
     with pytest.raises(ValueError, match="layout"):
         BEiT3Config.from_preset("tiny", layout="other")
+
+
+def test_config_from_dict_round_trips_and_names_unknown_keys():
+    cfg = BEiT3Config.from_preset("base", layout="released")
+    assert BEiT3Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(TypeError, match=r"no field\(s\) \['depht'\]; known fields: .*'depth'"):
+        BEiT3Config.from_dict({**cfg.to_dict(), "depht": 3})

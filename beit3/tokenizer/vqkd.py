@@ -34,6 +34,7 @@ from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 from torch import Tensor, nn
 
+from beit3.config import checked_from_dict
 from beit3.tokenizer.quantizer import NormEMAVectorQuantizer
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -90,11 +91,7 @@ class VQKDConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "VQKDConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TypeError(f"VQKDConfig has no field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return checked_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
