@@ -1,6 +1,8 @@
 """All-gathering features across ranks for retrieval evaluation and the contrastive loss."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
@@ -21,7 +23,11 @@ def gather_features(t: Tensor, with_grad: bool = False) -> Tensor:
     sizes = _gather_sizes(t)
     padded = _pad_rows(t, max(sizes))
     if with_grad:
-        parts = dist_nn.all_gather(padded)
+        # Deprecated in favour of a private API (torch 2.x) but still the public autograd gather;
+        # its FutureWarning would repeat at every training step.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = dist_nn.all_gather(padded)
     else:
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded.detach().contiguous())

@@ -158,13 +158,14 @@ def collate(items: list[dict]) -> dict:
 
 
 def epoch_batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches of an epoch: one permutation per (seed, epoch), cut into equal
-    rank shards (the tail that does not fill a batch on every rank is dropped)."""
+    """This rank's micro-batches of an epoch: one permutation per (seed, epoch) cut into global
+    batches of ``world x batch``, of which rank r takes the r-th slice (the tail that does not
+    fill a global batch is dropped). A step thus sees the same samples on 2 ranks x b as on one
+    rank x 2b (or x b with 2 accumulation steps), and the contrastive loss the same negatives."""
     g = torch.Generator().manual_seed(seed * 10_007 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    per_rank = (n // world) // batch * batch
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[i:i + batch] for i in range(0, per_rank, batch)]
+    step = world * batch
+    return [order[i + rank * batch:i + (rank + 1) * batch] for i in range(0, n // step * step, step)]
 
 
 def eval_shard(n: int, rank: int, world: int) -> list[int]:
@@ -316,6 +317,13 @@ class FinetuneRun:
     def zero3(self) -> bool:
         return self.engine.zero_optimization_stage() == 3
 
+    def all_parameters(self):
+        """Context in which the module holds its whole parameters (ZeRO-3 gathers them: memory!)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+
     def write_run_info(self) -> None:
         if not self.dist.is_main:
             return
@@ -389,15 +397,12 @@ class FinetuneRun:
     def after_step(self, step: int, window: dict) -> None:
         self.logger.advance()
         if self.ema is not None:
-            ctx = (__import__("deepspeed").zero.GatheredParameters(list(self.engine.module.parameters()))
-                   if self.zero3 else contextlib.nullcontext())
-            with ctx:
+            with self.all_parameters():
                 self.ema.update(self.engine.module, step)
         if step % self.opt.log_every and step != self.total_steps:
             return
         dt = max(time.perf_counter() - window["t"], 1e-9)
-        keys = sorted({k for m in window["logs"] for k in m})
-        mean = {k: float(torch.stack([m[k].float().cpu() for m in window["logs"] if k in m]).mean()) for k in keys}
+        mean = self.mean_over_ranks(window["logs"])
         out = {"loss": mean["loss"], **{f"train/{k}": v for k, v in mean.items() if k != "loss"}}
         out.update({"lr": max(self.engine.get_lr()), "samples_per_s": window["samples"] * self.dist.world_size / dt})
         gn = self.engine.get_global_grad_norm()
@@ -405,6 +410,17 @@ class FinetuneRun:
             out["grad_norm"] = float(gn)
         self.logger.log(step, out)
         window.update(t=time.perf_counter(), samples=0, logs=[])
+
+    def mean_over_ranks(self, logs: list[dict]) -> dict[str, float]:
+        """Each value's mean over the window's micro-batches and over the ranks: the loss of the
+        steps' global batches (micro-batches are equal), not rank 0's share of it."""
+        keys = sorted({k for m in logs for k in m})
+        mean = torch.stack([torch.stack([m[k].float().cpu() for m in logs if k in m]).mean() for k in keys])
+        if self.dist.world_size > 1:  # every rank logs at the same steps with the same keys
+            mean = mean.to(self.dist.device)
+            torch.distributed.all_reduce(mean)
+            mean = mean.cpu() / self.dist.world_size
+        return dict(zip(keys, mean.tolist()))
 
     # validation and checkpoints
     def validate(self, step: int, epoch: int) -> dict:
