@@ -45,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 5 on CPU)")
     ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU)")
+                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
+                         "1 with --checkpoint-mode)")
+    ap.add_argument("--checkpoint-mode", choices=["full", "selective"], default=None,
+                    help="what a checkpointed layer keeps: 'full' (default) only its input; 'selective' also "
+                         "its matmul and attention outputs (recomputes LayerNorms, GELU, adds only)")
     ap.add_argument("--checkpoint-cost", action="store_true",
-                    help="also time the same batch with checkpointing toggled and report what it costs")
+                    help="also time the same batch with checkpointing off, full and selective, and report "
+                         "what each costs against off")
     ap.add_argument("--compile", action="store_true", help="torch.compile every backbone layer (if supported)")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                     help="restrict scaled_dot_product_attention to one kernel")
@@ -78,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
     tiny, gpu = args.preset == "tiny", device == "cuda"
     n = 4 if tiny else 16
+    if args.checkpoint_every is None and args.checkpoint_mode is not None:
+        args.checkpoint_every = 1  # a mode asks for checkpointing, also on the CPU
+    args.checkpoint_mode = args.checkpoint_mode or "full"
     if args.image_only:
         args.batch_texts = args.batch_texts or 0
         args.batch_pairs = args.batch_pairs or 0
@@ -106,6 +114,9 @@ def check_args(args: argparse.Namespace, world: int):
     for name in ("warmup", "checkpoint_every", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.checkpoint_mode == "selective" and args.checkpoint_every == 0:
+        raise ValueError("--checkpoint-mode selective with --checkpoint-every 0 (checkpointing off): "
+                         "give --checkpoint-every k >= 1")
     if world > 1 and args.compare:
         raise ValueError("--compare runs the reference models on one process; start it without a launcher")
     mix = BatchMix(args.batch_images, args.batch_texts, args.batch_pairs, args.text_len,
@@ -177,9 +188,9 @@ def _settings(args, mix, ds_config, device: str):
     dist = init_distributed(device=device)  # DeepSpeed needs a process group, also for one rank
     cfg = BEiT3Config.from_preset(args.preset, layout=args.layout)
     s = Settings(cfg=cfg, device=dist.device, mix=mix, warmup=args.warmup, steps=args.steps,
-                 checkpoint_every=args.checkpoint_every, ds_config=ds_config, compile=args.compile,
-                 sdpa=args.sdpa, num_visual_tokens=args.num_visual_tokens, compare=tuple(dict.fromkeys(args.compare)),
-                 checkpoint_cost=args.checkpoint_cost, seed=args.seed)
+                 checkpoint_every=args.checkpoint_every, checkpoint_mode=args.checkpoint_mode, ds_config=ds_config,
+                 compile=args.compile, sdpa=args.sdpa, num_visual_tokens=args.num_visual_tokens,
+                 compare=tuple(dict.fromkeys(args.compare)), checkpoint_cost=args.checkpoint_cost, seed=args.seed)
     torch.manual_seed(args.seed)
     return s, dist
 
@@ -236,16 +247,16 @@ def find_max_batch(args, s, say):
 def emit(args, records: list[dict], peers_of: list[tuple], say) -> None:
     from .bench import report
 
-    cost = report.checkpoint_cost(records)
-    if cost is not None:  # goes into the record of the configuration with checkpointing on
-        on = next(r for r in records if r["checkpoint_every"] == cost["every"])
+    costs = report.checkpoint_costs(records)
+    for cost in costs:  # each goes into the record of its configuration
+        on = next(r for r in records if r["config"] == cost["config"])
         on.update(checkpoint_slowdown=cost["slowdown"], checkpoint_memory_saved_gb=cost["memory_saved_gb"])
     for r, peers in zip(records, peers_of):
         if args.json:
             print(json.dumps(r), flush=True)
         else:
             print("\n".join(report.text_lines(r, peers)))
-    if cost is not None:
+    for cost in costs:
         say(report.checkpoint_line(cost))
     if args.markdown:
         report.write_markdown(args.markdown, report.markdown(records, args.command, peers_of))

@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drop-path", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=None, help="override the DeepSpeed config's gradient_clipping (3.0 in ours)")
     ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU)")
+                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
+                         "1 with --checkpoint-mode)")
+    ap.add_argument("--checkpoint-mode", choices=["full", "selective"], default=None,
+                    help="what a checkpointed layer keeps: 'full' (default) only its input, recomputing the "
+                         "whole layer; 'selective' also its matmul and attention outputs, recomputing only "
+                         "LayerNorms, GELU and adds (more memory, no repeated matmuls)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--keep-last", type=int, default=3)
     ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
@@ -75,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
     """Fill the device- and size-dependent defaults."""
     tiny = args.preset == "tiny"
+    if args.checkpoint_every is None and args.checkpoint_mode is not None:
+        args.checkpoint_every = 1  # a mode asks for checkpointing, also on the CPU
+    args.checkpoint_mode = args.checkpoint_mode or "full"
     for name, value in (("batch_images", 16 if tiny else 32), ("batch_texts", 16 if tiny else 32),
                         ("batch_pairs", 16 if tiny else 32), ("max_text_len", 32 if tiny else 64),
                         ("lr", 2e-3 if tiny else 1e-3), ("num_workers", 0 if device == "cpu" else 6),
@@ -96,6 +104,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> dict:
     for name in ("batch_images", "batch_texts", "batch_pairs"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}")
+    if args.checkpoint_mode == "selective" and args.checkpoint_every == 0:
+        raise ConfigError("--checkpoint-mode selective with --checkpoint-every 0 (checkpointing off): "
+                          "give --checkpoint-every k >= 1")
     micro = args.batch_images + args.batch_texts + args.batch_pairs
     if micro == 0:
         raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")

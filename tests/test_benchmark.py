@@ -89,15 +89,18 @@ def test_cli_plain_checkpoint_cost_markdown_and_cpu_batch_search(capsys, tmp_pat
     assert main(argv) == 0
     records, err = _records(capsys)
     assert "--find-max-batch: not applicable on the CPU" in err
-    assert [(r["config"], r["checkpoint_every"]) for r in records] == [("image-only", 0), ("checkpoint_every=1", 1)]
+    assert [(r["config"], r["checkpoint_every"], r["checkpoint_mode"]) for r in records] == [
+        ("image-only", 0, None), ("checkpoint_every=1", 1, "full"), ("checkpoint_every=1,selective", 1, "selective")]
     for r in records:
         _positive(r)
         assert r["engine"] == "plain PyTorch" and r["zero_stage"] is None
-    assert records[0]["flops_per_step"] == records[1]["flops_per_step"]  # recomputation not counted
-    on, off = records[1], records[0]
-    assert on["checkpoint_slowdown"] == pytest.approx(1 - on["samples_per_s"] / off["samples_per_s"])
-    assert on["checkpoint_memory_saved_gb"] == pytest.approx(off["peak_mem_gb"] - on["peak_mem_gb"])
-    assert "activation checkpointing every 1 layer(s): samples/s" in err
+        assert r["flops_per_step"] == records[0]["flops_per_step"]  # recomputation not counted
+    off = records[0]
+    for on in records[1:]:
+        assert on["checkpoint_slowdown"] == pytest.approx(1 - on["samples_per_s"] / off["samples_per_s"])
+        assert on["checkpoint_memory_saved_gb"] == pytest.approx(off["peak_mem_gb"] - on["peak_mem_gb"])
+    lines = [line for line in err.splitlines() if "activation checkpointing every 1 layer(s): samples/s" in line]
+    assert [line.startswith("selective") for line in lines] == [False, True]
     text = md.read_text()
     assert "beit3 benchmark --preset tiny --image-only" in text and "| image-only | beit3 |" in text
 

@@ -69,8 +69,9 @@ def record(c: Config, ms: dict, s: Settings, env: dict, ds_name: str) -> dict:
            "batch_images": mix.images, "batch_texts": mix.texts, "batch_pairs": mix.pairs,
            "micro_batch": mix.samples, "text_len": None if mix.image_only else mix.text_len,
            "text_padding": mix.text_padding, "mask_pair_images": mix.mask_pair_images,
-           "checkpoint_every": c.checkpoint_every, "compile": s.compile and s.compile_skipped is None,
-           "compile_skipped": s.compile_skipped, "sdpa": s.sdpa, "warmup": s.warmup, "steps": s.steps,
+           "checkpoint_every": c.checkpoint_every, "checkpoint_mode": c.checkpoint_mode if c.checkpoint_every else None,
+           "compile": s.compile and s.compile_skipped is None, "compile_skipped": s.compile_skipped, "sdpa": s.sdpa,
+           "warmup": s.warmup, "steps": s.steps,
            "samples_per_step": ours.samples, "tokens_per_step": ours.tokens, "flops_per_step": ours.flops,
            "params": ours.info.get("params"), "error": ours.error, **figures(ours, env)}
     for peer, m in ms.items():
@@ -83,16 +84,22 @@ def record(c: Config, ms: dict, s: Settings, env: dict, ds_name: str) -> dict:
     return clean(out)
 
 
-def checkpoint_cost(records: list[dict]) -> Optional[dict]:
-    """Throughput cost and memory saving of activation checkpointing, from two records of the same
-    batch, one with and one without; None if the run did not measure both."""
-    if len(records) < 2 or not records[-1]["config"].startswith("checkpoint_every="):
-        return None
-    a, b = records[0], records[-1]
-    on, off = (a, b) if a["checkpoint_every"] else (b, a)
+def checkpoint_costs(records: list[dict]) -> list[dict]:
+    """Throughput cost and memory saving of each activation-checkpointing setting measured on the
+    main batch (``--checkpoint-cost``: off, full, selective), against the record without; [] if
+    the run did not measure them."""
+    same = [records[0]] + [r for r in records[1:] if r["config"].startswith("checkpoint_every=")]
+    off = next((r for r in same if not r["checkpoint_every"]), None)
+    if len(same) < 2 or off is None:
+        return []
+    return [_cost(on, off) for on in same if on["checkpoint_every"]]
+
+
+def _cost(on: dict, off: dict) -> dict:
+    head = {"config": on["config"], "every": on["checkpoint_every"], "checkpoint_mode": on["checkpoint_mode"]}
     if on["samples_per_s"] is None or off["samples_per_s"] is None:
-        return {"every": on["checkpoint_every"], "slowdown": None, "memory_saved_gb": None}
-    return {"every": on["checkpoint_every"], "slowdown": 1 - on["samples_per_s"] / off["samples_per_s"],
+        return {**head, "slowdown": None, "memory_saved_gb": None}
+    return {**head, "slowdown": 1 - on["samples_per_s"] / off["samples_per_s"],
             "memory_saved_gb": off["peak_mem_gb"] - on["peak_mem_gb"],
             "samples_per_s": (on["samples_per_s"], off["samples_per_s"]),
             "peak_mem_gb": (on["peak_mem_gb"], off["peak_mem_gb"])}
@@ -122,7 +129,7 @@ def _pct(v):
 
 
 def text_lines(r: dict, peers: tuple) -> list[str]:
-    ckpt = f"checkpoint every {r['checkpoint_every']}" if r["checkpoint_every"] else "no checkpointing"
+    ckpt = f"{_selective(r)}checkpoint every {r['checkpoint_every']}" if r["checkpoint_every"] else "no checkpointing"
     batch = ", ".join(f"{r['batch_' + k]} {k}" for k in ("images", "texts", "pairs") if r["batch_" + k])
     text = f", text {r['text_len']}" if r["text_len"] else ""
     lines = [f"[{r['config']}] {r['preset']} ({r['layout']}), {batch}{text}; {r['engine']}; {ckpt}; "
@@ -134,12 +141,17 @@ def text_lines(r: dict, peers: tuple) -> list[str]:
     return lines
 
 
+def _selective(r: dict) -> str:
+    return "selective " if r.get("checkpoint_mode") == "selective" else ""
+
+
 def checkpoint_line(cost: dict) -> str:
+    what = f"{_selective(cost)}activation checkpointing"
     if cost["slowdown"] is None:
-        return f"activation checkpointing (every {cost['every']}): not comparable (a run failed)"
+        return f"{what} (every {cost['every']}): not comparable (a run failed)"
     on, off = cost["samples_per_s"]
     mon, moff = cost["peak_mem_gb"]
-    return (f"activation checkpointing every {cost['every']} layer(s): samples/s {-100 * cost['slowdown']:+.1f}% "
+    return (f"{what} every {cost['every']} layer(s): samples/s {-100 * cost['slowdown']:+.1f}% "
             f"({on:.2f} with, {off:.2f} without), peak memory {-cost['memory_saved_gb']:+.2f} GiB "
             f"({mon:.2f} with, {moff:.2f} without)")
 
@@ -175,7 +187,8 @@ def _row(r: dict, name: str, prefix: str) -> str:
     for h, key in TABLE:
         if key is None:
             text = f", text {r['text_len']}" if r["text_len"] else ""
-            cells.append(name if h == "model" else f"{batch} (i/t/p){text}, ckpt {r['checkpoint_every']}")
+            ckpt = f"{r['checkpoint_every']}{' selective' if _selective(r) else ''}"
+            cells.append(name if h == "model" else f"{batch} (i/t/p){text}, ckpt {ckpt}")
             continue
         v = r.get(key if key == "config" else prefix + key)
         if key.startswith("mfu"):

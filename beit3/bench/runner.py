@@ -5,7 +5,7 @@ setting). Each model is built once and timed on every configuration it takes par
 before the next model is built, so on a GPU at most one model holds memory at a time:
 
     beit3       every configuration (the pretraining mix; image-only for the timm comparison;
-                the same batch without checkpointing for the checkpointing cost)
+                the same batch with checkpointing off, full and selective for the checkpointing cost)
     torchscale  the pretraining mix                (--compare torchscale)
     timm        image-only                         (--compare timm)
 
@@ -39,6 +39,7 @@ class Settings:
     warmup: int
     steps: int
     checkpoint_every: int = 0
+    checkpoint_mode: str = "full"  # "full" or "selective" (see BEiT3.set_grad_checkpointing)
     ds_config: Optional[dict] = None  # None: plain PyTorch (bf16 autocast on CUDA)
     compile: bool = False
     sdpa: str = "auto"
@@ -63,17 +64,27 @@ class Config:
     mix: BatchMix
     checkpoint_every: int
     peers: tuple = ()
+    checkpoint_mode: str = "full"
 
 
 def plan(s: Settings) -> list[Config]:
     main_peers = tuple(p for p in PEERS if p in s.compare and (p == "torchscale" or s.mix.image_only))
-    configs = [Config("image-only" if s.mix.image_only else "pretrain", s.mix, s.checkpoint_every, main_peers)]
+    main = Config("image-only" if s.mix.image_only else "pretrain", s.mix, s.checkpoint_every, main_peers,
+                  s.checkpoint_mode)
+    configs = [main]
     if "timm" in s.compare and not s.mix.image_only:
-        configs.append(Config("image-only", s.mix.as_image_only(), s.checkpoint_every, ("timm",)))
-    if s.checkpoint_cost:
-        other = 0 if s.checkpoint_every else 1
-        configs.append(Config(f"checkpoint_every={other}", s.mix, other))
+        configs.append(Config("image-only", s.mix.as_image_only(), s.checkpoint_every, ("timm",), s.checkpoint_mode))
+    if s.checkpoint_cost:  # the main batch with checkpointing off, full and selective (the main one once)
+        every = s.checkpoint_every or 1
+        for e, mode in ((0, "full"), (every, "full"), (every, "selective")):
+            if _setting(e, mode) != _setting(main.checkpoint_every, main.checkpoint_mode):
+                label = f"checkpoint_every={e}" + (",selective" if e and mode == "selective" else "")
+                configs.append(Config(label, s.mix, e, (), mode))
     return configs
+
+
+def _setting(every: int, mode: str) -> tuple:
+    return (every, mode) if every else (0, "off")
 
 
 def build_trainer(name: str, s: Settings, checkpoint_every: int):
@@ -84,7 +95,7 @@ def build_trainer(name: str, s: Settings, checkpoint_every: int):
     torch.manual_seed(s.seed)
     if name == "beit3":
         module = MaskedDataModeling(s.cfg, s.num_visual_tokens)
-        module.model.set_grad_checkpointing(checkpoint_every > 0, checkpoint_every)
+        module.model.set_grad_checkpointing(checkpoint_every > 0, checkpoint_every, s.checkpoint_mode)
         layers = module.model.layers
     elif name == "torchscale":
         module = TorchscaleMDM(s.cfg, s.num_visual_tokens, checkpoint_activations=checkpoint_every > 0)
@@ -109,9 +120,10 @@ def build_trainer(name: str, s: Settings, checkpoint_every: int):
     return trainer
 
 
-def _set_checkpointing(trainer, name: str, every: int) -> None:
+def _set_checkpointing(trainer, name: str, c: Config) -> None:
     if name == "beit3":  # peers keep what they were built with (torchscale/timm: all or nothing)
-        trainer.module.model.set_grad_checkpointing(every > 0, every)
+        model = trainer.module.model
+        model.set_grad_checkpointing(c.checkpoint_every > 0, c.checkpoint_every, c.checkpoint_mode)
 
 
 class Batches:
@@ -156,7 +168,7 @@ def measure_model(name: str, configs: list[Config], s: Settings, batches: Batche
         return {c.label: Measurement(name, *batches.get(c.mix)[2], error=why) for c in configs}
     try:
         for c in configs:
-            _set_checkpointing(trainer, name, c.checkpoint_every)
+            _set_checkpointing(trainer, name, c)
             work = batches.get(c.mix)[2]
             try:
                 step = batches.step_fn(trainer, c.mix)

@@ -105,7 +105,7 @@ class PretrainRun:
         self.cfg = cfg
         model = MaskedDataModeling(cfg, num_visual_tokens=self.visual_tokenizer.num_tokens,
                                    patch_aggregation=a.patch_aggregation)
-        model.model.set_grad_checkpointing(a.checkpoint_every > 0, a.checkpoint_every)
+        model.model.set_grad_checkpointing(a.checkpoint_every > 0, a.checkpoint_every, a.checkpoint_mode)
         self.engine = self.build_engine(model)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(self.ds_config), torch.float32)
         self.data = data_source if self.external_data is None else self.external_data
