@@ -20,9 +20,8 @@ import shlex
 import sys
 
 from .config import PRESETS, BEiT3Config
+from .train.ds_config import default_ds_config, resolve_ds_config
 
-DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,14 +94,13 @@ def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.ds_config is None:
-        args.ds_config = os.path.join(REPO_ROOT, DEFAULT_DS[device])
+        args.ds_config = default_ds_config(device)
     return args
 
 
 def check_args(args: argparse.Namespace, world: int):
     """Every check that needs no model. Returns (BatchMix, resolved DeepSpeed config or None)."""
     from .bench.batches import BatchMix
-    from .train.ds_config import resolve_ds_config
 
     if args.image_only and (args.batch_texts or args.batch_pairs):
         raise ValueError("--image-only with --batch-texts/--batch-pairs > 0")

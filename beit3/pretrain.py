@@ -14,10 +14,8 @@ import os
 import sys
 
 from .config import PRESETS, BEiT3Config
-from .train.ds_config import ConfigError, resolve_ds_config
+from .train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 
-DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +90,7 @@ def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
     if args.warmup_steps is None:
         args.warmup_steps = min(10000, max(1, args.steps // 10))
     if args.ds_config is None:
-        args.ds_config = os.path.join(REPO_ROOT, DEFAULT_DS[device])
+        args.ds_config = default_ds_config(device)
     return args
 
 

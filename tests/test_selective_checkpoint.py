@@ -194,7 +194,7 @@ def test_zero3_engine_selective_equals_no_checkpointing():
     from deepspeed.utils import safe_get_full_fp32_param
 
     from beit3.bench.batches import BatchMix, synthetic_batch
-    from beit3.pretrain import DEFAULT_DS, REPO_ROOT
+    from beit3.train.ds_config import default_ds_config
     from beit3.train.distributed import init_distributed
     from beit3.train.ds_config import resolve_ds_config
     from beit3.train.engine import OptimConfig, build_engine
@@ -204,7 +204,7 @@ def test_zero3_engine_selective_equals_no_checkpointing():
     cfg = BEiT3Config.from_preset("tiny", vocab_size=100, depth=2, vl_layers=1, drop_path_rate=0.1)
     mix = BatchMix(0, 0, 3, 8, text_padding=0.25, mask_pair_images=True)  # pairs: the VL-FFN too
     batch, targets = synthetic_batch(cfg, mix, 64, seed=0)
-    ds = resolve_ds_config(f"{REPO_ROOT}/{DEFAULT_DS['cpu']}", mix.samples, 1, 1)
+    ds = resolve_ds_config(default_ds_config("cpu"), mix.samples, 1, 1)
     runs = {}
     for mode in ("none", "selective"):
         torch.manual_seed(0)

@@ -17,11 +17,9 @@ import os
 import sys
 from typing import Optional
 
-from ..train.ds_config import ConfigError, resolve_ds_config
+from ..train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, FinetuneConfig, get_recipe, recipe_names
 
-DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
           "Optional[str]": str}
 
@@ -119,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.checkpoint_every is None:
             cfg = cfg.replace(checkpoint_every=0 if device == "cpu" else 1)
         check_paths(args)
-        ds_path = args.ds_config or os.path.join(REPO_ROOT, DEFAULT_DS[device])
+        ds_path = args.ds_config or default_ds_config(device)
         ds_config = resolve_ds_config(ds_path, cfg.batch_size, args.grad_accum, world)
     except (ConfigError, ValueError, TypeError) as e:
         print(f"beit3 finetune: error: {e}", file=sys.stderr)

@@ -9,6 +9,15 @@ import os
 from typing import Any
 
 
+# The checked-in configs a run uses when --deepspeed is not given.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
+
+
+def default_ds_config(device: str) -> str:
+    return os.path.join(REPO_ROOT, DEFAULT_DS[device])
+
+
 class ConfigError(ValueError):
     pass
 
