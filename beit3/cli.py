@@ -9,7 +9,7 @@ COMMANDS = {
     "info": ("beit3.info", "build a preset, print its parameter table, run a forward/backward pass"),
     "pretrain": ("beit3.pretrain", "masked data modeling pretraining (DeepSpeed)"),
     "train-tokenizer": ("beit3.tokenizer.train", "train a VQ-KD visual tokenizer"),
-    "data": (None, "data preparation: 'beit3 data synthetic|shards|downstream|spm ...'"),
+    "data": (None, "data preparation: 'beit3 data synthetic|shards|downstream|spm|cifar ...'"),
     "export": ("beit3.export", "export weights: --to timm | safetensors"),
     "finetune": ("beit3.finetune.main", "fine-tune on vqa, retrieval, captioning, classification, nlvr2"),
     "evaluate": ("beit3.finetune.evaluate", "evaluate a fine-tuned checkpoint"),
@@ -20,6 +20,7 @@ DATA_COMMANDS = {
     "shards": "beit3.data.shards",
     "downstream": "beit3.data.downstream",
     "spm": "beit3.data.text_tokenizer",
+    "cifar": "beit3.data.cifar_format",
 }
 
 

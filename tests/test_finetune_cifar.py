@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from beit3.data.cifar_format import cifar_from_image_folder
+from beit3.data.cifar_format import main as cifar_main
 from beit3.data.downstream_datasets import CIFARDataset
 from beit3.finetune.evaluate import main as evaluate_main
 from beit3.finetune.main import main as finetune_main
@@ -86,7 +87,7 @@ def _batches(d, kind, train):
 
 
 def test_cifar10_finetune_beats_chance(small_world, tmp_path):
-    cifar_from_image_folder(os.path.join(small_world.world, "classification"), tmp_path / "data")
+    assert cifar_main(["--src", os.path.join(small_world.world, "classification"), "--output", str(tmp_path / "data")]) == 0
     common = ["--data", str(tmp_path / "data"), "--spm", small_world.spm]
     run = tmp_path / "run"
     rc = finetune_main(["--task", "classification", "--dataset", "cifar10", "--preset", "tiny", *common,
@@ -104,3 +105,8 @@ def test_cifar10_finetune_beats_chance(small_world, tmp_path):
     # chance: 1/18 for any guess that ignores the image; seeds 0-2 measured 0.29-0.38 (7-9 of 24)
     assert res["acc1"] > 3 / len(classes), res
     assert best_is_tracked(run, "acc1")["value"] == pytest.approx(res["acc1"])
+
+
+def test_cifar_command_names_the_missing_tree(tmp_path, capsys):
+    assert cifar_main(["--src", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'train'}: no such ImageFolder tree" in capsys.readouterr().err

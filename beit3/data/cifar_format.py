@@ -14,9 +14,11 @@ are Python 2 ``str``: loaded with ``encoding="bytes"`` (the CIFAR page's snippet
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,4 +162,28 @@ def cifar_from_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, 
     return write_cifar100(out_dir, train, test, classes, coarse_names)
 
 
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="beit3 data cifar", description="Write an ImageFolder tree "
+                                 "(SRC/train, SRC/val) as a CIFAR-10 or CIFAR-100 python-pickle folder.")
+    ap.add_argument("--src", required=True, help="e.g. the synthetic world's classification/ folder")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--kind", choices=["cifar10", "cifar100"], default="cifar10")
+    ap.add_argument("--coarse-by-shape", action="store_true",
+                    help="CIFAR-100 superclasses from '{color}_{shape}' class names (the synthetic world's)")
+    args = ap.parse_args(argv)
+    coarse_of = (lambda c: c.rsplit("_", 1)[-1]) if args.coarse_by_shape else None
+    try:
+        out = cifar_from_image_folder(args.src, args.output, args.kind, coarse_of)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"beit3 data cifar: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 __all__ = ["CifarSplit", "write_cifar10", "write_cifar100", "load_split", "cifar_from_image_folder"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
