@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-pairs", type=int, default=None)
     ap.add_argument("--grad-accum", type=int, default=None)
     ap.add_argument("--max-text-len", type=int, default=None)
+    ap.add_argument("--text-padding", choices=["longest", "max"], default="longest",
+                    help="pad each micro-batch's texts to its longest text rounded up to 8 (default: no "
+                         "compute on padding) or always to --max-text-len (one shape every step)")
     ap.add_argument("--mask-pair-images", action="store_true", help="also mask (and predict) pair images")
     ap.add_argument("--patch-aggregation", action="store_true", help="BEiT v2 CLS pretraining head")
     # Paper hyperparameters (BEiT-3, Appendix): AdamW (0.9, 0.98), eps 1e-6, wd 0.05, cosine, drop path 0.1.

@@ -76,7 +76,9 @@ def test_batch_format(world):
         assert set(b["pairs"]) == {"image", "text", "padding_mask", "labels"}  # pair images not masked
         for part, n in (("texts", 2), ("pairs", 4)):
             t = b[part]
-            assert t["text"].shape == t["labels"].shape == t["padding_mask"].shape == (n, 20)
+            longest = int((~t["padding_mask"]).sum(1).max())
+            width = min(20, -(-longest // 8) * 8)  # the longest text, rounded up to 8, at most max_text_len
+            assert t["text"].shape == t["labels"].shape == t["padding_mask"].shape == (n, width)
             assert t["text"].dtype == t["labels"].dtype == torch.long and t["padding_mask"].dtype == torch.bool
             chosen = t["labels"] != -100
             assert not (chosen & t["padding_mask"]).any()
@@ -84,10 +86,48 @@ def test_batch_format(world):
             original = torch.where(chosen, t["labels"], t["text"])
             for row, key in enumerate(b["stats"]["keys"][part]):  # labels are the true ids
                 ids = tok.encode(sources[part][key], max_len=20)
-                assert original[row, :len(ids)].tolist() == ids and t["padding_mask"][row].sum() == 20 - len(ids)
+                assert original[row, :len(ids)].tolist() == ids and t["padding_mask"][row].sum() == width - len(ids)
             masked[part].append(chosen.sum() / (~t["padding_mask"]).sum())
     text_rate, pair_rate = (float(torch.stack(masked[p]).mean()) for p in ("texts", "pairs"))
     assert 0.1 < text_rate < 0.35 and 0.35 < pair_rate < 0.65  # 15% (+1 per text) vs 50%
+
+
+def test_text_padding_cuts_only_padding(world):
+    """"longest" drops only all-padding columns: same tokens, masks and labels as "max", fewer
+    FLOPs, and the same MLM loss and gradients from a model."""
+    from beit3.config import BEiT3Config
+    from beit3.train.flops import pretrain_flops_breakdown
+    from beit3.train.objective import MaskedDataModeling
+
+    spm = world / "spm/synthetic.model"
+    kw = dict(batch_images=0, batch_texts=6, batch_pairs=6, max_text_len=32)
+    short = _take(PretrainLoader(_cfg(world / "shards", **kw), spm), 4)
+    full = _take(PretrainLoader(_cfg(world / "shards", text_padding="max", **kw), spm), 4)
+    widths = [b[p]["text"].shape[1] for b in short for p in ("texts", "pairs")]
+    assert all(w % 8 == 0 and w < 32 for w in widths), widths  # synthetic texts are ~11 tokens
+    assert all(b[p]["text"].shape[1] == 32 for b in full for p in ("texts", "pairs"))
+    for s, f in zip(short, full):
+        for part in ("texts", "pairs"):
+            w = s[part]["text"].shape[1]
+            for k in ("text", "padding_mask", "labels"):
+                assert torch.equal(s[part][k], f[part][k][:, :w]), (part, k)
+            assert f[part]["padding_mask"][:, w:].all() and (f[part]["labels"][:, w:] == -100).all()
+
+    cfg = BEiT3Config.from_preset("tiny", img_size=32, patch_size=8, vocab_size=TextTokenizer(spm).vocab_size)
+    torch.manual_seed(0)
+    model = MaskedDataModeling(cfg, num_visual_tokens=64)
+    results = []
+    for b in (short[0], full[0]):
+        model.zero_grad()
+        loss, _ = model({k: b[k] for k in ("texts", "pairs")}, {})
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.detach(), grads, pretrain_flops_breakdown(cfg, b, 64)["total"]))
+    (loss_s, grad_s, flops_s), (loss_f, grad_f, flops_f) = results
+    assert torch.allclose(loss_s, loss_f, rtol=1e-5) and torch.allclose(grad_s, grad_f, rtol=1e-4, atol=1e-6)
+    assert flops_s < 0.9 * flops_f  # texts of ~11 tokens padded to 16 or 24 instead of 32
+    with pytest.raises(ValueError, match="text_padding"):
+        _cfg(world / "shards", text_padding="shortest").validate()
 
 
 def test_optional_parts(world):

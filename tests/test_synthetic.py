@@ -13,7 +13,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from beit3.data.synthetic import COLORS, SHAPES, make_synthetic_world, main, split_sizes
+from beit3.data.synthetic import (COLORS, NLVR2_STATEMENTS, SHAPES, WorldConfig, make_synthetic_world, main,
+                                  split_sizes, write_nlvr2)
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.vqa_normalize import normalize_answer
 
@@ -56,7 +57,7 @@ def test_deterministic_by_seed(world, tmp_path):
     make_synthetic_world(tmp_path / "again", num_images=N, seed=SEED, captions_per_image=CAPTIONS,
                          questions_per_image=QUESTIONS)
     first, second = _files(out), _files(tmp_path / "again")
-    assert first.keys() == second.keys() and len(first) > 200
+    assert first.keys() == second.keys() and len(first) >= 200
     assert [k for k in first if first[k] != second[k]] == []  # images, JSON, spm model, shards
     make_synthetic_world(tmp_path / "other", num_images=N, seed=SEED + 1)
     other = _files(tmp_path / "other")
@@ -204,30 +205,68 @@ def nlvr2_truth(sentence: str, left: dict, right: dict) -> bool:
         return bool(_find(sides[m[1]], m[2], m[3]))
     if m := re.fullmatch(rf"both images contain an? ({S})", sentence):
         return all(_find(objs, shape=m[1]) for objs in sides.values())
-    if m := re.fullmatch(rf"there are exactly (one|two|three) ({S})s? in the two images", sentence):
+    if m := re.fullmatch(rf"there (?:is|are) exactly (one|two|three) ({S})s? in the two images", sentence):
         return sum(len(_find(objs, shape=m[2])) for objs in sides.values()) == NUM[m[1]]
     if m := re.fullmatch(r"the (left|right) image has more shapes than the (left|right) image", sentence):
         return len(sides[m[1]]) > len(sides[m[2]])
     raise AssertionError(f"unknown statement {sentence!r}")
 
 
+def _nlvr2_lines(out: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (out / f"raw/nlvr2/{name}.json").read_text().splitlines()]
+
+
 def test_nlvr2_files(world):
+    """Official layout: identifier {split}-{set}-{pair}-0, images {folder}/{split}-{set}-{pair}-img{0,1}.png;
+    a set is one statement with a pair it is true of and a pair it is false of."""
     out, _, _, _, meta = world
     pairs = {p["identifier_prefix"]: p for p in meta["nlvr2"]}
-    seen = Counter()
-    for name, n in (("train", 8), ("dev", 1), ("test1", 1)):
-        lines = [json.loads(line) for line in (out / f"raw/nlvr2/{name}.json").read_text().splitlines()]
-        assert len(lines) == 2 * n
+    assert len(pairs) == len(meta["nlvr2"]) == N // 4
+    sets = {}
+    for name, n_sets in (("train", 3), ("dev", 1), ("test1", 1)):  # N // 4 = 10 pairs = 5 sets, 3/1/1
+        lines = _nlvr2_lines(out, name)
+        assert len(lines) == 2 * n_sets
         for entry in lines:
+            assert re.fullmatch(rf"{name}-\d+-[01]-0", entry["identifier"])
             prefix = entry["identifier"].rsplit("-", 1)[0]
-            assert re.fullmatch(rf"{name}-\d+-0-[01]", entry["identifier"])
             pair = pairs[prefix]
             folder = f"images/train/{entry['directory']}" if name == "train" else f"images/{name}"
+            assert pair["split"] == name and pair["folder"] == folder
             for side, key in (("img0", "left"), ("img1", "right")):
                 _objects_match_pixels(_pixels(out, f"{folder}/{prefix}-{side}.png"), pair[key])
             assert entry["label"] == str(nlvr2_truth(entry["sentence"], pair["left"], pair["right"]))
-            seen[prefix] += entry["label"] == "True"
-    assert set(seen.values()) == {1}  # one true and one false statement per pair
+            sets.setdefault(prefix.rsplit("-", 1)[0], []).append((entry["sentence"], entry["label"]))
+    assert len(sets) == 5
+    for items in sets.values():  # one statement, a true and a false pair
+        assert len({s for s, _ in items}) == 1 and sorted(lab for _, lab in items) == ["False", "True"]
+
+
+def test_nlvr2_has_no_wording_prior(tmp_path):
+    """Every statement text is as often true as false in every split, so a text-only predictor
+    scores exactly 0.5; the labels are the truth of the scenes, and the texts are varied."""
+    pairs = write_nlvr2(tmp_path, WorldConfig(num_images=40, seed=SEED, num_nlvr2_pairs=201))
+    assert len(pairs) == 200  # an odd count drops its last pair: a set needs a true and a false one
+    scenes = {p["identifier_prefix"]: p for p in pairs}
+    texts = set()
+    for name, n_items in (("train", 160), ("dev", 20), ("test1", 20)):
+        lines = _nlvr2_lines(tmp_path, name)
+        assert len(lines) == n_items
+        by_text = {}
+        for entry in lines:
+            pair = scenes[entry["identifier"].rsplit("-", 1)[0]]
+            truth = nlvr2_truth(entry["sentence"], pair["left"], pair["right"])
+            assert entry["label"] == str(truth)
+            by_text.setdefault(entry["sentence"], Counter())[truth] += 1
+        assert all(c[True] == c[False] for c in by_text.values()), name
+        texts |= by_text.keys()
+    assert len(texts) >= 35  # 100 sets drawn uniformly over the 50 texts
+    assert len(NLVR2_STATEMENTS) == 50
+
+
+def test_nlvr2_needs_a_set_per_split():
+    with pytest.raises(ValueError, match="6 NLVR2 pairs"):
+        WorldConfig(num_images=40, num_nlvr2_pairs=5)
+    assert WorldConfig(num_images=6).num_nlvr2_pairs == 6
 
 
 def test_spm_and_corpus(world):
@@ -247,7 +286,7 @@ def test_pretraining_shards(world):
     out, counts, _, scenes, _ = world
     manifest = json.loads((out / "shards/manifest.json").read_text())["kinds"]
     n_train = split_sizes(N)["train"]
-    assert manifest["images"]["num_samples"] == n_train + 2 * 8 == counts["shard_images"]  # + NLVR2 train pairs
+    assert manifest["images"]["num_samples"] == n_train + 2 * 6 == counts["shard_images"]  # + NLVR2 train pairs
     assert manifest["texts"]["num_samples"] == 4 * N and manifest["pairs"]["num_samples"] == n_train * CAPTIONS
     for kind, entry in manifest.items():
         assert len(entry["shards"]) == min(32, entry["num_samples"]) or kind != "pairs"
@@ -270,10 +309,18 @@ def test_downstream_builders_read_the_raw_files(world, tmp_path):
     n_train = split_sizes(N)["train"]
     assert counts["vqa.train.jsonl"] == n_train * QUESTIONS
     assert counts["coco_retrieval.train.jsonl"] == n_train * CAPTIONS
-    assert counts["nlvr2.train.index.jsonl"] == 16 and counts["imagenet.train.index.jsonl"] == n_train
-    for line in (tmp_path / "nlvr2.train.index.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        assert (out / item["image_path"]).is_file() and (out / item["image2_path"]).is_file()
+    assert counts["imagenet.train.index.jsonl"] == n_train
+    pairs, tok = {p["identifier_prefix"]: p for p in world[4]["nlvr2"]}, TextTokenizer(out / "spm/synthetic.model")
+    for split, n in (("train", 6), ("dev", 2), ("test-P", 2)):
+        assert counts[f"nlvr2.{split}.index.jsonl"] == n
+        for line in (tmp_path / f"nlvr2.{split}.index.jsonl").read_text().splitlines():
+            item = json.loads(line)
+            prefix = item["identifier"].rsplit("-", 1)[0]  # official: identifier minus its last field
+            pair = pairs[prefix]
+            assert item["image_path"] == f"{pair['folder']}/{prefix}-img0.png" and (out / item["image_path"]).is_file()
+            assert item["image2_path"] == f"{pair['folder']}/{prefix}-img1.png" and (out / item["image2_path"]).is_file()
+            sentence = tok.decode(item["text_segment"])
+            assert item["label"] == int(nlvr2_truth(sentence, pair["left"], pair["right"]))
 
 
 def test_cli_and_output_folder_rules(tmp_path, capsys, monkeypatch):
@@ -292,3 +339,25 @@ def test_cli_and_output_folder_rules(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(wrapper), run_name="__main__")
     assert exit_.value.code == 0 and (tmp_path / "v/world.json").is_file()
+
+
+def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
+    """A world cached by an older generator is not reused; a complete one is not rebuilt."""
+    from beit3.data import synthetic
+    from beit3.train.demo_assets import ensure_synthetic_world, synthetic_root
+
+    monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
+    current = synthetic_root(0, 40, 32)
+    assert current == str(tmp_path / f"synthetic-v{synthetic.WORLD_VERSION}-s0-n40-px32")
+    monkeypatch.setattr(synthetic, "WORLD_VERSION", synthetic.WORLD_VERSION + 1)
+    assert synthetic_root(0, 40, 32) != current
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "READY").touch()
+    ensure_synthetic_world(str(done), 0, 40, 32, log=lambda *_: None)
+    assert os.listdir(done) == ["READY"]
+    fresh = tmp_path / "fresh"
+    ensure_synthetic_world(str(fresh), 0, 40, 32, log=lambda *_: None)
+    meta = json.loads((fresh / "world.json").read_text())
+    assert (fresh / "READY").is_file() and meta["complete"] and len(list((fresh / "images/val").glob("*"))) == 4

@@ -10,7 +10,11 @@ batch dict per step (BEiT-3 mixes the three kinds in every step, 1:1:1 by defaul
      "stats":  {"skipped": int (cumulative, this rank), "skipped_per_shard": {shard: int},
                 "keys": {kind: ["shard.tar:key", ...]}, "epochs": {kind: int}}}
 
-A kind with batch size 0 is absent. Texts are padded to ``max_text_len``; 15% of text tokens and
+A kind with batch size 0 is absent. Texts are cut at ``max_text_len`` and padded to the longest text
+of the part rounded up to ``text_pad_multiple`` (``text_padding="longest"``: padding is compute the
+model spends for nothing, and captions are mostly far shorter than the limit), or always to
+``max_text_len`` (``"max"``: one shape for every step). Both give the same masks and the same
+loss: masking is drawn at ``max_text_len`` and only all-padding columns are cut. 15% of text tokens and
 50% of pair-text tokens are masked (BERT 80/10/10), images get exactly ``num_masking_patches``
 block-wise masked patches.
 
@@ -65,6 +69,7 @@ log = logging.getLogger(__name__)
 KINDS = ("images", "texts", "pairs")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 STATE_VERSION = 1
+TEXT_PADDING = ("longest", "max")
 MAX_EMPTY_EPOCHS = 1000  # a reader that finds nothing usable for this long stops instead of hanging
 
 
@@ -82,6 +87,8 @@ class PretrainDataConfig:
     tokenizer_img_size: int = 224
     tokenizer_patch_size: int | None = None  # when given, its grid must equal the model's
     max_text_len: int = 64
+    text_padding: str = "longest"  # or "max"
+    text_pad_multiple: int = 8  # tensor-core friendly widths, and few distinct shapes
     num_workers: int = 0
     seed: int = 0
     image_mask_ratio: float = IMAGE_MASK_RATIO
@@ -131,6 +138,9 @@ class PretrainDataConfig:
                              f"{self.img_size}/{self.patch_size}: the image mask indexes both")
         if not 0 <= self.masked_patches() <= self.grid ** 2:
             raise ValueError(f"num_masking_patches {self.masked_patches()} outside [0, {self.grid ** 2}]")
+        if self.text_padding not in TEXT_PADDING or self.text_pad_multiple < 1:
+            raise ValueError(f"text_padding={self.text_padding!r}, text_pad_multiple={self.text_pad_multiple}: "
+                             f"expected one of {TEXT_PADDING} and a multiple >= 1")
         if self.max_text_len < 2 or self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"need max_text_len >= 2, num_workers >= 0, shuffle_buffer >= 1; got "
                              f"{self.max_text_len}, {self.num_workers}, {self.shuffle_buffer}")
@@ -440,9 +450,21 @@ class ReaderBatches:
 
     def text_part(self, texts: list[str], prob: float, gen: torch.Generator) -> dict:
         tok = self.tokenizer
-        ids, pad = tok.batch_encode(texts, self.cfg.max_text_len, pad_to_max=True)  # (B, L)
+        ids, pad = tok.batch_encode(texts, self.cfg.max_text_len, pad_to_max=True)  # (B, max_text_len)
+        # Masks are drawn at the full width so that they do not depend on the padding mode.
         inputs, labels = mask_text(ids, pad, prob, tok.mask_id, tok.vocab_size, tok.special_ids, gen)
-        return {"text": inputs, "padding_mask": pad, "labels": labels}
+        width = self.text_width(pad)
+        return {"text": inputs[:, :width], "padding_mask": pad[:, :width], "labels": labels[:, :width]}
+
+    def text_width(self, pad: torch.Tensor) -> int:
+        """Columns to keep of a (B, max_text_len) padding mask: all of them, or the longest text
+        rounded up to ``text_pad_multiple``."""
+        full = pad.shape[1]
+        if self.cfg.text_padding == "max":
+            return full
+        longest = int((~pad).sum(dim=1).max())
+        m = self.cfg.text_pad_multiple
+        return min(full, -(-longest // m) * m)
 
     def pair_part(self, pairs: list[tuple[Image.Image, str]], rng: np.random.Generator,
                   gen: torch.Generator) -> dict:

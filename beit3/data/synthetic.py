@@ -14,7 +14,7 @@ Layout of ``output_dir``::
     scenes.json                            scene metadata: per image its split, file, size,
                                            background, class label and objects (shape, color,
                                            size, box [x0, y0, x1, y1], center: a pixel inside
-                                           the shape); the NLVR2 pairs likewise
+                                           the shape); the NLVR2 image pairs likewise
     raw/vqa/v2_OpenEnded_mscoco_{split}_questions.json, v2_mscoco_{split}_annotations.json
                                            VQA v2 format; 10 answers a question, a few annotators
                                            disagree or write "Two"/"yes." (soft scores, answer
@@ -22,9 +22,12 @@ Layout of ``output_dir``::
                                            unlike the real VQA test set.
     raw/dataset_coco.json                  Karpathy-split format (retrieval and captioning),
                                            filepath images/{split}, cocoid = image id
-    raw/nlvr2/{train,dev,test1}.json       NLVR2 JSON lines: identifier {split}-{set}-0-{k}, a
-                                           true and a false statement per pair; the pair's images
-                                           images/train/{directory}/{split}-{set}-0-img{0,1}.png
+    raw/nlvr2/{train,dev,test1}.json       NLVR2 JSON lines as in the real data: a set is one
+                                           statement (drawn uniformly, whatever the images) with
+                                           two image pairs, one it is true of and one it is false
+                                           of, so the text alone scores 0.5; identifier
+                                           {split}-{set}-{pair}-0, the pair's images
+                                           images/train/{directory}/{split}-{set}-{pair}-img{0,1}.png
                                            (train) and images/{dev,test1}/... (official layout)
     classification/{train,val}/{class}/NNNNNN.png
                                            ImageFolder tree; class = "{color}_{shape}" of the
@@ -59,13 +62,17 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .shards import write_shards
 from .text_tokenizer import train_spm
+
+WORLD_VERSION = 2  # bump when the generated content changes: cached worlds are keyed on it
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 225),
           "yellow": (240, 215, 30), "purple": (140, 50, 185), "orange": (245, 130, 20)}
@@ -411,27 +418,63 @@ def _respell(rng: np.random.Generator, answer: str) -> str:
 
 
 # --------------------------------------------------------------------------- NLVR2
-def nlvr2_candidates(left: Scene, right: Scene) -> list[tuple[str, bool]]:
-    """(statement, truth) about a pair: img0 is "the left image", img1 "the right image"."""
-    out = []
+def _contains(side: str, shape: str, color: str, left: Scene, right: Scene) -> bool:
+    return (left if side == "left" else right).count(shape, color) > 0
+
+
+def _both_contain(shape: str, left: Scene, right: Scene) -> bool:
+    return left.count(shape) > 0 and right.count(shape) > 0
+
+
+def _exactly(n: int, shape: str, left: Scene, right: Scene) -> bool:
+    return left.count(shape) + right.count(shape) == n
+
+
+def _more_shapes(side: str, left: Scene, right: Scene) -> bool:
+    a, b = (left, right) if side == "left" else (right, left)
+    return len(a.objects) > len(b.objects)
+
+
+def _nlvr2_statements() -> dict[str, Callable[[Scene, Scene], bool]]:
+    """Every statement text and its truth test on (left, right); img0 is "the left image"."""
+    out = {}
     for cls in CLASSES:
         color, shape = cls.split("_")
-        for side, scene in (("left", left), ("right", right)):
-            out.append((f"the {side} image contains {an(color)} {shape}", scene.count(shape, color) > 0))
+        for side in ("left", "right"):
+            out[f"the {side} image contains {an(color)} {shape}"] = partial(_contains, side, shape, color)
     for shape in SHAPES:
-        out.append((f"both images contain a {shape}", left.count(shape) > 0 and right.count(shape) > 0))
-        total = left.count(shape) + right.count(shape)
+        out[f"both images contain a {shape}"] = partial(_both_contain, shape)
         for n in (1, 2, 3):
-            out.append((f"there are exactly {NUMBER_WORDS[n]} {shape}{'s' if n > 1 else ''} in the two images",
-                        total == n))
-    n_left, n_right = len(left.objects), len(right.objects)
-    out.append(("the left image has more shapes than the right image", n_left > n_right))
-    out.append(("the right image has more shapes than the left image", n_right > n_left))
+            text = (f"there are exactly {NUMBER_WORDS[n]} {shape}s in the two images" if n > 1
+                    else f"there is exactly one {shape} in the two images")
+            out[text] = partial(_exactly, n, shape)
+    for side, other in (("left", "right"), ("right", "left")):
+        out[f"the {side} image has more shapes than the {other} image"] = partial(_more_shapes, side)
     return out
 
 
-def nlvr2_statement(left: Scene, right: Scene, label: bool, rng: np.random.Generator) -> str:
-    return _pick(rng, [s for s, truth in nlvr2_candidates(left, right) if truth == label])
+NLVR2_STATEMENTS = _nlvr2_statements()
+NLVR2_MAX_DRAWS = 1000  # image pairs drawn for one statement (~500 per wanted truth) before re-drawing it
+
+
+def nlvr2_candidates(left: Scene, right: Scene) -> list[tuple[str, bool]]:
+    """(statement, truth) about a pair, for every statement text."""
+    return [(text, is_true(left, right)) for text, is_true in NLVR2_STATEMENTS.items()]
+
+
+def nlvr2_set(rng: np.random.Generator, cfg: "WorldConfig") -> tuple[str, dict[bool, tuple[Scene, Scene]]]:
+    """One NLVR2 set as in the real data: a statement drawn uniformly from the texts, and image pairs
+    drawn until one makes it true and one false ({True: (left, right), False: (left, right)}).
+    The text alone then says nothing about the label."""
+    for _ in range(100):
+        statement = _pick(rng, NLVR2_STATEMENTS)
+        found: dict[bool, tuple[Scene, Scene]] = {}
+        for _ in range(NLVR2_MAX_DRAWS):
+            pair = tuple(sample_scene(rng, *_scene_size(rng, cfg)) for _ in range(2))
+            found.setdefault(NLVR2_STATEMENTS[statement](*pair), pair)
+            if len(found) == 2:
+                return statement, found
+    raise RuntimeError(f"no NLVR2 statement could be made both true and false with image size {cfg.image_size}")
 
 
 # --------------------------------------------------------------------------- corpus
@@ -477,7 +520,8 @@ class WorldConfig:
     seed: int = 0
     captions_per_image: int = 5
     questions_per_image: int = 4
-    num_nlvr2_pairs: int | None = None  # default num_images // 4
+    # image pairs, two a set (a true and a false one; an odd count drops its last); default num_images // 4
+    num_nlvr2_pairs: int | None = None
     num_corpus_lines: int | None = None  # default 4 x num_images
     image_format: str = "png"  # or "jpg"
     shards_per_kind: int = 32  # enough shards for ranks x dataloader workers to each read their own
@@ -485,11 +529,11 @@ class WorldConfig:
 
     def __post_init__(self):
         self.max_image_size = self.max_image_size or int(round(1.5 * self.image_size))
-        self.num_nlvr2_pairs = self.num_nlvr2_pairs or max(3, self.num_images // 4)
+        self.num_nlvr2_pairs = self.num_nlvr2_pairs or max(6, self.num_images // 4)
         self.num_corpus_lines = self.num_corpus_lines or 4 * self.num_images
-        if self.num_images < 3 or self.num_nlvr2_pairs < 3:
-            raise ValueError(f"need >= 3 images and NLVR2 pairs (one per split), got {self.num_images}, "
-                             f"{self.num_nlvr2_pairs}")
+        if self.num_images < 3 or self.num_nlvr2_pairs < 6:
+            raise ValueError(f"need >= 3 images (one per split) and >= 6 NLVR2 pairs (a set of two per "
+                             f"split), got {self.num_images}, {self.num_nlvr2_pairs}")
         if not 32 <= self.image_size <= self.max_image_size:
             raise ValueError(f"need 32 <= image_size <= max_image_size, got {self.image_size}, {self.max_image_size}")
         if self.image_format not in ("png", "jpg"):
@@ -577,25 +621,28 @@ def write_karpathy(out: Path, images: list[WorldImage]) -> None:
 
 
 def write_nlvr2(out: Path, cfg: WorldConfig) -> list[dict]:
-    """NLVR2 pairs (two fresh scenes each) with one true and one false statement; returns metadata."""
+    """NLVR2 sets (see :func:`nlvr2_set`): one statement and two image pairs, the one it is true of
+    and the one it is false of in random order, each with a single statement; returns one metadata
+    record an image pair. ``num_nlvr2_pairs // 2`` sets, split 80/10/10 like the images."""
     pairs, lines = [], {name: [] for name in NLVR2_SPLITS.values()}
-    for j, split, pos in _splits(cfg.num_nlvr2_pairs):
+    for j, split, pos in _splits(cfg.num_nlvr2_pairs // 2):
         rng, name = _rng(cfg.seed, 5, j), NLVR2_SPLITS[split]
-        left, right = (sample_scene(rng, *_scene_size(rng, cfg)) for _ in range(2))
-        prefix = f"{name}-{pos}-0"
+        statement, found = nlvr2_set(rng, cfg)
         folder = f"images/train/{pos % 10}" if name == "train" else f"images/{name}"
-        for side, scene in (("img0", left), ("img1", right)):  # NLVR2 pair images are always PNG
-            _save(render_scene(scene, rng), out, f"{folder}/{prefix}-{side}.png", "png")
-        for k, label in enumerate(rng.permutation([True, False])):
-            entry = {"identifier": f"{prefix}-{k}", "sentence": nlvr2_statement(left, right, bool(label), rng),
-                     "label": str(bool(label)), "left_url": f"synthetic://{prefix}-img0",
-                     "right_url": f"synthetic://{prefix}-img1", "writer": "synthetic", "synset": "shape",
-                     "query": "", "validation": {}, "extra_validations": {}}
+        for k, label in enumerate(bool(t) for t in rng.permutation([True, False])):
+            prefix = f"{name}-{pos}-{k}"  # official {split}-{set}-{pair}; the statement is -0
+            left, right = found[label]
+            for side, scene in (("img0", left), ("img1", right)):  # NLVR2 pair images are always PNG
+                _save(render_scene(scene, rng), out, f"{folder}/{prefix}-{side}.png", "png")
+            entry = {"identifier": f"{prefix}-0", "sentence": statement, "label": str(label),
+                     "left_url": f"synthetic://{prefix}-img0", "right_url": f"synthetic://{prefix}-img1",
+                     "writer": "synthetic", "synset": "shape", "query": "", "validation": {},
+                     "extra_validations": {}}
             if name == "train":
                 entry["directory"] = pos % 10
             lines[name].append(entry)
-        pairs.append({"identifier_prefix": prefix, "split": name, "folder": folder,
-                      "left": left.to_dict(), "right": right.to_dict()})
+            pairs.append({"identifier_prefix": prefix, "split": name, "folder": folder,
+                          "left": left.to_dict(), "right": right.to_dict()})
     for name, entries in lines.items():
         path = out / "raw/nlvr2" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

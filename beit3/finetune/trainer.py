@@ -71,15 +71,12 @@ def synthetic_data(is_main: bool, log=print, seed: int = 0, num_images: int = 20
     """(data root, spm) of the synthetic world with its fine-tuning index files, built once in the
     cache that ``beit3 pretrain --data synthetic`` uses, so a model pretrained there fits its vocabulary."""
     from ..data.downstream import build_all_indexes
-    from ..data.synthetic import make_synthetic_world
-    from ..train.demo_assets import cache_root
+    from ..train.demo_assets import ensure_synthetic_world, synthetic_root
 
-    world = os.path.join(cache_root(), f"synthetic-s{seed}-n{num_images}-px{image_size}", "world")
+    world = os.path.join(synthetic_root(seed, num_images, image_size), "world")
     spm = os.path.join(world, "spm", "synthetic.model")
-    if is_main and not os.path.isfile(os.path.join(world, "READY")):
-        log(f"building the synthetic world in {world} (once; cached)")
-        make_synthetic_world(world, num_images=num_images, image_size=image_size, seed=seed)
-        open(os.path.join(world, "READY"), "w").close()
+    if is_main:
+        ensure_synthetic_world(world, seed, num_images, image_size, log)
     if is_main and not os.path.isfile(os.path.join(world, "INDEXES_READY")):
         log(f"writing the fine-tuning index files into {world} (once)")
         build_all_indexes(os.path.join(world, "raw"), world, spm, seed=seed, rest_val_images=num_images // 20)

@@ -146,7 +146,8 @@ class PretrainRun:
             shards_dir=shards, batch_images=a.batch_images, batch_texts=a.batch_texts,
             batch_pairs=a.batch_pairs, img_size=preset.img_size, patch_size=preset.patch_size,
             tokenizer_img_size=vqkd.config.img_size, max_text_len=a.max_text_len,
-            num_workers=a.num_workers, seed=a.seed, mask_pair_images=a.mask_pair_images)
+            text_padding=a.text_padding, num_workers=a.num_workers, seed=a.seed,
+            mask_pair_images=a.mask_pair_images)
         return PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size)
 
     def build_engine(self, model):
