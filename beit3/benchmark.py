@@ -20,6 +20,7 @@ import shlex
 import sys
 
 from .config import PRESETS, BEiT3Config
+from .train.checkpoint_args import add_checkpoint_args, check_checkpoint_args, fill_checkpoint_defaults
 from .train.ds_config import default_ds_config, resolve_ds_config
 
 
@@ -43,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--mask-pair-images", action="store_true", help="also mask and predict pair images")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 5 on CPU)")
-    ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
-                         "1 with --checkpoint-mode)")
-    ap.add_argument("--checkpoint-mode", choices=["full", "selective"], default=None,
-                    help="what a checkpointed layer keeps: 'full' (default) only its input; 'selective' also "
-                         "its matmul and attention outputs (recomputes LayerNorms, GELU, adds only)")
+    add_checkpoint_args(ap)
     ap.add_argument("--checkpoint-cost", action="store_true",
                     help="also time the same batch with checkpointing off, full and selective, and report "
                          "what each costs against off")
@@ -82,15 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
     tiny, gpu = args.preset == "tiny", device == "cuda"
     n = 4 if tiny else 16
-    if args.checkpoint_every is None and args.checkpoint_mode is not None:
-        args.checkpoint_every = 1  # a mode asks for checkpointing, also on the CPU
-    args.checkpoint_mode = args.checkpoint_mode or "full"
+    fill_checkpoint_defaults(args, device)
     if args.image_only:
         args.batch_texts = args.batch_texts or 0
         args.batch_pairs = args.batch_pairs or 0
     for name, value in (("batch_images", n), ("batch_texts", n), ("batch_pairs", n),
                         ("text_len", 32 if tiny else 64), ("warmup", 3), ("steps", 10 if gpu else 5),
-                        ("checkpoint_every", 1 if gpu else 0), ("num_workers", 6 if gpu else 0)):
+                        ("num_workers", 6 if gpu else 0)):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.ds_config is None:
@@ -109,12 +103,10 @@ def check_args(args: argparse.Namespace, world: int):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    for name in ("warmup", "checkpoint_every", "num_workers"):
+    for name in ("warmup", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.checkpoint_mode == "selective" and args.checkpoint_every == 0:
-        raise ValueError("--checkpoint-mode selective with --checkpoint-every 0 (checkpointing off): "
-                         "give --checkpoint-every k >= 1")
+    check_checkpoint_args(args)
     if world > 1 and args.compare:
         raise ValueError("--compare runs the reference models on one process; start it without a launcher")
     mix = BatchMix(args.batch_images, args.batch_texts, args.batch_pairs, args.text_len,

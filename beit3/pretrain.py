@@ -14,6 +14,7 @@ import os
 import sys
 
 from .config import PRESETS, BEiT3Config
+from .train.checkpoint_args import add_checkpoint_args, check_checkpoint_args, fill_checkpoint_defaults
 from .train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 
 
@@ -52,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--beta2", type=float, default=0.98)
     ap.add_argument("--drop-path", type=float, default=0.1)
     ap.add_argument("--grad-clip", type=float, default=None, help="override the DeepSpeed config's gradient_clipping (3.0 in ours)")
-    ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
-                         "1 with --checkpoint-mode)")
-    ap.add_argument("--checkpoint-mode", choices=["full", "selective"], default=None,
-                    help="what a checkpointed layer keeps: 'full' (default) only its input, recomputing the "
-                         "whole layer; 'selective' also its matmul and attention outputs, recomputing only "
-                         "LayerNorms, GELU and adds (more memory, no repeated matmuls)")
+    add_checkpoint_args(ap)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--keep-last", type=int, default=3)
     ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
@@ -81,13 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
     """Fill the device- and size-dependent defaults."""
     tiny = args.preset == "tiny"
-    if args.checkpoint_every is None and args.checkpoint_mode is not None:
-        args.checkpoint_every = 1  # a mode asks for checkpointing, also on the CPU
-    args.checkpoint_mode = args.checkpoint_mode or "full"
+    fill_checkpoint_defaults(args, device)
     for name, value in (("batch_images", 16 if tiny else 32), ("batch_texts", 16 if tiny else 32),
                         ("batch_pairs", 16 if tiny else 32), ("max_text_len", 32 if tiny else 64),
-                        ("lr", 2e-3 if tiny else 1e-3), ("num_workers", 0 if device == "cpu" else 6),
-                        ("checkpoint_every", 0 if device == "cpu" else 1)):
+                        ("lr", 2e-3 if tiny else 1e-3), ("num_workers", 0 if device == "cpu" else 6)):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.warmup_steps is None:
@@ -105,11 +97,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> dict:
     for name in ("batch_images", "batch_texts", "batch_pairs"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}")
-    if args.checkpoint_mode == "selective" and args.checkpoint_every == 0:
-        raise ConfigError("--checkpoint-mode selective with --checkpoint-every 0 (checkpointing off): "
-                          "give --checkpoint-every k >= 1")
+    check_checkpoint_args(args)
     micro = args.batch_images + args.batch_texts + args.batch_pairs
     if micro == 0:
         raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")

@@ -11,6 +11,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on two shared cores: intra-op threads spinning against other processes made a
+    step 10-40x slower than one thread (measured), so modules that train them opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """A 240-image synthetic world with its SentencePiece model and a briefly trained tiny VQ-KD

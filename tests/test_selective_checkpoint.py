@@ -18,14 +18,7 @@ MODES = ("none", "selective", "full")
 B, LT = 2, 16  # batch, text length (the last 4 tokens of each text are padding)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The tiny model gains nothing from a second thread, and on a busy machine two OpenMP threads
-    # that wait for each other make every step ~40x slower (measured: 2.4 s against 0.06 s).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

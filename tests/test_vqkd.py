@@ -61,14 +61,7 @@ def load_pixels(root, count):
                         for f in files]).float() / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Two shared cores: intra-op threads spinning against other test processes made a tiny
-    # training step ~10x slower than one thread (measured), so the training runs use one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
