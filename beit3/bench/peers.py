@@ -57,13 +57,13 @@ class TorchscaleMDM(nn.Module):
             losses.append(self._mim(x[:, 1:N1], p["image_mask"], targets["images"]))
         if "texts" in batch:
             p = batch["texts"]
-            x = self.beit3(textual_tokens=p["text"], text_padding_position=p["padding_mask"])["encoder_out"]
+            x = self.beit3(textual_tokens=p["text"], text_padding_position=p.get("padding_mask"))["encoder_out"]
             losses.append(self._mlm(x, p["labels"]))
         if "pairs" in batch:
             p = batch["pairs"]
             mask = p.get("image_mask")
             x = self.beit3(textual_tokens=p["text"], visual_tokens=p["image"], vision_masked_position=mask,
-                           text_padding_position=p["padding_mask"])["encoder_out"]  # (B, N1 + Lt, D)
+                           text_padding_position=p.get("padding_mask"))["encoder_out"]  # (B, N1 + Lt, D)
             losses.append(self._mlm(x[:, N1:], p["labels"]))
             if mask is not None and "pairs" in targets:
                 losses.append(self._mim(x[:, 1:N1], mask, targets["pairs"]))

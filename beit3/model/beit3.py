@@ -151,9 +151,10 @@ class BEiT3(nn.Module):
                         attn_mask: Optional[Tensor]) -> Optional[Tensor]:
         """Boolean SDPA mask (B, 1, Lq, Lk) or None, True = may attend; padded keys never attended."""
         mask = None
-        # Without padding SDPA may pick a mask-free (flash) kernel; the check syncs, so skip it
-        # under torch.compile.
-        if text_padding_mask is not None and (torch.compiler.is_compiling() or bool(text_padding_mask.any())):
+        # A mask whenever a padding mask is given: asking the device whether any token is padding
+        # would make the host wait for it every step. Callers with no padding pass None (as
+        # ``beit3.train.objective.prepare_batch`` does), which lets SDPA take a mask-free kernel.
+        if text_padding_mask is not None:
             keep = ~text_padding_mask  # (B, Lt)
             if xs[0] is not None:
                 keep = torch.cat([keep.new_ones(keep.shape[0], xs[0].shape[1]), keep], dim=1)
@@ -181,7 +182,9 @@ class BEiT3(nn.Module):
             if text.shape[1] > cfg.max_text_len:
                 raise ValueError(f"text has {text.shape[1]} tokens; this model's position table holds "
                                  f"at most {cfg.max_text_len}")
-            if not torch.compiler.is_compiling() and text.numel():
+            # Id values only on the CPU, where reading them costs no device sync; on a GPU the data
+            # path checks them before the batch is moved (``beit3.train.objective.prepare_batch``).
+            if text.device.type == "cpu" and not torch.compiler.is_compiling() and text.numel():
                 lo, hi = int(text.min()), int(text.max())
                 if lo < 0 or hi >= cfg.vocab_size:
                     raise ValueError(f"text holds token id {hi if hi >= cfg.vocab_size else lo}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .optim import build_optimizer, build_scheduler, param_groups
@@ -47,6 +48,12 @@ def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Op
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=clean, config=ds_config,
                                                dist_init_required=False, lr_scheduler=schedule)
         return engine
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
+        # On the GPU before the optimizer is built, so torch's AdamW takes its fused kernel (it
+        # decides from where the parameters are); DeepSpeed would move the model there anyway.
+        model.to(torch.device("cuda", torch.cuda.current_device()))
     optimizer = build_optimizer(groups, opt.lr, betas=opt.betas, eps=opt.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule(optimizer),
                                            config=ds_config, dist_init_required=False)

@@ -24,7 +24,7 @@ from .ds_config import precision
 from ..bench.batches import batch_counts
 from .flops import measure_matmul_peak, pretrain_flops_breakdown
 from .metrics_log import MetricsLogger
-from .objective import MaskedDataModeling
+from .objective import MaskedDataModeling, prepare_batch
 from .engine import OptimConfig, build_engine
 
 log = logging.getLogger("beit3.pretrain")
@@ -179,7 +179,7 @@ class PretrainRun:
     def micro_step(self, batch: dict) -> tuple[bool, dict]:
         """Forward, backward and (at the accumulation boundary) optimizer step. Returns whether the
         loss was finite on every rank, and the metrics."""
-        batch = to_device(batch, self.dist.device, self.dtype)
+        batch = to_device(prepare_batch(batch, self.cfg.vocab_size), self.dist.device, self.dtype)
         targets = self.visual_targets(batch)
         loss, metrics = self.engine(batch, targets)
         if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):

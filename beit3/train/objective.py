@@ -25,6 +25,44 @@ from ..config import BEiT3Config
 from ..model import BEiT3
 
 
+def prepare_batch(batch: dict, vocab_size: int) -> dict:
+    """The checks and index tensors of a pretraining batch that need its values, done on the CPU
+    before the batch is moved (so the step on the device never waits for the host):
+
+    * token ids outside ``[0, vocab_size)`` raise a ValueError naming the part;
+    * a ``padding_mask`` with no padding is dropped (SDPA may then run a mask-free kernel);
+    * ``image_mask_index`` / ``label_index``: the flat positions of the masked patches and of the
+      text tokens to predict, so the heads gather a known number of rows instead of indexing with a
+      boolean mask, whose result size the host would have to read back from the device.
+
+    Returns a new dict; the tensors are shared with ``batch``."""
+    out = {}
+    for part, p in batch.items():
+        p = dict(p)
+        if "text" in p:
+            ids = p["text"]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+                raise ValueError(f"pretraining batch part {part!r} holds token id {bad}; expected ids in "
+                                 f"[0, {vocab_size}) (does the SentencePiece model match the model's vocab_size?)")
+            if p.get("padding_mask") is not None and not bool(p["padding_mask"].any()):
+                p["padding_mask"] = None
+            if "labels" in p:
+                p["label_index"] = (p["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        if p.get("image_mask") is not None:
+            p["image_mask_index"] = p["image_mask"].reshape(-1).nonzero().squeeze(1)
+        out[part] = p
+    return out
+
+
+def _gather(x: Tensor, index: Optional[Tensor], mask: Tensor) -> Tensor:
+    """Rows of ``x`` (B, N, ...) where ``mask`` (B, N) is True, as (M, ...): through the flat
+    ``index`` of ``prepare_batch`` when given (no device sync), else boolean indexing."""
+    if index is None:
+        return x[mask]
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+
 class PatchAggregation(nn.Module):
     def __init__(self, cfg: BEiT3Config, depth: int = 2):
         super().__init__()
@@ -69,19 +107,19 @@ class MaskedDataModeling(nn.Module):
             p = batch["images"]
             out = self.model.forward_streams(image=p["image"], image_mask=p["image_mask"],
                                              out_layers=self._agg_layers())
-            self._mim(out, p["image_mask"], targets["images"], "image", losses, metrics)
+            self._mim(out, p, targets["images"], "image", losses, metrics)
         if "texts" in batch:
             p = batch["texts"]
-            out = self.model.forward_streams(text=p["text"], text_padding_mask=p["padding_mask"])
-            self._mlm(out.text, p["labels"], "text", losses, metrics)
+            out = self.model.forward_streams(text=p["text"], text_padding_mask=p.get("padding_mask"))
+            self._mlm(out.text, p, "text", losses, metrics)
         if "pairs" in batch:
             p = batch["pairs"]
             mask = p.get("image_mask")
             out = self.model.forward_streams(image=p["image"], image_mask=mask, text=p["text"],
-                                             text_padding_mask=p["padding_mask"])
-            self._mlm(out.text, p["labels"], "pair", losses, metrics)
+                                             text_padding_mask=p.get("padding_mask"))
+            self._mlm(out.text, p, "pair", losses, metrics)
             if mask is not None and "pairs" in targets:
-                self._mim(out, mask, targets["pairs"], "pair_image", losses, metrics, aggregate=False)
+                self._mim(out, p, targets["pairs"], "pair_image", losses, metrics, aggregate=False)
         if not losses:
             raise ValueError("empty pretraining batch: no images, texts or pairs")
         loss = torch.stack(losses).mean()
@@ -91,20 +129,23 @@ class MaskedDataModeling(nn.Module):
     def _agg_layers(self) -> tuple:
         return () if self.aggregation_layer is None else (self.aggregation_layer,)
 
-    def _mim(self, out, mask: Tensor, target: Tensor, name: str, losses: list, metrics: dict,
+    def _mim(self, out, part: dict, target: Tensor, name: str, losses: list, metrics: dict,
              aggregate: bool = True) -> None:
-        hidden = out.image[:, 1:][mask]  # (M, D) masked patches
-        tgt = target[mask]
+        mask, index = part["image_mask"], part.get("image_mask_index")
+        hidden = _gather(out.image[:, 1:], index, mask)  # (M, D) masked patches
+        tgt = _gather(target, index, mask)
         logits = self.mim_head(hidden)
         self._record(logits, tgt, name, losses, metrics)
         if aggregate and self.aggregation_layer is not None:
             patches = out.hidden[self.aggregation_layer][0][:, 1:]
-            agg = self.aggregation(out.image[:, :1], patches)[mask]
+            agg = _gather(self.aggregation(out.image[:, :1], patches), index, mask)
             self._record(self.mim_head(agg), tgt, name + "_cls", losses, metrics)
 
-    def _mlm(self, text_hidden: Tensor, labels: Tensor, name: str, losses: list, metrics: dict) -> None:
-        sel = labels != -100
-        self._record(self.mlm_head(text_hidden[sel]), labels[sel], name, losses, metrics)
+    def _mlm(self, text_hidden: Tensor, part: dict, name: str, losses: list, metrics: dict) -> None:
+        labels, index = part["labels"], part.get("label_index")
+        sel = labels != -100 if index is None else None
+        self._record(self.mlm_head(_gather(text_hidden, index, sel)), _gather(labels, index, sel), name,
+                     losses, metrics)
 
     @staticmethod
     def _record(logits: Tensor, target: Tensor, name: str, losses: list, metrics: dict) -> None:
