@@ -180,10 +180,14 @@ def test_command_line_options():
     assert benchmark.main(["--checkpoint-mode", "selective", "--checkpoint-every", "0"]) == 2
 
 
-def test_zero3_engine_selective_equals_no_checkpointing():
+@pytest.mark.parametrize("outputs_seen", [True, False], ids=["torch>=2.14", "no-op_output"])
+def test_zero3_engine_selective_equals_no_checkpointing(outputs_seen, monkeypatch):
     """Two steps of a 1-rank DeepSpeed ZeRO-3 engine (CPU, the pretraining config): the same losses
     and weights as without checkpointing. ZeRO-3 replaces F.linear by one that adds the bias in place
-    to the matmul's output, which selective checkpointing keeps; biases are not zero after step 1."""
+    to the matmul's output, which selective checkpointing keeps; biases are not zero after step 1.
+    Also with the policy blind to op outputs, as on torch < 2.14 (the GPU image's torch 2.11)."""
+    from beit3.model import checkpointing
+    monkeypatch.setattr(checkpointing, "SEES_OUTPUTS", outputs_seen)
     from deepspeed.utils import safe_get_full_fp32_param
 
     from beit3.bench.batches import BatchMix, synthetic_batch

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also copy the report and the profile trace here (default $OUT when set)")
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                     help="torch.profiler trace of the giant step: when MFU misses the target (auto)")
+    ap.add_argument("--merge", metavar="JSON", default=None,
+                    help="an earlier report of the same machine kind: its parts not rerun now are kept "
+                         "(rerun only what failed)")
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part
     ap.add_argument("--context", help=argparse.SUPPRESS)
     return ap
@@ -77,6 +80,12 @@ def orchestrate(parts: list[str], args, budget: float) -> int:
     report = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "dry_run": args.dry_run,
               "command": "scripts/gpu_check.sh " + " ".join(sys.argv[1:]), "budget_s": budget,
               "environment": environment(), "parts": {}}
+    if args.merge:
+        with open(args.merge) as f:
+            earlier = json.load(f)
+        for name, p in earlier["parts"].items():
+            if name not in parts and p["status"] == "ok":
+                report["parts"][name] = {**p, "from": earlier["started"]}
     paths = None
     print(f"gpu_check: {len(parts)} parts, {budget:.0f} s budget{' (dry run, CPU)' if args.dry_run else ''}",
           flush=True)
@@ -270,7 +279,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {t['target']} | {t['measured']} | {'n/a' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
     lines += ["", "## Parts", "", "| part | status | seconds | error |", "|---|---|---|---|"]
     for name, p in parts.items():
-        lines.append(f"| {name} | {p['status']} | {p['seconds']:.0f} | {p.get('error') or ''} |")
+        note = f" (run {p['from']})" if p.get("from") else ""
+        lines.append(f"| {name} | {p['status']}{note} | {p['seconds']:.0f} | {p.get('error') or ''} |")
     head = ["| configuration | batch | samples/s | TFLOP/s | MFU | peak GiB | step ms |", "|---|---|---|---|---|---|---|"]
     g = _get(report, "giant") or {}
     if g:

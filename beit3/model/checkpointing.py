@@ -3,13 +3,16 @@ or "selective" (also keep the matmul and attention outputs, recompute only the e
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from .multiway import Streams
 
@@ -39,16 +42,24 @@ class KeepMatmuls:
     bias a second time: wrong gradients as soon as the biases are not zero. Keeping the write hands
     the recomputation the written value instead (torch's own check would reject that kept write, so
     it is off: this policy sees every write to a kept storage). A write after a recomputed op has
-    read the kept value cannot be replayed that way and raises."""
+    read the kept value cannot be replayed that way and raises.
 
-    def __init__(self):
+    torch >= 2.14 shows the policy each op's outputs; before that (``sees_outputs=False``) the
+    policy is asked before the op runs, and ``SeeOutputs`` reports the outputs to ``ran`` after."""
+
+    def __init__(self, sees_outputs: bool = True):
+        self.sees_outputs = sees_outputs
         self.kept: set[int] = set()  # data pointers of kept storages
         self.read: set[int] = set()  # ... of those read by a recomputed op (not a mere alias)
+        self.recomputing = False
 
     def __call__(self, ctx, op, *args, **kwargs) -> CheckpointPolicy:
-        out = _storages(ctx.op_output)
+        if getattr(ctx, "is_recompute", False) and not self.recomputing:  # torch < 2.14 asks again
+            self.recomputing = True
+            self.kept.clear(), self.read.clear()
         if op in SAVED_OPS:
-            self.kept |= out
+            if self.sees_outputs:
+                self.kept |= _storages(ctx.op_output)
             return CheckpointPolicy.MUST_SAVE
         written = _storages(_written_args(op, args, kwargs)) & self.kept
         if written & self.read:
@@ -56,8 +67,49 @@ class KeepMatmuls:
                                f"output that a recomputed op has already read; use mode='full'")
         if written:
             return CheckpointPolicy.MUST_SAVE
-        self.read |= (_storages((args, kwargs)) & self.kept) - out
+        if self.sees_outputs:
+            self.read |= (_storages((args, kwargs)) & self.kept) - _storages(ctx.op_output)
         return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def ran(self, op, args, kwargs, out) -> None:
+        """What the policy would have read off ``ctx.op_output`` (``sees_outputs=False``)."""
+        if op in SAVED_OPS:
+            self.kept |= _storages(out)
+        elif not _storages(_written_args(op, args, kwargs)) & self.kept:
+            self.read |= (_storages((args, kwargs)) & self.kept) - _storages(out)
+
+
+class SeeOutputs(TorchDispatchMode):
+    """Entered above torch's selective-checkpoint mode: hands every op's outputs to the policy."""
+
+    def __init__(self, policy: KeepMatmuls):
+        super().__init__()
+        self.policy = policy
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.policy.ran(func, args, kwargs, out)
+        return out
+
+
+# torch >= 2.14 passes the op's outputs to the policy (SelectiveCheckpointContext.op_output).
+SEES_OUTPUTS = "op_output" in inspect.signature(SelectiveCheckpointContext.__init__).parameters
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
+def selective_contexts():
+    """The (forward, recompute) contexts of one selectively checkpointed call."""
+    policy = KeepMatmuls(SEES_OUTPUTS)
+    fwd, rec = create_selective_checkpoint_contexts(policy, allow_cache_entry_mutation=True)
+    if SEES_OUTPUTS:
+        return fwd, rec
+    return _both(fwd, SeeOutputs(policy)), _both(rec, SeeOutputs(policy))
 
 
 def _storages(tree) -> set[int]:
@@ -82,7 +134,5 @@ def checkpoint_block(block: nn.Module, xs: Streams, mask: Optional[Tensor], fusi
     if mode == "full":
         return checkpoint(block, xs, mask, fusion, use_reentrant=False)
     if mode == "selective":
-        def contexts():
-            return create_selective_checkpoint_contexts(KeepMatmuls(), allow_cache_entry_mutation=True)
-        return checkpoint(block, xs, mask, fusion, use_reentrant=False, context_fn=contexts, **_HOOKS_KW)
+        return checkpoint(block, xs, mask, fusion, use_reentrant=False, context_fn=selective_contexts, **_HOOKS_KW)
     raise ValueError(f"activation checkpointing mode {mode!r}: expected one of {CHECKPOINT_MODES}")
