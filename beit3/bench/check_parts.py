@@ -126,9 +126,9 @@ def _prepared(cfg: BEiT3Config, mix: BatchMix, device: torch.device, dtype=torch
 
 
 def part_sync(ctx: Context) -> None:
-    """Forward + backward of the pretraining objective with the device never waiting for the host
-    reading a value: run under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first
-    synchronising call. The unprepared batch (boolean-mask gathers) is the check's control: it must
+    """Forward + backward of the pretraining objective with the host never waiting for the device
+    to read a value: run under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first
+    synchronising call (on the CPU, ``HostReads`` lists the ops that would). The unprepared batch (boolean-mask gathers) is the check's control: it must
     fail, or the check proves nothing."""
     from ..train.objective import MaskedDataModeling
     from ..train.optim import build_optimizer, param_groups
@@ -155,9 +155,15 @@ def part_sync(ctx: Context) -> None:
             return module(batch, targets)[0]
 
     def checked(fn, *a):
-        """(what happened, fn's result): "no sync", or "SYNC at <our line>: <message>"."""
+        """(what happened, fn's result): "no sync", or "SYNC at <our line>: <message>". On the CPU,
+        ``HostReads`` names the ops that would make a GPU wait."""
         if not cuda:
-            return "ran (not checked: the CPU has no device to wait for)", fn(*a)
+            from .host_reads import HostReads
+            with HostReads() as reads:
+                result = fn(*a)
+            from collections import Counter
+            counts = ", ".join(f"{n} x {op}" for op, n in Counter(reads.ops).items())
+            return ("no host read" if not reads.ops else "HOST READS: " + counts), result
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -227,7 +233,7 @@ def part_sdpa(ctx: Context) -> None:
         ops = sorted({e.name for e in prof.events() if any(k in e.name for k in SDPA_OPS)
                       and e.name.startswith("aten::")})
         kernels = sorted({e.name[:80] for e in prof.events() if cuda and e.device_type.name == "CUDA"
-                          and any(k in e.name.lower() for k in ("flash", "fmha", "attention", "cudnn"))})
+                          and any(k in e.name.lower() for k in ("flash", "fmha", "attention", "sdpa"))})
         out[name] = {"ops": ops, "kernels": kernels[:6]}
         ctx.say(f"{name}: {', '.join(o.removeprefix('aten::') for o in ops)}")
         ctx.record(**out)
@@ -273,92 +279,116 @@ def part_numerics(ctx: Context) -> None:
             f"{losses['bf16'][-1]:.4f}; max |diff| {max(diff):.4f} ({100 * max(rel):.2f}%)")
 
 
-def _fast_max_batch(ctx: Context, s, limit: int, say) -> tuple[int, object, list]:
-    """Largest samples-per-part of ``s.mix`` that trains, found in a few steps: the peak memory of two
-    small batches gives a line, its crossing with 92% of the device's memory the candidate, which is
-    tried and shrunk by 15% per out-of-memory (the engine rebuilt after each). Returns (size,
-    trainer built for it, tries)."""
-    from .runner import Batches, build_trainer
-    batches = Batches(s)
-    trainer = build_trainer("beit3", s, s.checkpoint_every)
-    tries = []
+def _fast_max_batch(ctx: Context, s, trainer, limit: int, say) -> tuple[int, object, dict]:
+    """Largest samples-per-part of ``s.mix`` that trains, in a few steps and at most two
+    out-of-memory errors (after one, the engine is rebuilt: ZeRO-3 state is not trusted).
 
-    def run(b: int):
+    The peak memory of forward + backward alone (the optimizer's transient peak, which does not grow
+    with the batch, would hide the activations at small batches) at two probe sizes gives a line;
+    its crossing with 90% of the device's memory is the candidate, verified by a whole step. Returns
+    (size, the trainer, what was tried). ``s`` runs through DeepSpeed (``trainer.engine``)."""
+    from .runner import Batches, build_trainer
+    from .measure import PeakMemory, sync
+    batches, tries, mem = Batches(s), [], PeakMemory(s.device)
+
+    def probe(b: int) -> float:
+        mix = s.mix.scaled(b)
+        batches.step_fn(trainer, mix)()  # a whole step first: the optimizer state exists after it
+        batch, targets = batches.on_device(trainer, mix)
+        release_memory(s.device)
+        mem.reset()
+        loss, _ = trainer.engine(batch, targets)
+        trainer.engine.backward(loss)
+        sync(s.device)
+        peak = mem.read_gb()
+        trainer.engine.step()
+        del loss, batch, targets
+        batches.forget(mix)
+        tries.append({"per_part": b, "forward_backward_peak_gb": peak})
+        say(f"probe {b} per part: forward + backward peak {peak:.1f} GiB")
+        return peak
+
+    def verify(b: int) -> bool:
         nonlocal trainer
         mix = s.mix.scaled(b)
         try:
-            m = measure("beit3", batches.step_fn(trainer, mix), batches.get(mix)[2], 1, 1, s.device)
+            m = measure("beit3", batches.step_fn(trainer, mix), batches.get(mix)[2], 0, 1, s.device)
         except RuntimeError as e:
             if not is_oom(e):
                 raise
             m = Measurement("beit3", error="out of memory")
         batches.forget(mix)
-        tries.append({"per_part": b, "peak_mem_gb": m.peak_mem_gb, "error": m.error})
+        tries.append({"per_part": b, "step_peak_gb": m.peak_mem_gb, "error": m.error})
         say(f"try {b} per part: " + (f"peak {m.peak_mem_gb:.1f} GiB" if m.ok else m.error))
         if m.error not in (None, "out of memory"):
             raise RuntimeError(f"a step with {mix.describe()} failed: {m.error}")
-        if not m.ok:  # a step that ran out of memory half-way can leave ZeRO-3 state behind
+        if not m.ok:
             trainer.close()
             release_memory(s.device)
             trainer = build_trainer("beit3", s, s.checkpoint_every)
-        return m
+            if s.device.type == "cuda":
+                tries[-1]["allocated_after_rebuild_gb"] = torch.cuda.memory_allocated(s.device) / GiB
+        return m.ok
 
-    b0 = 1 if ctx.dry else 4
-    m1, m2 = run(b0), run(2 * b0)
-    if not (m1.ok and m2.ok):
-        raise RuntimeError("even the small probe batches do not fit")
+    b0 = 1 if ctx.dry else 8
+    p1, p2 = probe(b0), probe(2 * b0)
     if s.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(s.device).total_memory / GiB
-    else:  # a dry run: pretend the device holds twice the second probe
-        capacity = 2 * m2.peak_mem_gb
-    slope = max((m2.peak_mem_gb - m1.peak_mem_gb) / b0, 1e-6)
-    b = int((0.92 * capacity - m2.peak_mem_gb) / slope) + 2 * b0
-    b = max(2 * b0, min(b, limit))
-    for _ in range(4):
-        if b <= 2 * b0 or run(b).ok:
-            return max(b, 2 * b0), trainer, tries
-        b = int(b * 0.85)
-    return 2 * b0, trainer, tries
+    else:  # a dry run: pretend the device holds twice the second probe's batch
+        capacity = (p2 + max(p2 - p1, 0.01) * 2) / 0.9
+    slope = max((p2 - p1) / b0, 1e-6)
+    candidate = min(limit, int((0.9 * capacity - p2) / slope) + 2 * b0)
+    info = {"probes": tries[:2], "capacity_gb": capacity, "gb_per_sample_per_part": slope, "candidate": candidate}
+    for b in (candidate, int(0.75 * candidate)):
+        if b <= 2 * b0:
+            break
+        if verify(b):
+            return b, trainer, {**info, "tries": tries}
+    return 2 * b0, trainer, {**info, "tries": tries}
 
 
 def part_giant(ctx: Context) -> None:
-    """Giant, paper layout, ZeRO-3 + bf16, activation checkpointing, mixed batch: the largest
-    micro-batch (selective checkpointing), selective against full there, the torchscale comparison
-    batch, and image-only at the timm comparison batch; a profile if MFU misses the target."""
+    """Giant, paper layout, ZeRO-3 + bf16, activation checkpointing, mixed batch. In order of what
+    must survive a later failure: the torchscale comparison batch; the largest micro-batch with
+    selective checkpointing, selective against full there; image-only at the timm comparison batch;
+    a profile if MFU misses the target."""
     from .runner import Batches, build_trainer, with_mix
     dist = _init_dist(ctx)
     ctx.device = dist.device
     cfg = BEiT3Config.from_preset(ctx.preset("giant"))
     peak = _peak(ctx)
-    base = _mix(ctx, 16)
-    s = _settings(ctx, cfg, base, _ds_config(ctx, base), every=1, mode="selective", warmup=2, steps=6)
-    ctx.record(preset=cfg.preset, layout=cfg.layout, params=None, zero_stage=3, precision="bf16",
-               text_len=base.text_len)
+    cmp_mix = _mix(ctx, 16)
+    s = _settings(ctx, cfg, cmp_mix, _ds_config(ctx, cmp_mix), every=1, mode="full", warmup=2, steps=6)
+    w, n = ctx.steps(3, 10)
     t0 = time.monotonic()
-    b, trainer, tries = _fast_max_batch(ctx, s, limit=8 if ctx.dry else 256, say=ctx.say)
-    ctx.record(max_batch_per_part=b, max_batch_search={"tries": tries, "seconds": time.monotonic() - t0},
-               params=trainer.info["params"])
-    s = with_mix(s, s.mix.scaled(b))
+    trainer = build_trainer("beit3", s, 1)
+    ctx.record(preset=cfg.preset, layout=cfg.layout, params=trainer.info["params"], zero_stage=3, precision="bf16",
+               text_len=cmp_mix.text_len, engine_build_s=time.monotonic() - t0)
     batches = Batches(s)
     model = trainer.module.model
-    results = {}
     try:
-        for mode in ("selective", "full"):
-            model.set_grad_checkpointing(True, 1, mode)
-            m = measure("beit3", batches.step_fn(trainer, s.mix), batches.get(s.mix)[2], s.warmup, s.steps, s.device)
-            results[mode] = _figures(m, peak)
-            ctx.record(max_batch={"batch": s.mix.describe(), **{k: v for k, v in results.items()}})
-            ctx.say(f"{s.mix.describe()}, {mode} checkpointing: " + _line(results[mode]))
-        batches.forget(s.mix)
-        # The torchscale comparison batch (full checkpointing, as torchscale's own), and image-only
-        # at the timm batch without checkpointing (timm's runs without either).
-        w, n = ctx.steps(3, 10)
-        model.set_grad_checkpointing(True, 1, "full")
-        cmp_mix = _mix(ctx, 16)
+        # The torchscale comparison batch, with full checkpointing as torchscale's own.
         m = measure("beit3", batches.step_fn(trainer, cmp_mix), batches.get(cmp_mix)[2], w, n, s.device)
         ctx.record(torchscale_batch={"batch": cmp_mix.describe(), "checkpointing": "full", **_figures(m, peak)})
         ctx.say(f"{cmp_mix.describe()}, full checkpointing: " + _line(_figures(m, peak)))
         batches.forget(cmp_mix)
+        # The largest micro-batch (selective keeps more than full, so full fits there too).
+        model.set_grad_checkpointing(True, 1, "selective")
+        t0 = time.monotonic()
+        b, trainer, search = _fast_max_batch(ctx, s, trainer, limit=8 if ctx.dry else 256, say=ctx.say)
+        model = trainer.module.model
+        ctx.record(max_batch_per_part=b, max_batch_search={**search, "seconds": time.monotonic() - t0})
+        big = with_mix(s, s.mix.scaled(b))
+        results = {"batch": big.mix.describe()}
+        for mode in ("selective", "full"):
+            model.set_grad_checkpointing(True, 1, mode)
+            m = measure("beit3", batches.step_fn(trainer, big.mix), batches.get(big.mix)[2], big.warmup, big.steps,
+                        s.device)
+            results[mode] = _figures(m, peak)
+            ctx.record(max_batch=results)
+            ctx.say(f"{big.mix.describe()}, {mode} checkpointing: " + _line(results[mode]))
+        batches.forget(big.mix)
+        # Image-only at the timm batch; without checkpointing as timm runs, if it fits.
         img_mix = BatchMix(2 if ctx.dry else 64, 0, 0, 64)
         for every, mode in ((0, "full"), (1, "selective"), (1, "full")):
             model.set_grad_checkpointing(every > 0, 1, mode)
@@ -369,10 +399,10 @@ def part_giant(ctx: Context) -> None:
         ctx.record(image_only={"batch": img_mix.describe(), "checkpointing": ckpt, **_figures(m, peak)})
         ctx.say(f"{img_mix.describe()}, {ckpt}: " + _line(_figures(m, peak)))
         batches.forget(img_mix)
-        best = max((r.get("mfu") or 0.0) for r in results.values())
+        best = max((results[k].get("mfu") or 0.0) for k in ("selective", "full"))
         if ctx.profile == "always" or (ctx.profile == "auto" and best < MFU_TARGET and ctx.left() > 60):
             try:
-                _profile(ctx, trainer, s, batches, model)
+                _profile(ctx, trainer, big, batches, model)
             except RuntimeError as e:  # the measurements above stand without it
                 ctx.record(profile_error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
                 ctx.say(f"profile failed: {ctx.results['profile_error']}")

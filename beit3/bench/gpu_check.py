@@ -95,6 +95,7 @@ def orchestrate(parts: list[str], args, budget: float) -> int:
         limit = min(own, left)
         if limit < 5:
             report["parts"][name] = {"status": "skipped", "error": "no time left in the budget", "seconds": 0}
+            paths = write_report(report, args, work)
             continue
         print(f"[{name}] up to {limit:.0f} s", flush=True)
         report["parts"][name] = run_child(name, limit, args, work, report)
@@ -264,6 +265,18 @@ def _row(label: str, r: dict | None, extra: str = "") -> str:
             f"{_n(r.get('mfu'), '.1f', 100)}% | {_n(r.get('peak_mem_gb'))} | {_n(r.get('step_ms_median'), '.0f')} |")
 
 
+def _search_text(search: dict) -> str:
+    out = []
+    for t in search.get("tries", []):
+        if "forward_backward_peak_gb" in t:
+            out.append(f"probe {t['per_part']}: forward + backward peak {_n(t['forward_backward_peak_gb'])} GiB")
+        else:
+            out.append(f"step at {t['per_part']}: {t.get('error') or _n(t.get('step_peak_gb', t.get('peak_mem_gb'))) + ' GiB'}")
+    if search.get("candidate") is not None:
+        out.append(f"predicted {search['candidate']} for 90% of {_n(search.get('capacity_gb'))} GiB")
+    return "; ".join(out) or "no search"
+
+
 def markdown(report: dict) -> str:
     env, parts = report["environment"], report["parts"]
     peak = _get(report, "peak") or {}
@@ -284,12 +297,13 @@ def markdown(report: dict) -> str:
     head = ["| configuration | batch | samples/s | TFLOP/s | MFU | peak GiB | step ms |", "|---|---|---|---|---|---|---|"]
     g = _get(report, "giant") or {}
     if g:
+        search = g.get("max_batch_search") or {}
         lines += ["", f"## Throughput: {g.get('preset')} ({g.get('layout')} layout, {_n(g.get('params'), '.3f', 1e-9)}B "
                   "parameters), DeepSpeed ZeRO-3 + bf16", "",
-                  f"Largest micro-batch with selective checkpointing: {g.get('max_batch_per_part', 'n/a')} per part "
-                  f"(found in {_n(_get(report, 'giant', 'max_batch_search', 'seconds'), '.0f')} s: "
-                  + ", ".join(f"{t['per_part']} -> {t['error'] or _n(t['peak_mem_gb']) + ' GiB'}"
-                              for t in (g.get("max_batch_search") or {}).get("tries", [])) + ").", ""] + head
+                  (f"Largest micro-batch with selective checkpointing: {g.get('max_batch_per_part')} per part (found "
+                   f"in {_n(search.get('seconds'), '.0f')} s; " if g.get("max_batch") else
+                   "Largest micro-batch: not established (the part stopped before measuring it; ")
+                  + _search_text(search) + ").", ""] + head
         mb = g.get("max_batch") or {}
         for mode in ("selective", "full"):
             if mode in mb:

@@ -150,11 +150,15 @@ class Batches:
             self._cache[mix] = (prepare_batch(batch, self.s.cfg.vocab_size), targets, work)
         return self._cache[mix]
 
+    def on_device(self, trainer, mix: BatchMix) -> tuple[dict, dict]:
+        """Device-resident copies of the batch and targets, cast like the real loop."""
+        batch, targets, _ = self.get(mix)
+        return (to_device(batch, self.s.device, trainer.input_dtype),
+                to_device(targets, self.s.device, trainer.input_dtype))
+
     def step_fn(self, trainer, mix: BatchMix):
         """The step closure on device-resident copies of the batch (cast like the real loop)."""
-        batch, targets, _ = self.get(mix)
-        batch = to_device(batch, self.s.device, trainer.input_dtype)
-        targets = to_device(targets, self.s.device, trainer.input_dtype)
+        batch, targets = self.on_device(trainer, mix)
         sdpa = self.s.sdpa
 
         def step():

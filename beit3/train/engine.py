@@ -33,6 +33,8 @@ def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Op
     """
     import deepspeed
 
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        keep_zero3_fetches_out_of_dispatch_modes()
     if opt.grad_clip is not None:
         ds_config["gradient_clipping"] = opt.grad_clip
     if groups is None:
@@ -58,3 +60,30 @@ def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Op
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule(optimizer),
                                            config=ds_config, dist_init_required=False)
     return engine
+
+
+def keep_zero3_fetches_out_of_dispatch_modes() -> None:
+    """Run ZeRO-3's parameter fetches and releases with python dispatch modes switched off.
+
+    Selective activation checkpointing (a dispatch mode) numbers every op of a checkpointed block
+    in forward and expects the same ops again in the recomputation. ZeRO-3 gathers and frees the
+    block's parameters from inside the block (module hooks), and whether a parameter still has to be
+    gathered depends on its prefetch state, which differs between the two passes as soon as the
+    module order changes (a batch without pairs, say): the recomputation then meets ops the forward
+    never ran and fails. Parameter bookkeeping is not part of the model's computation, so it is kept
+    out of the count. Idempotent."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    for name in ("fetch_sub_module", "release_sub_module"):
+        fn = getattr(C, name)
+        if getattr(fn, "_beit3_modes_off", False):
+            continue
+
+        def outside_modes(self, *args, _fn=fn, **kwargs):
+            with _disable_current_modes():
+                return _fn(self, *args, **kwargs)
+        outside_modes._beit3_modes_off = True
+        outside_modes.__wrapped__ = fn
+        setattr(C, name, outside_modes)
+
