@@ -4,7 +4,8 @@ from .config import PRESETS, BEiT3Config
 from .model import BEiT3
 
 __version__ = "0.1.0"
-__all__ = ["BEiT3", "BEiT3Config", "PRESETS", "from_official", "to_official", "backbones", "__version__"]
+__all__ = ["BEiT3", "BEiT3Config", "PRESETS", "from_official", "to_official", "backbones", "create_model",
+           "list_models", "download", "__version__"]
 
 
 def __getattr__(name):
@@ -12,4 +13,7 @@ def __getattr__(name):
     if name == "backbones":
         import importlib
         return importlib.import_module(".backbones", __name__)
+    if name in ("create_model", "list_models", "download"):
+        from . import hub
+        return getattr(hub, name)
     raise AttributeError(f"module 'beit3' has no attribute {name!r}")

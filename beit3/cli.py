@@ -14,6 +14,8 @@ COMMANDS = {
     "finetune": ("beit3.finetune.main", "fine-tune on vqa, retrieval, captioning, classification, nlvr2"),
     "evaluate": ("beit3.finetune.evaluate", "evaluate a fine-tuned checkpoint"),
     "benchmark": ("beit3.benchmark", "throughput, TFLOP/s and MFU of pretraining steps"),
+    "list-models": ("beit3.hub:list_main", "the official checkpoints by name"),
+    "download": ("beit3.hub", "download an official checkpoint by name (checksummed, resumable)"),
 }
 DATA_COMMANDS = {
     "synthetic": "beit3.data.synthetic",
@@ -25,7 +27,7 @@ DATA_COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: beit3 <command> [options]", "", "commands:"]
+    lines = ["usage: beit3 <command> [options]   (beit3 --version)", "", "commands:"]
     lines += [f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"beit3 {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "data":
@@ -46,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"beit3: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(module).main(rest) or 0)
+    module, _, func = module.partition(":")
+    return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ Load a timm export with ``create_timm_model(DIR)``, or ``timm.create_model("loca
 pretrained=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5))``: BEiT-3's
 LayerNorms use eps 1e-5 and timm's string norm names all mean 1e-6, so the norm layer cannot be
 written in config.json.
+
+Output paths are checked before anything is loaded; every file is written beside its target and
+renamed over it when complete, so a failure (a full disk, SIGTERM) leaves a previous export as it
+was and no temporary behind (after a ``kill -9``, the next export to the same path removes it).
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from torch import Tensor, nn
 from .backbones import timm_vit_kwargs, vision_state_dict
 from .checkpoint.official import CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone
 from .config import PRESETS, BEiT3Config
+from .errors import UserError
+from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json, sigterm_as_exit
 
 
 def _plain(sd: dict) -> dict[str, Tensor]:
@@ -40,8 +46,9 @@ def _plain(sd: dict) -> dict[str, Tensor]:
 
 def _save_safetensors(sd: dict, path: str, metadata: Optional[dict] = None) -> None:
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(_plain(sd), path, metadata=metadata)
+    sd = _plain(sd)
+    with atomic_file(path) as tmp:
+        save_file(sd, tmp, metadata=metadata)
 
 
 def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
@@ -65,8 +72,7 @@ def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
     }
     os.makedirs(out_dir, exist_ok=True)
     _save_safetensors(vision_state_dict(loaded.state_dict), os.path.join(out_dir, "model.safetensors"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
     return config
 
 
@@ -92,15 +98,14 @@ def export_official(loaded: LoadedBackbone, path: str, keep_heads: bool = False)
     """``{"model": ...}`` under official names, as unilm's fine-tuning scripts load it."""
     sd = convert_ours_to_official(loaded.state_dict)
     sd.update(loaded.extras if keep_heads else {})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": _plain(sd)}, path)
+    with atomic_file(path) as tmp:
+        torch.save({"model": _plain(sd)}, tmp)
     return sd
 
 
 def _config_arg(args) -> Optional[BEiT3Config]:
     if args.config:
-        with open(args.config) as f:
-            d = json.load(f)
+        d = read_json(args.config)
         d = d.get("model", d) if "embed_dim" not in d else d  # a run's resolved config may nest it
         return BEiT3Config.from_dict(d)
     return args.preset
@@ -123,22 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_args(args) -> None:
+    """What can be checked before the weights are loaded: sizes, the output path."""
+    if args.img_size is not None and args.img_size <= 0:
+        raise ValueError(f"--img-size must be positive, got {args.img_size}")
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"{args.checkpoint}: no such file or DeepSpeed checkpoint directory")
+    if args.config and not os.path.isfile(args.config):
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    (check_output_dir if args.to == "timm" else check_output_file)(args.output, "-o/--output")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_as_exit():  # a terminated export removes its half-written file
+        return _export(args)
+
+
+def _export(args) -> int:
     try:
+        check_args(args)
         loaded = load_backbone(args.checkpoint, _config_arg(args), allow_pickle=args.allow_pickle,
                                prefix=args.prefix, tag=args.tag, img_size=args.img_size)
         if loaded.unexpected:
             raise ValueError(f"{args.checkpoint}: unknown backbone keys {loaded.unexpected[:12]}")
+    except (ValueError, FileNotFoundError, TypeError, UserError) as e:
+        print(f"beit3 export: error: {e}", file=sys.stderr)
+        return 2
+    try:
         if args.to == "timm":
             export_timm(loaded, args.output)
         elif args.to == "safetensors":
             export_safetensors(loaded, args.output, args.keep_heads)
         else:
             export_official(loaded, args.output, args.keep_heads)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"beit3 export: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, UserError) as e:
+        print(f"beit3 export: error: {e}", file=sys.stderr)
+        return 1
     cfg = loaded.config
     guessed = " (guessed from the width: pass --preset or --config if wrong)" if loaded.inferred else ""
     dropped = "" if args.keep_heads or not loaded.extras else f"; {len(loaded.extras)} non-backbone tensors dropped"

@@ -9,11 +9,12 @@ The entry point parses, checks and builds; the step lives in ``beit3.train.loop`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from .config import PRESETS, BEiT3Config
+from .errors import UserError
+from .files import check_output_dir
 from .train.checkpoint_args import add_checkpoint_args, check_checkpoint_args, fill_checkpoint_defaults
 from .train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 
@@ -24,9 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--layout", default="paper", choices=["paper", "released"])
-    ap.add_argument("--data", default="synthetic",
-                    help="'synthetic' (the embedded world, built and cached) or a shards directory "
-                         "holding images-*/texts-*/pairs-*.tar and manifest.json")
+    ap.add_argument("--data", default=None,
+                    help="'synthetic' (the embedded world, built and cached; the default without sources) or a "
+                         "shards directory holding images-*/texts-*/pairs-*.tar and manifest.json")
+    src = ap.add_argument_group(
+        "data sources (instead of --data; repeat a flag to mix sources by weight; see docs/data.md)",
+        "PATTERN[::WEIGHT]: webdataset shards with brace expansion, local, http(s):// or pipe:COMMAND "
+        "(e.g. 'pipe:aws s3 cp s3://bucket/{00000..41407}.tar -'), as img2dataset writes them; a folder of "
+        "shards or images; .txt/.jsonl text files. A kind without a source gets batch size 0.")
+    src.add_argument("--pair-shards", action="append", metavar="PATTERN[::WEIGHT]", help="image-text pairs")
+    src.add_argument("--image-shards", action="append", metavar="PATTERN[::WEIGHT]",
+                     help="images (pair shards' captions are ignored)")
+    src.add_argument("--text-shards", action="append", metavar="PATTERN[::WEIGHT]", help="texts")
+    src.add_argument("--shard-retries", type=int, default=3,
+                     help="further attempts at a remote shard whose open or read failed")
+    src.add_argument("--retry-backoff", type=float, default=1.0,
+                     help="seconds before the first retry, doubled for each further one")
+    src.add_argument("--max-bad-shard-fraction", type=float, default=0.1,
+                     help="stop when a reader has given up on more than this share of a source's shards")
     ap.add_argument("--spm", help="SentencePiece model (default: the synthetic world's)")
     ap.add_argument("--tokenizer", help="VQ-KD: a train-tokenizer output dir, or an official beit2 "
                                         "checkpoint (with --tokenizer-preset)")
@@ -57,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--keep-last", type=int, default=3)
     ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="resume from a checkpoint whose files need full unpickling (only one you trust: "
+                         "unpickling can run code)")
     ap.add_argument("--stop-after-steps", type=int, default=None,
                     help="leave after this many steps of this run with a checkpoint, as on SIGTERM "
                          "(time-limited jobs; the schedule still spans --steps)")
@@ -73,10 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+SOURCE_FLAGS = {"images": "image_shards", "texts": "text_shards", "pairs": "pair_shards"}
+
+
+def has_sources(args: argparse.Namespace) -> bool:
+    return any(getattr(args, flag, None) for flag in SOURCE_FLAGS.values())
+
+
 def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
     """Fill the device- and size-dependent defaults."""
     tiny = args.preset == "tiny"
     fill_checkpoint_defaults(args, device)
+    if has_sources(args):  # a kind without a source trains on nothing unless its batch is asked for
+        for kind, flag in SOURCE_FLAGS.items():
+            if not getattr(args, flag) and getattr(args, f"batch_{kind}") is None:
+                setattr(args, f"batch_{kind}", 0)
+    elif args.data is None:
+        args.data = "synthetic"
     for name, value in (("batch_images", 16 if tiny else 32), ("batch_texts", 16 if tiny else 32),
                         ("batch_pairs", 16 if tiny else 32), ("max_text_len", 32 if tiny else 64),
                         ("lr", 2e-3 if tiny else 1e-3), ("num_workers", 0 if device == "cpu" else 6)):
@@ -101,17 +133,43 @@ def check_args(args: argparse.Namespace, world_size: int) -> dict:
     micro = args.batch_images + args.batch_texts + args.batch_pairs
     if micro == 0:
         raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")
-    if args.data != "synthetic" and not os.path.isdir(args.data):
+    sources = has_sources(args)
+    if sources and args.data is not None:
+        raise ConfigError("give --data or the --image/--text/--pair-shards sources, not both")
+    for kind, flag in SOURCE_FLAGS.items():
+        if sources and not getattr(args, flag) and getattr(args, f"batch_{kind}"):
+            raise ConfigError(f"--batch-{kind} {getattr(args, f'batch_{kind}')} but no --{flag.replace('_', '-')} "
+                              f"source")
+    if not sources and args.data != "synthetic" and not os.path.isdir(args.data):
         raise ConfigError(f"--data {args.data!r}: no such directory (expected shards, or 'synthetic')")
     if args.data != "synthetic" and (args.spm is None or args.tokenizer is None):
-        raise ConfigError("--data with real shards needs --spm and --tokenizer")
+        raise ConfigError("real data (--data DIR or sources) needs --spm and --tokenizer")
     for name in ("spm", "tokenizer"):
         path = getattr(args, name)
         if path is not None and not os.path.exists(path):
             raise ConfigError(f"--{name} {path!r} does not exist")
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume!r}: no such checkpoint directory")
-    return resolve_ds_config(args.ds_config, micro, args.grad_accum, world_size)
+    check_output_dir(args.output)
+    ds_config = resolve_ds_config(args.ds_config, micro, args.grad_accum, world_size)
+    if args.data != "synthetic":
+        check_data_sources(args, world_size)
+    return ds_config
+
+
+def check_data_sources(args: argparse.Namespace, world_size: int) -> None:
+    """Resolve every source and decode a sample of its first shard, before a model or an output
+    file exists: a pattern matching nothing or an unreachable source is a ConfigError."""
+    from .data.pretrain_loader import check_sources, resolve_sources
+    from .data.sources import DataSourceError
+    from .train.loop import pretrain_data_config
+    cfg = pretrain_data_config(args)
+    try:
+        cfg.validate()
+        sources = resolve_sources(cfg, world_size * cfg.readers_per_rank)
+        check_sources(sources, cfg.retry())
+    except DataSourceError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _peer_failure(e: BaseException) -> bool:
@@ -133,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         BEiT3Config.from_preset(args.preset, layout=args.layout)
         ds_config = check_args(args, world)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, UserError) as e:
         print(f"beit3 pretrain: error: {e}", file=sys.stderr)
         return 2
     from .train.loop import PretrainRun
@@ -142,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_with_errors(run, args) -> int:
     """Run, turning the failures a user must act on into one clear line and exit code 1."""
+    from .data.sources import DataSourceError
     from .train.checkpoint import CheckpointError
     from .train.loop import NonFiniteLossError
     try:
         return run.train()
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, NonFiniteLossError, FileNotFoundError, DataSourceError, ValueError) as e:
         print(f"beit3 pretrain: error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:

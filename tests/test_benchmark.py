@@ -7,7 +7,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from beit3.bench import dataloader
 from beit3.bench.batches import BatchMix, batch_counts, synthetic_batch
 from beit3.bench.measure import PeakMemory
 from beit3.bench.peers import TimmMIM, TorchscaleMDM, timm_mlp_ratio
@@ -115,20 +114,18 @@ def test_cli_rejects_bad_input(capsys):
 
 
 def test_data_loader_option(capsys, tmp_path):
-    argv = ["--preset", "tiny", "--data-loader", "--steps", "2", "--warmup", "1", "--json",
-            "--batch-images", "2", "--batch-texts", "2", "--batch-pairs", "2", "--text-len", "16"]
-    if dataloader.missing():
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert "not available yet" in err and "beit3.data.pretrain_loader" in err
-        return
+    """Both decoders side by side on the same shards: one record each, with real rates."""
     from beit3.data.synthetic import make_synthetic_world
     make_synthetic_world(tmp_path, num_images=60, seed=0)
-    argv += ["--data", str(tmp_path / "shards"), "--spm", str(tmp_path / "spm" / "synthetic.model")]
+    argv = ["--preset", "tiny", "--data-loader", "--steps", "2", "--warmup", "1", "--json",
+            "--batch-images", "2", "--batch-texts", "2", "--batch-pairs", "2", "--text-len", "16",
+            "--data", str(tmp_path / "shards"), "--spm", str(tmp_path / "spm" / "synthetic.model")]
     assert main(argv) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["config"] == "data-loader" and r["steps"] == 2
-    assert r["batches_per_s"] > 0 and r["samples_per_s"] == pytest.approx(6 * r["batches_per_s"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["decoder"] for r in records] == ["pil", "torchvision"]
+    for r in records:
+        assert r["config"] == "data-loader" and r["steps"] == 2
+        assert r["batches_per_s"] > 0 and r["samples_per_s"] == pytest.approx(6 * r["batches_per_s"])
     assert main(argv[:-1] + ["/nonexistent.model"]) == 2 and "nonexistent" in capsys.readouterr().err
 
 

@@ -1,35 +1,25 @@
-"""Throughput of the real pretraining data loader on the synthetic world, apart from the model.
-
-The loader (``beit3.data.pretrain_loader``) and the synthetic world (``beit3.data.synthetic``) are
-built elsewhere; until both exist ``missing()`` says what is absent and nothing is timed.
-"""
+"""Throughput of the real pretraining data loader (decode, crops, the tokenizer's view, masking,
+text tokenisation), apart from the model: on the synthetic world, a shards folder or sources."""
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import Optional
 
 from ..config import BEiT3Config
 from .batches import BatchMix, batch_counts
 
-NEEDED = ("beit3.data.pretrain_loader", "beit3.data.synthetic")
-
-
-def missing() -> Optional[str]:
-    """None if the loader and the synthetic world can be imported, else which modules are absent."""
-    absent = [m for m in NEEDED if importlib.util.find_spec(m) is None]
-    return ", ".join(absent) or None
-
 
 def time_loader(preset: str, mix: BatchMix, num_workers: int, warmup: int, steps: int, seed: int = 0,
-                shards: Optional[str] = None, spm: Optional[str] = None, log=print) -> dict:
+                shards: Optional[str] = None, spm: Optional[str] = None, log=print,
+                sources: Optional[dict] = None, decoder: str = "pil") -> dict:
     """Batches/s and samples/s of ``PretrainLoader`` on ``shards`` (tokenised with ``spm``), by
     default the cached synthetic world of ``beit3 pretrain --data synthetic`` (built on first
     use). Images are cut for a visual tokenizer of the model's input size (BEiT-3: 224 both).
     Warm-up batches, which include the workers' start-up, are not timed."""
     from ..data.pretrain_loader import PretrainDataConfig, PretrainLoader
 
-    if shards is None:
+    sources = {k: v for k, v in (sources or {}).items() if v}
+    if shards is None and not sources:
         from ..train.demo_assets import demo_assets
         assets = demo_assets(seed=seed, log=log)
         shards, spm = assets.shards, spm or assets.spm
@@ -39,7 +29,8 @@ def time_loader(preset: str, mix: BatchMix, num_workers: int, warmup: int, steps
     data_cfg = PretrainDataConfig(
         shards_dir=shards, batch_images=mix.images, batch_texts=mix.texts, batch_pairs=mix.pairs,
         img_size=cfg.img_size, patch_size=cfg.patch_size, tokenizer_img_size=cfg.img_size,
-        max_text_len=mix.text_len, num_workers=num_workers, seed=seed, mask_pair_images=mix.mask_pair_images)
+        max_text_len=mix.text_len, num_workers=num_workers, seed=seed, mask_pair_images=mix.mask_pair_images,
+        image_decoder=decoder, **sources)
     it = iter(PretrainLoader(data_cfg, spm, rank=0, world_size=1))
     for _ in range(warmup):
         next(it)
@@ -47,6 +38,7 @@ def time_loader(preset: str, mix: BatchMix, num_workers: int, warmup: int, steps
     for _ in range(steps):
         samples += batch_counts(cfg, next(it))[0]
     dt = time.perf_counter() - t
-    return {"config": "data-loader", "preset": preset, "shards": shards, "num_workers": num_workers,
+    return {"config": "data-loader", "preset": preset, "shards": shards or sources, "num_workers": num_workers,
+            "decoder": decoder,
             "batch_images": mix.images, "batch_texts": mix.texts, "batch_pairs": mix.pairs,
             "text_len": mix.text_len, "steps": steps, "batches_per_s": steps / dt, "samples_per_s": samples / dt}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import platform
 from typing import Optional
 
@@ -200,6 +199,5 @@ def _row(r: dict, name: str, prefix: str) -> str:
 
 
 def write_markdown(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    from ..files import atomic_write_bytes
+    atomic_write_bytes(path, text.encode())

@@ -8,6 +8,10 @@ the training ``argparse.Namespace`` beside the weights. ``.safetensors`` files h
 DeepSpeed ZeRO checkpoint directories are consolidated with DeepSpeed's own ``zero_to_fp32``, which
 always unpickles; its files are first probed with ``weights_only=True`` (allowing DeepSpeed's
 ``ZeroStageEnum`` and loss scalers), so that without the opt-in nothing else in them can run.
+Resuming a training run applies the same probe (``check_deepspeed_files``) before DeepSpeed loads.
+
+A file that cannot be read at all (empty, truncated, text) raises ``BadFileError`` naming the file,
+its size and what is wrong, instead of the library's own error.
 """
 from __future__ import annotations
 
@@ -20,20 +24,22 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..errors import BadFileError, UserError, first_line
+
 PICKLE_HINT = ("if you trust this file, pass allow_pickle=True (command line: --allow-pickle); "
                "unpickling can run arbitrary code")
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError, ValueError):
     """The file needs full unpickling and the caller did not opt in."""
 
 
-def _torch_load(path: str, allow_pickle: bool) -> Any:
+def _torch_load(path: str, allow_pickle: bool, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # the weights-only unpickler raises pickle.UnpicklingError
         if not _is_weights_only_refusal(e):
-            raise
+            raise unreadable(path, e) from None
         reason = _refusal_reason(e)
         if not allow_pickle:
             raise UnsafeCheckpointError(
@@ -41,7 +47,27 @@ def _torch_load(path: str, allow_pickle: bool) -> Any:
                 f"{PICKLE_HINT}") from None
     warnings.warn(f"{path}: loading with full unpickling (allow_pickle=True); only do this for files you "
                   f"trust", UserWarning, stacklevel=3)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise unreadable(path, e) from None
+
+
+def unreadable(path: str, error: Exception) -> BadFileError:
+    """What a failed ``torch.load`` says about the file, in the user's words."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    text = str(error)
+    if not head:
+        problem = "empty file, not a torch checkpoint"
+    elif head.startswith(b"PK\x03\x04"):  # torch's zip format
+        what = "incomplete zip archive" if "zip archive" in text or "central directory" in text else first_line(text)
+        problem = f"truncated or corrupted torch checkpoint ({what})"
+    elif head.startswith(b"\x80"):  # a pickle: torch's format before 1.6
+        problem = f"truncated or corrupted torch checkpoint ({type(error).__name__}: {first_line(text)})"
+    else:
+        problem = f"not a torch checkpoint (neither a zip archive nor a pickle: it starts with {head!r})"
+    return BadFileError(path, problem)
 
 
 def _is_weights_only_refusal(e: Exception) -> bool:
@@ -50,20 +76,25 @@ def _is_weights_only_refusal(e: Exception) -> bool:
 
 def _refusal_reason(e: Exception) -> str:
     for line in str(e).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
+        if "unsupported global" in line.lower() or "Unsupported operand" in line:
             return line.strip().split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
     return "not plain tensors"
 
 
-def load_checkpoint_file(path: str, allow_pickle: bool = False) -> Any:
-    """The object stored in a ``.pt``/``.pth``/``.bin`` (torch) or ``.safetensors`` file, on the CPU."""
+def load_checkpoint_file(path: str, allow_pickle: bool = False, mmap: bool = False) -> Any:
+    """The object stored in a ``.pt``/``.pth``/``.bin`` (torch) or ``.safetensors`` file, on the CPU
+    (``mmap``: torch tensors mapped from the file, read only when used)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    return _torch_load(path, allow_pickle)
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError derives from Exception only
+            what = "empty file" if os.path.getsize(path) == 0 else first_line(e)
+            raise BadFileError(path, f"not a complete safetensors file ({what})") from None
+    return _torch_load(path, allow_pickle, mmap)
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -122,20 +153,26 @@ def _deepspeed_safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
-def _check_zero_files(tag_dir: str, allow_pickle: bool) -> None:
-    files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")) +
-                   glob.glob(os.path.join(tag_dir, "*optim_states.pt")))
+def deepspeed_state_files(tag_dir: str) -> list[str]:
+    """Every torch file DeepSpeed may unpickle from the folder: model and optimizer partitions, and
+    the per-parameter files of a universal checkpoint (``zero/<param>/*.pt``)."""
+    return sorted(glob.glob(os.path.join(glob.escape(tag_dir), "**", "*.pt"), recursive=True))
+
+
+def check_deepspeed_files(tag_dir: str, allow_pickle: bool) -> None:
+    """Refuse a DeepSpeed checkpoint whose files hold pickled objects beyond DeepSpeed's own types
+    (DeepSpeed unpickles them fully), or that cannot be read at all, before anything loads them."""
     if allow_pickle:
-        warnings.warn(f"{tag_dir}: consolidating with full unpickling (allow_pickle=True)", UserWarning,
+        warnings.warn(f"{tag_dir}: loading DeepSpeed files with full unpickling (allow_pickle=True)", UserWarning,
                       stacklevel=3)
         return
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        for f in files:
+        for f in deepspeed_state_files(tag_dir):
             try:
                 torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 if not _is_weights_only_refusal(e):
-                    raise
+                    raise unreadable(f, e) from None
                 raise UnsafeCheckpointError(
                     f"{f}: holds pickled Python objects beyond DeepSpeed's own ({_refusal_reason(e)}); "
                     f"{PICKLE_HINT}") from None
@@ -147,6 +184,6 @@ def load_zero_checkpoint(path: str, tag: Optional[str] = None, allow_pickle: boo
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt_dir, tag, tag_dir = _zero_location(os.fspath(path), tag)
-    _check_zero_files(tag_dir, allow_pickle)
+    check_deepspeed_files(tag_dir, allow_pickle)
     sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     return {k: v for k, v in sd.items() if isinstance(v, Tensor)}

@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="CIFAR-100 superclasses from '{color}_{shape}' class names (the synthetic world's)")
     args = ap.parse_args(argv)
     coarse_of = (lambda c: c.rsplit("_", 1)[-1]) if args.coarse_by_shape else None
+    from ..errors import UserError
+    from ..files import check_output_dir
     try:
+        check_output_dir(args.output)
         out = cifar_from_image_folder(args.src, args.output, args.kind, coarse_of)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"beit3 data cifar: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from beit3.data.downstream_build import (
@@ -111,7 +112,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import UserError
+    from ..files import check_output_dir
     args = _parser().parse_args(argv)
+    try:
+        check_output_dir(args.output or args.data_root)
+        return _build(args)
+    except (ValueError, FileNotFoundError, UserError) as e:
+        print(f"beit3 data downstream: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _build(args: argparse.Namespace) -> int:
     out = args.output or args.data_root
     tok = TextTokenizer(args.spm) if getattr(args, "spm", None) else None
     if args.command == "vqa":

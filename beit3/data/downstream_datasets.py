@@ -8,10 +8,12 @@ Each ``__getitem__`` returns a dict of tensors (plus ids); the default ``collate
 - task fields: VQA ``labels`` (num_answers,) float soft scores and ``qid``; retrieval and
   captioning ``image_id``; NLVR2 ``image2``, ``label``, ``identifier``; classification ``label``.
 
-Image paths are relative to ``data_root``. A missing or undecodable image raises
-:class:`ImageLoadError` naming the file and the index it came from, rather than being skipped: a
-map-style dataset that drops items changes its length mid-epoch, and a broken benchmark image is
-a data problem to fix, not to train around.
+Image paths are relative to ``data_root``. A missing or undecodable image (a decompression bomb
+included) raises :class:`ImageLoadError` naming the file and the index it came from, rather than
+being skipped: a map-style dataset that drops items changes its length mid-epoch. Training skips
+such items with ``bad_images.SkipUnreadable``; evaluation does not. Each reader names the keys its
+entries need (``required_keys``) and the files they point to (``image_keys``), which
+``index_check`` verifies before a run starts.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from beit3.data.downstream_build import read_jsonl
+from beit3.errors import BadFileError, UserError
 from beit3.data.text_tokenizer import TextTokenizer
 
 # (task, split) -> index files, as unilm/beit3 ``get_index_files``.
@@ -51,8 +54,12 @@ for _task in ("coco_retrieval", "flickr30k", "coco_captioning", "nocaps"):
         INDEX_FILES.setdefault((_task, _split), (f"{_task}.{_split}.jsonl",))
 
 
-class ImageLoadError(RuntimeError):
-    """An image of a dataset could not be read or decoded."""
+class ImageLoadError(UserError, RuntimeError):
+    """An image of a dataset could not be read or decoded; ``path`` is the file."""
+
+    def __init__(self, message: str, path: str | os.PathLike = ""):
+        super().__init__(message)
+        self.path = os.fspath(path)
 
 
 def index_files(task: str, split: str) -> tuple[str, ...]:
@@ -69,9 +76,11 @@ def load_image(path: str | os.PathLike, source: str = "") -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise ImageLoadError(f"image {path}{where} does not exist") from None
+        raise ImageLoadError(f"image {path}{where} does not exist", path) from None
+    except Image.DecompressionBombError as e:  # refused before decoding: no memory spent on it
+        raise ImageLoadError(f"image {path}{where} is too large to decode safely: {e}", path) from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageLoadError(f"cannot decode image {path}{where}: {e}") from e
+        raise ImageLoadError(f"cannot decode image {path}{where}: {e}", path) from e
 
 
 def text_segment_to_input(segment: Sequence[int], max_len: int, bos_id: int, eos_id: int,
@@ -95,6 +104,9 @@ class IndexDataset(Dataset):
     raw strings as ``text_segment``); by default the fixed ids of the BEiT-3 layout.
     """
 
+    required_keys: tuple[str, ...] = ("image_path",)
+    image_keys: tuple[str, ...] = ("image_path",)
+
     def __init__(self, data_root: str | os.PathLike, index_names: Sequence[str],
                  transform: Callable | None = None, tokenizer: Any = None, max_len: int = 64):
         self.data_root = Path(data_root)
@@ -115,6 +127,15 @@ class IndexDataset(Dataset):
 
     def _source(self, index: int) -> Path:
         return next(path for start, path in reversed(self._sources) if index >= start)
+
+    def entry_name(self, index: int) -> str:
+        """``<index file> entry <n>`` (1-based within its file), for messages."""
+        start, path = next((start, path) for start, path in reversed(self._sources) if index >= start)
+        return f"{path.name} entry {index - start + 1}"
+
+    def label_problem(self, item: dict) -> str | None:
+        """What is wrong with the entry's label(s), if the reader has any."""
+        return None
 
     def _image(self, index: int, key: str = "image_path") -> torch.Tensor:
         return self.transform(load_image(self.data_root / self.items[index][key], str(self._source(index))))
@@ -142,6 +163,8 @@ class VQADataset(IndexDataset):
     Items give ``qid`` and, when annotated, ``labels``: (num_answers,) float soft scores.
     """
 
+    required_keys = ("image_path", "text_segment", "qid")
+
     def __init__(self, data_root: str | os.PathLike, split: str, transform: Callable | None = None,
                  tokenizer: Any = None, max_len: int = 64):
         super().__init__(data_root, index_files("vqa", split), transform, tokenizer, max_len)
@@ -151,6 +174,13 @@ class VQADataset(IndexDataset):
     @property
     def num_answers(self) -> int:
         return len(self.label2ans)
+
+    def label_problem(self, item: dict) -> str | None:
+        labels, scores = item.get("labels") or [], item.get("scores") or []
+        if len(labels) != len(scores):
+            return f"{len(labels)} labels but {len(scores)} scores"
+        bad = [y for y in labels if not isinstance(y, int) or not 0 <= y < self.num_answers]
+        return f"answer labels {bad[:3]} outside 0..{self.num_answers - 1}" if bad else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item, data = self.items[index], self._image_text(index)
@@ -175,6 +205,8 @@ class RetrievalDataset(IndexDataset):
     """COCO / Flickr30k retrieval (``task`` coco_retrieval or flickr30k): one item per caption,
     with ``image_id`` (the image's rank in the split) linking captions to their image."""
 
+    required_keys = ("image_path", "text_segment", "image_id")
+
     def __init__(self, data_root: str | os.PathLike, split: str, transform: Callable | None = None,
                  tokenizer: Any = None, max_len: int = 64, task: str = "coco_retrieval"):
         super().__init__(data_root, index_files(task, split), transform, tokenizer, max_len)
@@ -188,6 +220,8 @@ class RetrievalDataset(IndexDataset):
 class CaptioningDataset(IndexDataset):
     """COCO captioning / nocaps (``task``): train items have ``text``/``padding_mask`` (masking is
     the trainer's, see ``beit3.data.masking.mask_text``); val/test items only ``image`` and ``image_id``."""
+
+    required_keys = ("image_path", "image_id")
 
     def __init__(self, data_root: str | os.PathLike, split: str, transform: Callable | None = None,
                  tokenizer: Any = None, max_len: int = 64, task: str = "coco_captioning"):
@@ -205,6 +239,12 @@ class CaptioningDataset(IndexDataset):
 
 class NLVR2Dataset(IndexDataset):
     """NLVR2 (splits train, val = dev, test = test-P): two images, one sentence, ``label`` 0/1."""
+
+    required_keys = ("image_path", "image2_path", "text_segment", "label", "identifier")
+    image_keys = ("image_path", "image2_path")
+
+    def label_problem(self, item: dict) -> str | None:
+        return None if item.get("label") in (0, 1) else f"label {item.get('label')!r} is not 0 or 1"
 
     def __init__(self, data_root: str | os.PathLike, split: str, transform: Callable | None = None,
                  tokenizer: Any = None, max_len: int = 64):
@@ -230,7 +270,9 @@ class ClassificationDataset(Dataset):
         folder = self.root / split
         if index.is_file():
             self.source = str(index)
-            self.samples = [(str(self.root / it["image_path"]), int(it["label"])) for it in read_jsonl(index)]
+            # Entries are kept as read; index_check names those without an image or a label.
+            self.items = read_jsonl(index)
+            self.samples = [(str(self.root / str(it.get("image_path", ""))), it.get("label")) for it in self.items]
             self.classes = None
         elif folder.is_dir():
             self.source = str(folder)
@@ -240,9 +282,20 @@ class ClassificationDataset(Dataset):
             raise FileNotFoundError(f"no classification data for split {split!r}: "
                                     f"neither {index} nor {folder}/ exists")
 
+    required_keys = ("image_path", "label")
+
     @property
     def num_classes(self) -> int:
-        return len(self.classes) if self.classes is not None else 1 + max(label for _, label in self.samples)
+        if self.classes is not None:
+            return len(self.classes)
+        return 1 + max((label for _, label in self.samples if isinstance(label, int)), default=-1)
+
+    def entry_name(self, index: int) -> str:
+        return f"{Path(self.source).name} entry {index + 1}" if self.classes is None else self.samples[index][0]
+
+    def label_problem(self, item: dict) -> str | None:
+        label = item.get("label")
+        return None if isinstance(label, int) and label >= 0 else f"label {label!r} is not a class index (an int >= 0)"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -258,7 +311,8 @@ class CIFARDataset(Dataset):
     ``root`` holds (or its ``cifar-10-batches-py`` / ``cifar-100-python`` folder holds) CIFAR-10's
     ``data_batch_1..5`` / ``test_batch`` (``labels``) or CIFAR-100's ``train`` / ``test``
     (``fine_labels``). Items: ``image`` (the transform of a 32x32 RGB PIL image) and ``label``.
-    Pickles can run code when loaded: read only files from a source you trust.
+    The pickles are read by an unpickler that builds only what the official files hold (numpy
+    arrays, lists, dicts, strings, numbers): a planted file that would run code is refused.
     """
 
     def __init__(self, root: str | os.PathLike, train: bool = True, transform: Callable | None = None):
@@ -291,11 +345,35 @@ def _cifar_dir(root: Path) -> Path:
     raise FileNotFoundError(f"{root}: no CIFAR python batches (data_batch_1..5 + test_batch, or train + test)")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Resolves only the callables a pickled numpy array needs: a pickle can call any function it
+    names while it loads, and the CIFAR batches name nothing else."""
+
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"),
+                ("_codecs", "encode")}  # Python 3 writes bytes into protocol-2 pickles as encode(str)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR batch holds only numpy arrays, "
+                                         f"lists and plain values")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR batch {path} does not exist")
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")  # the official batches were pickled by Python 2
+    try:
+        with open(path, "rb") as f:
+            data = _CifarUnpickler(f, encoding="latin1").load()  # the official batches were pickled by Python 2
+    except pickle.UnpicklingError as e:
+        raise BadFileError(path, f"not a CIFAR batch: {e}") from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise BadFileError(path, f"not a complete CIFAR batch ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise BadFileError(path, f"not a CIFAR batch: holds a {type(data).__name__}, not a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
 
 

@@ -32,53 +32,69 @@ world size and ``num_workers`` are unchanged (otherwise the stream restarts at a
 warning). Augmentation and masking are seeded per (seed, rank, reader, batch), inside
 ``torch.random.fork_rng`` so the training process's RNG is untouched.
 
+Sources (``beit3.data.sources``): each kind reads a shards folder's ``{kind}-*.tar`` or its own
+sources, ``PATTERN[::WEIGHT]`` each: local or remote (http(s), ``pipe:``) webdataset shards as
+img2dataset writes them, folders of images, text files. Several sources of a kind are mixed by
+weight: every sample's source is drawn from (seed, kind, reader, draw number), so the mixture is
+deterministic and a restored reader continues it exactly; each source keeps its own stream position.
+
 Bad data: an undecodable image, a missing, empty or non-UTF-8 text, an unreadable or truncated tar
 is skipped, counted per shard (``stats``) and logged as a warning naming the shard (the first
-``warnings_per_shard`` of each). A missing path, too few shards for the readers, or a kind without
-one usable sample is a ``ValueError`` when the loader is built.
+``warnings_per_shard`` of each). A remote shard whose open or read fails is retried with backoff
+(``shard_retries``, ``retry_backoff``), then given up and counted; a reader that gives up on more
+than ``max_bad_shard_fraction`` of a source's shards stops with a ``DataSourceError``. A pattern
+matching nothing, too few shards for the readers, or a source whose first shards hold no usable
+sample is a ``DataSourceError`` (a ``ValueError``) when the loader is built.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import io
+import json
 import logging
 import os
 import random
-import tarfile
+from bisect import bisect
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .masking import (IMAGE_MASK_RATIO, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator,
                       default_num_masking_patches, mask_text)
 from .shards import manifest_shards, read_manifest
+from .sources import (IMAGE_KEYS, DataSourceError, RetryPolicy, Shard, SkipLog, Source, failed_in, first_usable,
+                      read_samples, resolve_source)
 from .text_tokenizer import TextTokenizer
 from .transforms import BEIT_MIN_CROP_SCALE, VL_CROP_SCALE, PretrainImageTransform
 
 log = logging.getLogger(__name__)
 
 KINDS = ("images", "texts", "pairs")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-STATE_VERSION = 1
+STATE_VERSION = 2
 TEXT_PADDING = ("longest", "max")
+IMAGE_DECODERS = ("pil", "torchvision")
 MAX_EMPTY_EPOCHS = 1000  # a reader that finds nothing usable for this long stops instead of hanging
 
 
 @dataclass
 class PretrainDataConfig:
     shards_dir: str | None = None  # holds {images,texts,pairs}-*.tar (and manifest.json)
-    image_shards: str | Sequence[str] | None = None  # per-kind override: paths or brace patterns
+    # Per-kind sources, each "PATTERN[::WEIGHT]" (see beit3.data.sources): local or remote shard
+    # patterns, folders, text files; several per kind are mixed by weight.
+    image_shards: str | Sequence[str] | None = None
     text_shards: str | Sequence[str] | None = None
     pair_shards: str | Sequence[str] | None = None
+    shard_retries: int = 3  # further attempts at a remote shard whose open or read failed
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled each time
+    max_bad_shard_fraction: float = 0.1  # a reader stops the run when more of one source's shards fail
     batch_images: int = 16
     batch_texts: int = 16
     batch_pairs: int = 16
@@ -107,6 +123,7 @@ class PretrainDataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     warnings_per_shard: int = 5
+    image_decoder: str = "pil"  # or "torchvision": torchvision.io.decode_image, transforms on uint8 tensors
 
     @property
     def readers_per_rank(self) -> int:
@@ -121,6 +138,13 @@ class PretrainDataConfig:
 
     def active_kinds(self) -> list[str]:
         return [k for k in KINDS if self.batch_size(k) > 0]
+
+    def specs(self, kind: str) -> list[str]:
+        given = {"images": self.image_shards, "texts": self.text_shards, "pairs": self.pair_shards}[kind]
+        return [] if not given else [given] if isinstance(given, (str, os.PathLike)) else [os.fspath(g) for g in given]
+
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.shard_retries, self.retry_backoff)
 
     def masked_patches(self) -> int:
         if self.num_masking_patches is not None:
@@ -138,133 +162,59 @@ class PretrainDataConfig:
                              f"{self.img_size}/{self.patch_size}: the image mask indexes both")
         if not 0 <= self.masked_patches() <= self.grid ** 2:
             raise ValueError(f"num_masking_patches {self.masked_patches()} outside [0, {self.grid ** 2}]")
+        if self.image_decoder not in IMAGE_DECODERS:
+            raise ValueError(f"image_decoder={self.image_decoder!r}: expected one of {IMAGE_DECODERS}")
         if self.text_padding not in TEXT_PADDING or self.text_pad_multiple < 1:
             raise ValueError(f"text_padding={self.text_padding!r}, text_pad_multiple={self.text_pad_multiple}: "
                              f"expected one of {TEXT_PADDING} and a multiple >= 1")
+        if self.shard_retries < 0 or self.retry_backoff < 0 or not 0 <= self.max_bad_shard_fraction <= 1:
+            raise ValueError(f"need shard_retries >= 0, retry_backoff >= 0 and max_bad_shard_fraction in [0, 1]; "
+                             f"got {self.shard_retries}, {self.retry_backoff}, {self.max_bad_shard_fraction}")
         if self.max_text_len < 2 or self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"need max_text_len >= 2, num_workers >= 0, shuffle_buffer >= 1; got "
                              f"{self.max_text_len}, {self.num_workers}, {self.shuffle_buffer}")
 
 
-# --------------------------------------------------------------------------- shard lists
-def _expand(patterns: str | Sequence[str]) -> list[str]:
-    patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
-    return [p for pattern in patterns for p in braceexpand(os.fspath(pattern))]
-
-
-def resolve_shards(cfg: PretrainDataConfig) -> dict[str, list[str]]:
-    """``{kind: shard paths}`` for every kind with a batch size, checked to exist and be non-empty."""
+# --------------------------------------------------------------------------- sources
+def resolve_sources(cfg: PretrainDataConfig, readers: int = 1) -> dict[str, list[Source]]:
+    """``{kind: sources}`` for every kind with a batch size: the kind's own sources if given,
+    else the ``{kind}-*.tar`` shards of ``shards_dir``. ``readers``: readers over all ranks."""
     out = {}
     for kind in cfg.active_kinds():
-        explicit = getattr(cfg, f"{kind[:-1]}_shards")
-        if explicit:
-            paths = _expand(explicit)
+        specs = cfg.specs(kind)
+        if specs:
+            out[kind] = [resolve_source(kind, spec, readers) for spec in specs]
         elif cfg.shards_dir:
-            paths = _dir_shards(cfg.shards_dir, kind)
+            out[kind] = [_dir_source(cfg.shards_dir, kind)]
         else:
-            raise ValueError(f"no {kind} shards: set shards_dir or {kind[:-1]}_shards")
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise ValueError(f"{kind} shard {missing[0]} does not exist ({len(missing)} of {len(paths)} missing)")
-        if not paths or all(os.path.getsize(p) == 0 for p in paths):
-            raise ValueError(f"no {kind} data: {len(paths)} shards, all empty")
-        out[kind] = paths
+            raise DataSourceError(f"no {kind} data: give a {kind[:-1]} source or a shards folder (or batch size 0)")
     return out
 
 
-def _dir_shards(folder: str, kind: str) -> list[str]:
+def _dir_source(folder: str, kind: str) -> Source:
     if not os.path.isdir(folder):
-        raise ValueError(f"shards_dir {folder} does not exist")
+        raise DataSourceError(f"shards folder {folder} does not exist")
     listed = manifest_shards(folder, kind)
     if listed is not None:
-        if read_manifest(folder)["kinds"][kind].get("num_samples", 1) == 0:
-            raise ValueError(f"{folder}/manifest.json lists no {kind} samples")
-        return listed
+        n = read_manifest(folder)["kinds"][kind].get("num_samples")
+        if n == 0:
+            raise DataSourceError(f"{folder}/manifest.json lists no {kind} samples")
+        missing = [p for p in listed if not os.path.isfile(p)]
+        if missing:
+            raise DataSourceError(f"{kind} shard {missing[0]} does not exist ({len(missing)} of {len(listed)} "
+                                  f"listed in {folder}/manifest.json missing)")
+        return Source(kind, os.path.join(folder, f"{kind}-*.tar"), 1.0, [Shard(p) for p in listed], n, "manifest.json")
     found = sorted(glob.glob(os.path.join(glob.escape(folder), f"{kind}-*.tar")))
     if not found:
-        raise ValueError(f"{folder} has no {kind}-*.tar shards (and no manifest.json entry for {kind})")
-    return found
+        raise DataSourceError(f"{folder} has no {kind}-*.tar shards (and no manifest.json entry for {kind}); "
+                              f"for other layouts (img2dataset's 00000.tar ...) give the sources, e.g. "
+                              f"--{kind[:-1]}-shards '{folder}/{{00000..00099}}.tar'")
+    return Source(kind, os.path.join(folder, f"{kind}-*.tar"), 1.0, [Shard(p) for p in found], None, "not counted")
 
 
 # --------------------------------------------------------------------------- reading shards
 class BadSample(ValueError):
     """A sample that cannot be used (undecodable image, missing or empty text)."""
-
-
-class SkipLog:
-    """Per-shard counts of skipped samples and read errors; warns for the first few of each shard."""
-
-    def __init__(self, counts: dict[str, int] | None = None, warn_limit: int = 5):
-        self.counts = Counter(counts or {})
-        self.warn_limit = warn_limit
-        self.muted = False  # while replaying a stream up to a restored position (counted back then)
-
-    def add(self, shard: str, why: str) -> None:
-        if self.muted:
-            return
-        self.counts[shard] += 1
-        n = self.counts[shard]
-        if n <= self.warn_limit:
-            more = "; further ones in this shard are only counted" if n == self.warn_limit else ""
-            log.warning("skipped bad data in shard %s (%d so far): %s%s", shard, n, why, more)
-
-    def handler(self, shard: str, keep_going: bool) -> Callable[[Exception], bool]:
-        """A webdataset ``handler``: count and warn, then continue (True) or end the shard (False)."""
-        def handle(exn: Exception) -> bool:
-            self.add(shard, f"{type(exn).__name__}: {exn}")
-            return keep_going
-        return handle
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-def read_shard(path: str, skips: SkipLog) -> Iterator[dict]:
-    """Samples ``{"__key__", "__url__", ext: bytes}`` of one tar; a read error ends the shard."""
-    return group_by_keys(_tar_members(path, skips), handler=skips.handler(path, keep_going=True))
-
-
-def _tar_members(path: str, skips: SkipLog) -> Iterator[dict]:
-    failed = []
-    count = skips.handler(path, keep_going=False)
-
-    def on_error(exn: Exception) -> bool:  # after a broken member the stream is lost: end the shard
-        failed.append(exn)
-        return count(exn)
-
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        on_error(e)
-        return
-    with f:
-        members = tar_file_iterator(f, handler=on_error)
-        while True:
-            try:
-                member = next(members)
-            except StopIteration:
-                # tarfile takes a cut inside a header for the end of the archive, silently
-                if not failed and (why := tar_truncation(path)):
-                    on_error(tarfile.ReadError(why))
-                return
-            except Exception as e:  # a truncated header or garbage raises outside webdataset's handler
-                on_error(e)
-                return
-            member["__url__"] = path
-            yield member
-
-
-def tar_truncation(path: str) -> str | None:
-    """Why ``path`` is not a complete tar (a tar is whole 512-byte blocks ending in two zero blocks)."""
-    size = os.path.getsize(path)
-    if size % 512 or size < 1024:
-        return f"truncated tar: {size} bytes is not a whole number of 512-byte blocks"
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        if any(f.read(1024)):
-            return "truncated tar: no end-of-archive blocks"
-    return None
 
 
 def _buffer_shuffle(samples: Iterator[dict], rng: random.Random, size: int) -> Iterator[dict]:
@@ -284,10 +234,13 @@ class ShardStream:
     that shard); a new stream built with it continues exactly where the old one was.
     """
 
-    def __init__(self, kind: str, shards: list[str], reader: int, num_readers: int, seed: int,
-                 buffer: int, skips: SkipLog, position: Sequence[int] = (0, 0, 0)):
-        self.kind, self.shards, self.reader, self.num_readers = kind, shards, reader, num_readers
-        self.seed, self.buffer, self.skips = seed, buffer, skips
+    def __init__(self, kind: str, shards: Sequence[Shard | str], reader: int, num_readers: int, seed: int,
+                 buffer: int, skips: SkipLog, position: Sequence[int] = (0, 0, 0), retry: RetryPolicy | None = None,
+                 source: Source | None = None, max_failed: float = float("inf")):
+        self.kind, self.reader, self.num_readers = kind, reader, num_readers
+        self.shards = [s if isinstance(s, Shard) else Shard(s) for s in shards]
+        self.seed, self.buffer, self.skips, self.retry = seed, buffer, skips, retry
+        self.source, self.max_failed = source, max_failed
         self.position = tuple(position)
         self.last_valid_epoch = self.position[0]
 
@@ -298,7 +251,17 @@ class ShardStream:
 
     def shard_samples(self, shard: int, epoch: int) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}/{self.kind}/{epoch}/{shard}")
-        return _buffer_shuffle(read_shard(self.shards[shard], self.skips), rng, self.buffer)
+        return _buffer_shuffle(read_samples(self.shards[shard], self.skips, self.retry), rng, self.buffer)
+
+    def check_failures(self) -> None:
+        """Stop once this reader alone has given up on more than the allowed share of the source."""
+        if self.source is None:
+            return
+        failed = failed_in(self.source, list(self.skips.failed))
+        if len(failed) > self.max_failed:
+            raise DataSourceError(
+                f"{self.kind} source {self.source.pattern!r}: {len(failed)} of {len(self.shards)} shards failed "
+                f"(more than the allowed {self.max_failed:g}); first: {failed[0]}: {self.skips.failed[failed[0]]}")
 
     def mark_valid(self) -> None:
         self.last_valid_epoch = self.position[0]
@@ -316,6 +279,7 @@ class ShardStream:
                     taken += 1
                     self.position = (epoch, i, taken)
                     yield sample
+                self.check_failures()
                 taken = 0
             epoch, index = epoch + 1, 0
             self.position = (epoch, 0, 0)
@@ -332,11 +296,16 @@ class ShardStream:
 
 
 # --------------------------------------------------------------------------- decoding
-def decode_image(sample: dict) -> Image.Image:
+def decode_image(sample: dict, decoder: str = "pil") -> Image.Image | torch.Tensor:
+    """The sample's image: an RGB PIL image, or with ``decoder="torchvision"`` a uint8 (3, H, W)
+    tensor from ``torchvision.io.decode_image`` (libjpeg-turbo for JPEG, as PIL)."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         raise BadSample(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(k for k in sample if k[0] != '_')}")
     try:
+        if decoder == "torchvision":
+            from torchvision.io import ImageReadMode, decode_image as tv_decode
+            return tv_decode(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
         with Image.open(io.BytesIO(sample[ext])) as im:
             return im.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
@@ -344,12 +313,22 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 def decode_text(sample: dict) -> str:
-    if "txt" not in sample:
-        raise BadSample("no txt member")
-    try:
-        text = sample["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise BadSample(f"text {sample['__key__']}.txt is not UTF-8: {e}") from e
+    """``txt``, or the ``caption`` field of ``json`` (img2dataset writes both)."""
+    if "txt" in sample:
+        try:
+            text = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise BadSample(f"text {sample['__key__']}.txt is not UTF-8: {e}") from e
+    elif "json" in sample:
+        try:
+            text = json.loads(sample["json"]).get("caption")
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise BadSample(f"{sample['__key__']}.json is not a JSON object: {e}") from e
+        if not isinstance(text, str):
+            raise BadSample(f"{sample['__key__']}.json has no string 'caption'")
+        text = text.strip()
+    else:
+        raise BadSample("no txt member and no json caption")
     if not text:
         raise BadSample(f"empty text {sample['__key__']}.txt")
     return text
@@ -359,18 +338,15 @@ DECODERS = {"images": decode_image, "texts": decode_text,
             "pairs": lambda s: (decode_image(s), decode_text(s))}
 
 
-def first_usable_sample(kind: str, shards: list[str]) -> str:
-    """``shard:key`` of the first sample of ``kind`` that decodes; ValueError if there is none."""
-    quiet = SkipLog()
-    quiet.muted = True
-    for shard in shards:
-        for sample in read_shard(shard, quiet):
-            try:
-                DECODERS[kind](sample)
-                return f"{shard}:{sample['__key__']}"
-            except BadSample:
-                continue
-    raise ValueError(f"no usable {kind} sample in {len(shards)} shards ({shards[0]} ...): empty or all broken")
+def check_sources(sources: dict[str, list[Source]], retry: RetryPolicy | None = None) -> list[str]:
+    """Open every source's first shard(s) and decode one sample; ``DataSourceError`` naming the
+    source otherwise. Returns a line per source for the log."""
+    lines = []
+    for kind, group in sources.items():
+        for source in group:
+            first = first_usable(source, DECODERS[kind], retry)
+            lines.append(f"{source.describe()}; first sample {first}")
+    return lines
 
 
 # --------------------------------------------------------------------------- batches of one reader
@@ -381,18 +357,25 @@ def _seed(*key: int) -> int:
 class ReaderBatches:
     """The batches of one reader (logical dataloader worker ``worker`` of rank ``rank``)."""
 
-    def __init__(self, cfg: PretrainDataConfig, shards: dict[str, list[str]], tokenizer_path: str,
+    def __init__(self, cfg: PretrainDataConfig, sources: dict[str, list[Source]], tokenizer_path: str,
                  rank: int, world_size: int, worker: int, state: dict | None):
         state = state or {}
         per_rank = cfg.readers_per_rank
         self.cfg, self.rank, self.worker = cfg, rank, worker
+        self.reader = rank * per_rank + worker
         self.batches = state.get("batches", 0)
-        self.skips = SkipLog(state.get("skipped"), cfg.warnings_per_shard)
-        positions = state.get("streams", {})
-        self.streams = {kind: ShardStream(kind, paths, rank * per_rank + worker, world_size * per_rank, cfg.seed,
-                                          cfg.shuffle_buffer, self.skips, positions.get(kind, (0, 0, 0)))
-                        for kind, paths in shards.items()}
-        self.iters = {kind: iter(s) for kind, s in self.streams.items()}
+        self.skips = SkipLog(state.get("skipped"), cfg.warnings_per_shard, state.get("failed"))
+        positions, self.draws = state.get("streams", {}), dict(state.get("draws", {}))
+        self.streams = {kind: [ShardStream(kind, src.shards, self.reader, world_size * per_rank, cfg.seed,
+                                           cfg.shuffle_buffer, self.skips, _position(positions, kind, i), cfg.retry(),
+                                           src, cfg.max_bad_shard_fraction * len(src.shards))
+                               for i, src in enumerate(group)]
+                        for kind, group in sources.items()}
+        self.iters = {kind: [iter(s) for s in group] for kind, group in self.streams.items()}
+        # Cumulative weights: a draw u in [0, total) picks the first source whose bound exceeds it.
+        self.bounds = {kind: list(np.cumsum([src.weight for src in group])) for kind, group in sources.items()}
+        image = functools.partial(decode_image, decoder=cfg.image_decoder)
+        self.decode = {"images": image, "texts": decode_text, "pairs": lambda x: (image(x), decode_text(x))}
         self.tokenizer = TextTokenizer(tokenizer_path)
         self.masker = BlockMaskGenerator(cfg.grid, cfg.masked_patches())
         self.image_tf = PretrainImageTransform(cfg.img_size, cfg.tokenizer_img_size, cfg.min_crop_scale,
@@ -402,19 +385,32 @@ class ReaderBatches:
 
     def state(self) -> dict:
         return {"worker": self.worker, "batches": self.batches, "skipped": dict(self.skips.counts),
-                "streams": {kind: list(s.position) for kind, s in self.streams.items()}}
+                "failed": dict(self.skips.failed), "draws": dict(self.draws),
+                "streams": {kind: [list(s.position) for s in group] for kind, group in self.streams.items()}}
+
+    def pick(self, kind: str) -> int:
+        """The source of ``kind``'s next sample: by weight, from the draw's own seed, so a restored
+        reader draws the same sources."""
+        bounds = self.bounds[kind]
+        if len(bounds) == 1:
+            return 0
+        draw = self.draws.get(kind, 0)
+        self.draws[kind] = draw + 1
+        u = random.Random(f"{self.cfg.seed}/{kind}/{self.reader}/{draw}").random() * bounds[-1]
+        return min(bisect(bounds, u), len(bounds) - 1)
 
     def take(self, kind: str, n: int) -> tuple[list, list[str]]:
         """``n`` decoded samples of ``kind`` and their ``shard:key``; bad ones are counted and skipped."""
         items, keys = [], []
         while len(items) < n:
-            sample = next(self.iters[kind])
+            i = self.pick(kind)
+            sample = next(self.iters[kind][i])
             try:
-                items.append(DECODERS[kind](sample))
+                items.append(self.decode[kind](sample))
             except BadSample as e:
                 self.skips.add(sample["__url__"], str(e))
                 continue
-            self.streams[kind].mark_valid()
+            self.streams[kind][i].mark_valid()
             keys.append(f"{os.path.basename(sample['__url__'])}:{sample['__key__']}")
         return items, keys
 
@@ -438,7 +434,7 @@ class ReaderBatches:
         batch["_keys"], batch["_state"] = keys, self.state()
         return batch
 
-    def image_part(self, images: list[Image.Image], rng: np.random.Generator,
+    def image_part(self, images: list, rng: np.random.Generator,
                    transform: PretrainImageTransform | None = None) -> dict:
         views = [(transform or self.image_tf)(im) for im in images]
         return {"image": torch.stack([v[0] for v in views]),  # (B, 3, S, S)
@@ -466,12 +462,17 @@ class ReaderBatches:
         m = self.cfg.text_pad_multiple
         return min(full, -(-longest // m) * m)
 
-    def pair_part(self, pairs: list[tuple[Image.Image, str]], rng: np.random.Generator,
+    def pair_part(self, pairs: list[tuple], rng: np.random.Generator,
                   gen: torch.Generator) -> dict:
         part = self.image_part([p[0] for p in pairs], rng, self.pair_tf)
         if not self.cfg.mask_pair_images:
             part = {"image": part["image"]}
         return {**part, **self.text_part([p[1] for p in pairs], self.cfg.pair_text_mask_prob, gen)}
+
+
+def _position(positions: dict, kind: str, i: int) -> Sequence[int]:
+    group = positions.get(kind)
+    return tuple(group[i]) if group and i < len(group) else (0, 0, 0)
 
 
 class MixedBatches(IterableDataset):
@@ -481,26 +482,26 @@ class MixedBatches(IterableDataset):
     round-robin starts with the reader that owed batch K.
     """
 
-    def __init__(self, cfg: PretrainDataConfig, shards: dict[str, list[str]], tokenizer_path: str,
+    def __init__(self, cfg: PretrainDataConfig, sources: dict[str, list[Source]], tokenizer_path: str,
                  rank: int, world_size: int, states: list[dict | None], offset: int):
-        self.cfg, self.shards, self.tokenizer_path = cfg, shards, tokenizer_path
+        self.cfg, self.sources, self.tokenizer_path = cfg, sources, tokenizer_path
         self.rank, self.world_size, self.states, self.offset = rank, world_size, states, offset
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         worker = (physical + self.offset) % self.cfg.readers_per_rank
-        reader = ReaderBatches(self.cfg, self.shards, self.tokenizer_path, self.rank, self.world_size,
+        reader = ReaderBatches(self.cfg, self.sources, self.tokenizer_path, self.rank, self.world_size,
                                worker, self.states[worker])
         while True:
             yield reader.next_batch()
 
 
 # --------------------------------------------------------------------------- the loader
-def _names_digest(paths: list[str]) -> str:
-    """Count and hash of the shard file names (moving the folder keeps the stream position)."""
-    names = "\n".join(os.path.basename(p) for p in paths)
-    return f"{len(paths)}:{hashlib.sha1(names.encode()).hexdigest()[:16]}"
+def _sources_digest(group: list[Source]) -> str:
+    """Patterns, weights and shard names of a kind's sources (moving a folder keeps the position)."""
+    names = "\n".join(f"{src.weight:g}|" + "|".join(os.path.basename(s.name) for s in src.shards) for src in group)
+    return f"{sum(len(src.shards) for src in group)}:{hashlib.sha1(names.encode()).hexdigest()[:16]}"
 
 
 class PretrainLoader:
@@ -518,20 +519,27 @@ class PretrainLoader:
         self.tokenizer_path = text_tokenizer.model_file if isinstance(text_tokenizer, TextTokenizer) \
             else os.fspath(text_tokenizer)
         TextTokenizer(self.tokenizer_path)  # fail now, not in a worker
-        self.shards = resolve_shards(cfg)
         readers = world_size * cfg.readers_per_rank
-        for kind, paths in self.shards.items():
-            if len(paths) < readers:
-                raise ValueError(f"{len(paths)} {kind} shards for {readers} readers ({world_size} ranks x "
-                                 f"{cfg.readers_per_rank} workers); every reader needs its own shard: write "
-                                 "smaller shards (beit3 data shards --shard-size) or use fewer workers")
-            first_usable_sample(kind, paths)
+        self.sources = resolve_sources(cfg, readers)
+        for kind, group in self.sources.items():
+            for src in group:
+                if len(src.shards) < readers:
+                    raise DataSourceError(
+                        f"{kind} source {src.pattern!r} has {len(src.shards)} shards for {readers} readers "
+                        f"({world_size} ranks x {cfg.readers_per_rank} workers); every reader needs its own "
+                        "shard: write smaller shards (beit3 data shards --shard-size) or use fewer workers")
+        self.source_lines = check_sources(self.sources, cfg.retry())
         self._batches = 0
         self._states: list[dict | None] = [None] * cfg.readers_per_rank
 
+    @property
+    def shards(self) -> dict[str, list[str]]:
+        """``{kind: shard names}`` over all of a kind's sources."""
+        return {k: [s.name for src in g for s in src.shards] for k, g in self.sources.items()}
+
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
-        data = MixedBatches(cfg, self.shards, self.tokenizer_path, self.rank, self.world_size,
+        data = MixedBatches(cfg, self.sources, self.tokenizer_path, self.rank, self.world_size,
                             copy.deepcopy(self._states), self._batches % cfg.readers_per_rank)
         if cfg.num_workers > 0:
             data = DataLoader(data, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
@@ -547,14 +555,15 @@ class PretrainLoader:
         per_shard = Counter()
         for state in filter(None, self._states):
             per_shard.update(state["skipped"])
-        epochs = {kind: max(s["streams"][kind][0] for s in filter(None, self._states)) for kind in self.shards}
+        epochs = {kind: max(p[0] for s in filter(None, self._states) for p in s["streams"][kind])
+                  for kind in self.sources}
         return {"skipped": sum(per_shard.values()), "skipped_per_shard": dict(per_shard), "keys": keys,
                 "epochs": epochs}
 
     # -- stream position ---------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "readers_per_rank": self.cfg.readers_per_rank,
-                "seed": self.cfg.seed, "shards": {k: _names_digest(v) for k, v in self.shards.items()}}
+                "seed": self.cfg.seed, "shards": {k: _sources_digest(g) for k, g in self.sources.items()}}
 
     def state_dict(self) -> dict:
         """Position after the batches yielded so far (not those prefetched by workers)."""
@@ -563,24 +572,26 @@ class PretrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; takes effect at the next ``iter()``."""
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"pretraining data state version {state.get('version')!r}, expected {STATE_VERSION}")
         mismatch = [k for k, v in self._fingerprint().items() if state["fingerprint"].get(k) != v]
         if mismatch:
-            epoch = 1 + max((p[0] for s in filter(None, state["readers"]) for p in s["streams"].values()), default=0)
+            epoch = 1 + max((p[0] for s in filter(None, state["readers"]) for g in s["streams"].values()
+                             for p in (g if g and isinstance(g[0], list) else [g])), default=0)
             log.warning("pretraining data state was saved with different %s; the stream restarts at epoch %d "
                         "(reshuffled) instead of continuing exactly", ", ".join(mismatch), epoch)
             self._batches = 0
             self._states = [{"worker": w, "batches": 0, "skipped": {},
-                             "streams": {k: [epoch, 0, 0] for k in self.shards}}
+                             "streams": {k: [[epoch, 0, 0] for _ in g] for k, g in self.sources.items()}}
                             for w in range(self.cfg.readers_per_rank)]
             return
         self._batches = int(state["batches"])
         self._states = copy.deepcopy(state["readers"])
 
     def summary(self) -> str:
+        """What the loader reads, a line per source, for the run's log."""
         cfg = self.cfg
-        return (f"pretraining data: " + ", ".join(f"{kind} {cfg.batch_size(kind)}/step from {len(p)} shards"
-                                                 for kind, p in self.shards.items())
-                + f"; rank {self.rank}/{self.world_size}, {cfg.readers_per_rank} readers, "
-                f"{cfg.masked_patches()} of {cfg.grid ** 2} patches masked; config {asdict(cfg)}")
+        head = (f"pretraining data: " + ", ".join(f"{kind} {cfg.batch_size(kind)}/step" for kind in self.sources)
+                + f"; rank {self.rank}/{self.world_size}, {cfg.readers_per_rank} readers per rank, "
+                f"{cfg.masked_patches()} of {cfg.grid ** 2} patches masked")
+        return "\n".join([head] + [f"  {line}" for line in self.source_lines])

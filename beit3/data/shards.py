@@ -6,8 +6,9 @@
 
 Samples are ``{"__key__": "000000042", "jpg"|"png"|"webp": <the file's bytes>, "txt": <UTF-8>}``:
 images keep their encoded bytes (the member's extension is their sniffed format, not the file
-name's). Caption files are JSON lines ``{"image": path, "caption": text}`` (COCO / CC3M style;
-relative paths are resolved against the file's folder); text files hold one document a line.
+name's). Captions come as JSON lines ``{"image": path, "caption": text}``, COCO captions JSON,
+Karpathy-split JSON, or CSV/TSV/parquet tables with an image path/URL column and a caption column
+(img2dataset's inputs; see ``caption_samples``); text files hold one document a line.
 
 Unusable inputs (unknown image bytes, missing image files, empty or non-UTF-8 texts, bad JSON
 lines) are skipped with a warning and counted; no samples at all is an error.
@@ -82,15 +83,43 @@ def image_folder_samples(folder: str | os.PathLike) -> Iterator[Item]:
     return (_image_fields(path) for path in files)
 
 
-def caption_samples(jsonl: str | os.PathLike) -> Iterator[Item]:
-    """Image-text pairs from JSON lines ``{"image": path, "caption": text}``."""
-    path = Path(jsonl)
+def caption_samples(source: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                    url_col: str | None = None, caption_col: str | None = None,
+                    split: Sequence[str] | None = None) -> Iterator[Item]:
+    """Image-text pairs from a captions file, by its format:
+
+    - ``.jsonl``: ``{"image": path, "caption": text}`` a line;
+    - ``.json``: COCO captions (``images`` with ``file_name`` + ``annotations`` with ``image_id``,
+      ``caption``), the Karpathy split (``images`` with ``filepath``/``filename``, ``sentences``
+      and ``split``; ``split`` keeps some splits), or a list of ``{"image", "caption"}``;
+    - ``.csv`` / ``.tsv`` / ``.parquet``: img2dataset's input tables, an image path or URL column
+      (``url_col``, default the first of url, image, image_path, filepath, file_name) and a caption
+      column (``caption_col``, default caption or text).
+
+    Image paths are relative to ``image_root`` (default: the captions file's folder); http(s)
+    URLs are downloaded (a failed download is skipped and counted)."""
+    path = Path(source)
     if not path.is_file():
-        raise ShardError(f"--captions {jsonl}: no such file")
-    return _caption_lines(path)
+        raise ShardError(f"--captions {source}: no such file")
+    root = Path(image_root) if image_root is not None else path.parent
+    if image_root is not None and not root.is_dir():
+        raise ShardError(f"--image-root {image_root}: no such directory")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif suffix == ".json":
+        rows = _json_rows(path, split)
+    elif suffix in (".csv", ".tsv", ".parquet"):
+        rows = _table_rows(path, url_col, caption_col)
+    else:
+        raise ShardError(f"--captions {source}: unknown format {suffix!r} (.jsonl, .json, .csv, .tsv, .parquet)")
+    return _pair_items(rows, root)
 
 
-def _caption_lines(path: Path) -> Iterator[Item]:
+Row = tuple[str, "str | None", "str | None"]  # (where, image path or URL, caption); None: bad row
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -98,18 +127,96 @@ def _caption_lines(path: Path) -> Iterator[Item]:
             where = f"{path}:{lineno}"
             try:
                 entry = json.loads(raw)
-                image, caption = entry["image"], entry["caption"]
+                yield where, entry["image"], entry["caption"]
             except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as e:
-                yield None, f"{where}: expected a JSON object with 'image' and 'caption' ({e!r})"
+                yield where, None, f"expected a JSON object with 'image' and 'caption' ({e!r})"
+
+
+def _json_rows(path: Path, split: Sequence[str] | None) -> Iterator[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"--captions {path}: not valid JSON: {e}") from e
+    if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO captions
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        for i, ann in enumerate(data["annotations"]):
+            image = files.get(ann.get("image_id"))
+            yield (f"{path}: annotation {i}", image, ann.get("caption")) if image else \
+                (f"{path}: annotation {i}", None, f"image_id {ann.get('image_id')!r} not among the images")
+    elif isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy split
+        for im in data["images"]:
+            if split and im.get("split") not in split:
                 continue
-            if not isinstance(caption, str) or not caption.strip():
-                yield None, f"{where}: empty caption"
-                continue
-            fields, why = _image_fields(path.parent / image)
-            if fields is None:
-                yield None, f"{where}: {why}"
-                continue
-            yield {**fields, "txt": caption.strip()}, None
+            image = os.path.join(im.get("filepath", ""), im["filename"])
+            for sent in im.get("sentences", []):
+                yield f"{path}: {image}", image, sent.get("raw")
+    elif isinstance(data, list):
+        for i, entry in enumerate(data):
+            ok = isinstance(entry, dict) and "image" in entry
+            yield (f"{path}[{i}]", entry["image"], entry.get("caption")) if ok else \
+                (f"{path}[{i}]", None, "expected an object with 'image' and 'caption'")
+    else:
+        raise ShardError(f"--captions {path}: neither COCO captions, a Karpathy split nor a list of "
+                         "{image, caption} objects")
+
+
+IMAGE_COLUMNS = ("url", "image", "image_path", "filepath", "file_name")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def _table_rows(path: Path, url_col: str | None, caption_col: str | None) -> Iterator[Row]:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        columns, rows = table.column_names, (dict(zip(table.column_names, r)) for r in
+                                             zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    else:
+        import csv
+        f = open(path, newline="", encoding="utf-8")
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        columns, rows = reader.fieldnames or [], reader
+    image_col = url_col or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    text_col = caption_col or next((c for c in CAPTION_COLUMNS if c in columns), None)
+    for name, col in (("image", image_col), ("caption", text_col)):
+        if col is None or col not in columns:
+            raise ShardError(f"--captions {path}: no {name} column ({col or 'none of the usual names'}; "
+                             f"columns: {columns}); name it with --{'url' if name == 'image' else 'caption'}-col")
+    for i, row in enumerate(rows, 2 if path.suffix.lower() != ".parquet" else 0):
+        yield f"{path}:{i}", row[image_col], row[text_col]
+
+
+def _pair_items(rows: Iterator[Row], root: Path) -> Iterator[Item]:
+    for where, image, caption in rows:
+        if image is None:
+            yield None, f"{where}: {caption}"
+            continue
+        if not isinstance(caption, str) or not caption.strip():
+            yield None, f"{where}: empty caption"
+            continue
+        fields, why = _url_fields(image) if re.match(r"https?://", str(image)) else _image_fields(root / image)
+        if fields is None:
+            yield None, f"{where}: {why}"
+            continue
+        yield {**fields, "txt": caption.strip()}, None
+
+
+def _url_fields(url: str, retries: int = 2) -> tuple[dict | None, str | None]:
+    import urllib.request
+    error = None
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=20) as r:
+                data = r.read()
+            break
+        except OSError as e:
+            error = e
+            time.sleep(0.5 * 2 ** attempt if attempt < retries else 0)
+    else:
+        return None, f"cannot download {url}: {error}"
+    fmt = sniff_image_format(data)
+    if fmt is None:
+        return None, f"{url} is not a JPEG, PNG or WebP image (first bytes {data[:8]!r})"
+    return {fmt: data}, None
 
 
 def text_samples(files: Sequence[str | os.PathLike]) -> Iterator[Item]:
@@ -137,7 +244,7 @@ def _text_lines(files: Sequence[str | os.PathLike]) -> Iterator[Item]:
 def write_shards(output_dir: str | os.PathLike, *, images: str | os.PathLike | None = None,
                  captions: str | os.PathLike | None = None, texts: Sequence[str | os.PathLike] | None = None,
                  kind: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                 max_bytes: float | None = None) -> dict:
+                 max_bytes: float | None = None, caption_options: dict | None = None) -> dict:
     """Write ``{kind}-NNNNNN.tar`` shards from exactly one source and update ``manifest.json``.
 
     ``kind`` defaults to ``images``, ``pairs`` or ``texts`` after the source. A shard is closed
@@ -155,7 +262,7 @@ def write_shards(output_dir: str | os.PathLike, *, images: str | os.PathLike | N
         raise ShardError(f"kind {kind!r} must be letters, digits or '_' (it prefixes the shard names)")
     if shard_size < 1 or (max_bytes is not None and max_bytes <= 0):
         raise ShardError(f"shard_size must be >= 1 and max_bytes > 0, got {shard_size}, {max_bytes}")
-    items = _source_items(content, sources[content])
+    items = _source_items(content, sources[content], caption_options or {})
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _remove_shards(out, kind)
@@ -172,11 +279,11 @@ def write_shards(output_dir: str | os.PathLike, *, images: str | os.PathLike | N
     return entry
 
 
-def _source_items(content: str, source) -> Iterator[Item]:
+def _source_items(content: str, source, caption_options: dict) -> Iterator[Item]:
     if content == "images":
         return image_folder_samples(source)
     if content == "pairs":
-        return caption_samples(source)
+        return caption_samples(source, **caption_options)
     return text_samples([source] if isinstance(source, (str, os.PathLike)) else source)
 
 
@@ -252,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images (searched recursively)")
-    src.add_argument("--captions", help='JSON lines {"image": path, "caption": text}')
+    src.add_argument("--captions", help='captions with image paths or URLs: JSON lines {"image", "caption"}, '
+                                        "COCO captions or Karpathy-split JSON, CSV/TSV or parquet")
     src.add_argument("--texts", nargs="+", help="text files, one document a line")
+    parser.add_argument("--image-root", help="--captions: folder the image paths are relative to "
+                                             "(default: the captions file's)")
+    parser.add_argument("--url-col", help="--captions table: the image path or URL column")
+    parser.add_argument("--caption-col", help="--captions table: the caption column")
+    parser.add_argument("--split", nargs="+", help="--captions Karpathy JSON: keep these splits (e.g. train restval)")
     parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
     parser.add_argument("--kind", help="shard name prefix (default: images, pairs or texts after the source)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard")
@@ -262,9 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     start = time.perf_counter()
+    from ..errors import OutputError
+    from ..files import check_output_dir
     try:
+        check_output_dir(args.output)
+    except OutputError as e:
+        print(f"beit3 data shards: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        options = {"image_root": args.image_root, "url_col": args.url_col, "caption_col": args.caption_col,
+                   "split": args.split}
         entry = write_shards(args.output, images=args.images, captions=args.captions, texts=args.texts,
-                             kind=args.kind, shard_size=args.shard_size, max_bytes=args.max_bytes)
+                             kind=args.kind, shard_size=args.shard_size, max_bytes=args.max_bytes,
+                             caption_options={k: v for k, v in options.items() if v is not None})
     except ShardError as e:
         print(f"beit3 data shards: error: {e}", file=sys.stderr)
         return 2

@@ -780,11 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards-per-kind", type=int, default=32)
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    from ..errors import UserError
+    from ..files import check_output_dir
     try:
+        check_output_dir(args.output)
         counts = make_synthetic_world(args.output, args.num_images, args.image_size, args.seed,
                                       max_image_size=args.max_image_size, image_format=args.image_format,
                                       num_nlvr2_pairs=args.num_nlvr2_pairs, shards_per_kind=args.shards_per_kind)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, UserError) as e:
         print(f"beit3 data synthetic: error: {e}", file=sys.stderr)
         return 2
     print(f"synthetic world in {args.output} ({time.perf_counter() - start:.1f}s): "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -181,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-sentence-size", type=int, default=10_000_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from ..errors import UserError
+    from ..files import check_output_file
+    try:
+        check_output_file(args.output + ".model")
+        missing = [p for p in args.input if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"--input: no such file: {', '.join(missing)}")
+    except (FileNotFoundError, UserError) as e:
+        print(f"beit3 data spm: error: {e}", file=sys.stderr)
+        return 2
     path = train_spm(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
                      character_coverage=args.character_coverage,
                      input_sentence_size=args.input_sentence_size, seed=args.seed)

@@ -89,7 +89,11 @@ class PretrainImageTransform:
                                               interp=interp, second_interp=tokenizer_interp)
         self.normalize = T.Normalize(BEIT3_MEAN, BEIT3_STD)
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A PIL image, or a uint8 (3, H, W) tensor (the same ops on the tensor, antialiased)."""
+        if isinstance(img, torch.Tensor):
+            view, tok_view = self.crop(self.common(img))
+            return self.normalize(view.float().div_(255)), tok_view.float().div_(255)
         view, tok_view = self.crop(self.common(img.convert("RGB")))
         return self.normalize(F.to_tensor(view)), F.to_tensor(tok_view)
 

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Optional
 
+from ..errors import UserError
 from ..train.ds_config import ConfigError
 from .main import add_config_flags, resolve_config
 from .recipes import TASKS, FinetuneConfig
@@ -91,21 +92,42 @@ def write_outputs(task: str, split: str, metrics: dict, output: str) -> dict:
                                     os.path.join(output, f"vqa_submission_{split}.json"))
         metrics["submission"] = str(path)
     elif preds is not None:
+        from ..files import atomic_write_bytes
         path = os.path.join(output, f"captions_{split}.json")
-        with open(path, "w") as f:
-            json.dump(preds, f, indent=1)
+        atomic_write_bytes(path, json.dumps(preds, indent=1).encode())
         metrics["predictions_file"] = path
     if "report" in metrics:
         metrics["confusion_matrix_png"] = os.path.join(output, "confusion_matrix.png")
     return metrics
 
 
+def repair_best(path: str) -> None:
+    """Put a run's ``best/`` back in place after a kill while it was being replaced, unless a run
+    holds the folder (then ``load_init`` reads the newest complete copy and changes nothing)."""
+    from ..files import recover_dir
+    from ..train.run_dir import OutputLock, RunDirError
+    if not os.path.isdir(path) or not any(os.path.isdir(os.path.join(path, f"best{s}")) for s in (".tmp", ".old")):
+        return
+    try:
+        lock = OutputLock(path)
+    except RunDirError:
+        return
+    try:
+        recovered = recover_dir(os.path.join(path, "best"))
+        if recovered:
+            print(recovered, file=sys.stderr)
+    finally:
+        lock.release()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from ..data.index_check import check_dataset
     from ..data.text_tokenizer import TextTokenizer
     from ..eval.report import print_results_table, write_results_json
+    from ..files import check_output_dir
     from ..train.distributed import init_distributed
     from .init import load_init
     from .tasks import build_task
@@ -113,12 +135,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        repair_best(args.init)
         init = load_init(args.init, args.allow_pickle)
         cfg = config_for(args, init.meta)
         split = args.split or DEFAULT_SPLIT[cfg.task]
         if args.data != SYNTHETIC and not os.path.isdir(args.data):
             raise ConfigError(f"--data {args.data!r}: no such directory")
-    except (ConfigError, ValueError, TypeError, FileNotFoundError) as e:
+        output = args.output or os.path.join(os.path.dirname(init.source), f"eval-{split}")
+        check_output_dir(output)
+    except (ConfigError, ValueError, TypeError, FileNotFoundError, UserError) as e:
         print(f"beit3 evaluate: error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed(args.dist_timeout, device)
@@ -132,21 +157,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     if spm is None or not os.path.isfile(spm):
         print(f"beit3 evaluate: error: no sentencepiece model (--spm; recorded: {spm!r})", file=sys.stderr)
         return 2
-    output = args.output or os.path.join(os.path.dirname(init.source), f"eval-{split}")
     os.makedirs(output, exist_ok=True)
     tokenizer = TextTokenizer(spm)
     task = build_task(cfg, tokenizer, **({"annotations": annotations} if cfg.task == "vqa" else {}))
     try:
         dataset = task.dataset(data, split, train=False)
+        check_dataset(dataset, split, progress=dist.is_main)  # evaluation skips nothing: every image must be there
         model = build_model(task, cfg, init, init.meta, dataset, tokenizer.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, UserError) as e:
         print(f"beit3 evaluate: error: {e}", file=sys.stderr)
         return 1
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device == "cuda" else "fp32")) == "bf16" else torch.float32
     model = model.to(dist.device, dtype).eval()
     workers = args.num_workers if args.num_workers is not None else (0 if device == "cpu" else 6)
-    metrics = evaluate(task, model, dataset, cfg.eval_batch, dist.device, dtype, workers,
-                       output if dist.is_main else None)
+    try:
+        metrics = evaluate(task, model, dataset, cfg.eval_batch, dist.device, dtype, workers,
+                           output if dist.is_main else None)
+    except UserError as e:  # an image that exists but cannot be decoded: evaluation skips nothing
+        print(f"beit3 evaluate: error: {e}", file=sys.stderr)
+        return 1
     if dist.is_main:
         results = {"task": cfg.task, "dataset": cfg.dataset, "split": split, "checkpoint": init.source,
                    **write_outputs(cfg.task, split, metrics, output)}

@@ -2,8 +2,9 @@
 
 Accepted, told apart by their contents:
 
-* a run directory of ours: a fine-tuning run's ``best/`` weights when present, else the newest
-  complete DeepSpeed checkpoint in ``checkpoints/`` (a pretraining run's backbone is ``model.*``);
+* a run directory of ours: a fine-tuning run's ``best/`` weights when present (after a kill while
+  ``best/`` was being replaced, its newest complete copy), else the newest complete DeepSpeed
+  checkpoint in ``checkpoints/`` (a pretraining run's backbone is ``model.*``);
 * one checkpoint directory ``.../checkpoints/step_XXXXXXXX`` (consolidated with zero_to_fp32);
 * a weights directory or file of ours (``model.safetensors`` + ``meta.json``, or any state dict);
 * an official unilm/beit3 checkpoint (``beit3.encoder.*`` keys), pretrained or fine-tuned.
@@ -14,12 +15,13 @@ shape match the task model is loaded too: official heads share our names, and a 
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from ..checkpoint.official import load_backbone
 from ..config import BEiT3Config
+from ..errors import BadFileError
+from ..files import current_dir, read_json, size_problems
 from ..train.checkpoint import MARKER, latest_checkpoint
 
 WEIGHTS_FILE = "model.safetensors"
@@ -41,24 +43,29 @@ def resolve_init(path: str) -> tuple[str, dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--init {path!r} does not exist")
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "best", WEIGHTS_FILE)):
-            path = os.path.join(path, "best")
+        best = current_dir(os.path.join(path, "best"))
+        if best is not None and os.path.isfile(os.path.join(best, WEIGHTS_FILE)):
+            path = best
         elif os.path.isdir(os.path.join(path, "checkpoints")):
             latest = latest_checkpoint(os.path.join(path, "checkpoints"))
             if latest is None:
                 raise FileNotFoundError(f"--init {path}: no complete checkpoint in {path}/checkpoints")
             path = latest
         if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-            return os.path.join(path, WEIGHTS_FILE), _read_json(os.path.join(path, META_FILE))
-        return path, _read_json(os.path.join(path, MARKER))
-    return path, _read_json(os.path.join(os.path.dirname(path), META_FILE)) if path.endswith(WEIGHTS_FILE) else {}
+            return os.path.join(path, WEIGHTS_FILE), _read_meta(os.path.join(path, META_FILE))
+        return path, _read_meta(os.path.join(path, MARKER))
+    return path, _read_meta(os.path.join(os.path.dirname(path), META_FILE)) if path.endswith(WEIGHTS_FILE) else {}
 
 
-def _read_json(path: str) -> dict:
+def _read_meta(path: str) -> dict:
+    """Our metadata beside weights ({} when there is none); the files it lists must be as written."""
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    meta = read_json(path)
+    problems = size_problems(os.path.dirname(path), meta.get("files") or {})
+    if problems:
+        raise BadFileError(path, f"lists files that changed since they were written: {'; '.join(problems)}")
+    return meta
 
 
 def load_init(path: str, allow_pickle: bool = False) -> InitWeights:

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Optional
 
+from ..errors import UserError
+from ..files import check_output_dir
 from ..train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, FinetuneConfig, get_recipe, recipe_names
 
@@ -56,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU)")
     ap.add_argument("--grad-accum", type=int, default=None)
     ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
-    ap.add_argument("--allow-pickle", action="store_true", help="trust --init files that need unpickling "
-                    "(unilm's fine-tuned checkpoints pickle their argparse Namespace)")
+    ap.add_argument("--allow-pickle", action="store_true", help="trust --init files and --resume checkpoints "
+                    "that need unpickling (unilm's fine-tuned checkpoints pickle their argparse Namespace)")
+    ap.add_argument("--max-bad-fraction", type=float, default=0.01,
+                    help="share of the training images that may be missing or undecodable: each is named once "
+                         "and skipped; beyond it the run stops")
     ap.add_argument("--vqa-annotations", help="VQA v2 annotation JSON of the val questions: also report the "
                     "official accuracy with answer normalisation")
     ap.add_argument("--log-every", type=int, default=10)
@@ -102,6 +107,8 @@ def check_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {path!r} does not exist")
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume!r}: no such checkpoint directory")
+    if not 0 <= args.max_bad_fraction < 1:
+        raise ConfigError(f"--max-bad-fraction must be in [0, 1), got {args.max_bad_fraction}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -117,26 +124,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.checkpoint_every is None:
             cfg = cfg.replace(checkpoint_every=0 if device == "cpu" else 1)
         check_paths(args)
+        output = args.output or f"runs/finetune-{cfg.task}"
+        check_output_dir(output)
         ds_path = args.ds_config or default_ds_config(device)
         ds_config = resolve_ds_config(ds_path, cfg.batch_size, args.grad_accum, world)
-    except (ConfigError, ValueError, TypeError) as e:
+    except (ConfigError, ValueError, TypeError, UserError) as e:
         print(f"beit3 finetune: error: {e}", file=sys.stderr)
         return 2
     from ..eval.report import print_results_table
     from .trainer import FinetuneRun, RunOptions
 
     options = RunOptions(
-        output=args.output or f"runs/finetune-{cfg.task}", data=args.data, spm=args.spm, ds_config=ds_config,
+        output=output, data=args.data, spm=args.spm, ds_config=ds_config,
         device=device, init=args.init, resume=args.resume, allow_pickle=args.allow_pickle,
         log_every=args.log_every, save_every=args.save_every, keep_last=args.keep_last,
         eval_every=args.eval_every, num_workers=args.num_workers if args.num_workers is not None else
         (0 if device == "cpu" else 6), tensorboard=not args.no_tensorboard,
-        vqa_annotations=args.vqa_annotations, dist_timeout=args.dist_timeout)
+        vqa_annotations=args.vqa_annotations, dist_timeout=args.dist_timeout, max_bad_fraction=args.max_bad_fraction)
     os.makedirs(options.output, exist_ok=True)
     run = FinetuneRun(cfg, options)
     try:
         best = run.train()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (UserError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"beit3 finetune: error: {e}", file=sys.stderr)
         return 1
     if run.dist.is_main and best:

@@ -25,8 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..config import BEiT3Config
+from ..data.bad_images import SKIPPED_KEY, SkipUnreadable, UnreadableImages
+from ..data.index_check import check_dataset
 from ..data.text_tokenizer import TextTokenizer
 from ..eval.distributed import gather_features
+from ..files import commit_dir, file_sizes, is_write_error, recover_dir, staging_dir, write_error
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from ..train.ds_config import precision
@@ -34,6 +37,7 @@ from ..train.engine import OptimConfig, build_engine
 from ..train.loop import git_commit, seed_everything
 from ..train.metrics_log import MetricsLogger
 from ..train.optim import param_groups
+from ..train.run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .heads import TaskModel, unreached_parameters
 from .init import META_FILE, WEIGHTS_FILE, InitWeights, apply_init, load_init
 from .recipes import FinetuneConfig
@@ -60,6 +64,7 @@ class RunOptions:
     tensorboard: bool = True
     vqa_annotations: Optional[str] = None  # VQA v2 annotation file of the val split (official accuracy)
     dist_timeout: float = 1800.0
+    max_bad_fraction: float = 0.01  # of the training images that may be missing or undecodable (skipped)
 
 
 # -- the default data -------------------------------------------------------------------------------
@@ -225,19 +230,22 @@ def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict:
 
 
 def save_weights(directory: str, state_dict: dict, meta: dict) -> None:
-    """``directory/model.safetensors`` + ``meta.json``, replaced as a whole (written beside, renamed)."""
+    """``directory/model.safetensors`` + ``meta.json`` (written last, with the weights' size),
+    replaced as a whole so that a kill at any moment leaves a complete copy (``files.commit_dir``).
+    A failed write (a full disk) raises ``OutputError``; the previous weights are kept."""
     from safetensors.torch import save_file
-    tmp = directory.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, WEIGHTS_FILE))
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1, default=str)
-    old = directory.rstrip("/") + ".old"
-    if os.path.isdir(directory):
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = staging_dir(directory)
+    try:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, WEIGHTS_FILE))
+        meta = {**meta, "files": file_sizes(tmp)}  # before meta.json exists: it lists the weights only
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(e):
+            raise write_error(directory, e, kept=os.path.isdir(directory)) from e
+        raise
+    commit_dir(directory)
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -252,7 +260,13 @@ class FinetuneRun:
         o, c = self.opt, self.cfg
         self.dist: DistInfo = init_distributed(o.dist_timeout, o.device)
         cpu_flush_denormal(self.dist.device)
+        self.lock = lock_output(o.output, self.dist)
+        self.resume_path, self.resume_meta = self.check_resume()
         self.logger = MetricsLogger(o.output, self.dist.is_main, 1, tensorboard=o.tensorboard, desc=c.task)
+        if self.dist.is_main:  # holding the folder's lock: nobody else is replacing best/
+            recovered = recover_dir(os.path.join(o.output, "best"))
+            if recovered:
+                self.logger.write(recovered)
         if o.data == SYNTHETIC:
             o.data, spm = synthetic_data(self.dist.is_main, self.logger.write)
             o.spm = o.spm or spm
@@ -262,6 +276,7 @@ class FinetuneRun:
         self.task = build_task(c, self.tokenizer, **({"annotations": o.vqa_annotations} if c.task == "vqa" else {}))
         self.train_set = self.task.dataset(o.data, "train", train=True)
         self.val_set = self.task.dataset(o.data, self.task.eval_split, train=False)
+        self.check_data()
         self.build_schedule()
         seed_everything(c.seed)  # the same initial weights on every rank
         self.model = self.build_model()
@@ -270,7 +285,34 @@ class FinetuneRun:
         self.engine = build_engine(self.model, self.opt.ds_config, opt, groups)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(o.ds_config), torch.float32)
         seed_everything(c.seed + self.dist.rank)  # augmentations differ per rank
-        self.write_run_info()
+
+    def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
+        """The checkpoint to resume from, verified and compared with this run before anything is
+        built (the model config and the head once they are known, still before the engine)."""
+        c = self.cfg
+        path = find_checkpoint(self.ckpt_dir, self.opt.resume)
+        if path is None:
+            return None, None
+        shape = {k: getattr(c, k) for k in ("preset", "layout", "img_size", "max_text_len", "linear_probe")}
+        identity = {"task": c.task, "dataset": c.dataset, "finetune": shape}
+        return path, check_resume(path, self.dist, identity, self.opt.allow_pickle)
+
+    def same_as_checkpoint(self, **identity) -> None:
+        if self.resume_meta is not None:
+            on_every_rank(self.dist, lambda: check_same_run(self.resume_path, self.resume_meta, identity))
+
+    def check_data(self) -> None:
+        """Every index entry usable and every image there before the first step; up to
+        ``max_bad_fraction`` of the training images may be missing (skipped), none of the val images."""
+        o, is_main = self.opt, self.dist.is_main
+        log = self.logger.write
+        images, missing = on_every_rank(self.dist, lambda: check_dataset(
+            self.train_set, "train", o.max_bad_fraction, log=log, progress=is_main))
+        num_classes = getattr(self.train_set, "num_classes", None) if self.cfg.task == "classification" else None
+        on_every_rank(self.dist, lambda: check_dataset(self.val_set, self.task.eval_split, 0.0, num_classes,
+                                                       log=log, progress=is_main))
+        rank_log = log if is_main else (lambda m: print(f"[rank {self.dist.rank}] {m}", flush=True))
+        self.unreadable = UnreadableImages(images, o.max_bad_fraction, rank_log, known=missing)
 
     def build_schedule(self) -> None:
         c, ga = self.cfg, self.opt.ds_config["gradient_accumulation_steps"]
@@ -290,7 +332,9 @@ class FinetuneRun:
         o, c = self.opt, self.cfg
         init = load_init(o.init, o.allow_pickle) if o.init else None
         mc = model_config(c, init, self.tokenizer.vocab_size)
+        self.same_as_checkpoint(model=mc.to_dict())
         model = self.task.build_model(mc, self.train_set)
+        self.same_as_checkpoint(head_args=model.head_args)
         if init is not None:
             report = apply_init(model, init)
             self.logger.write(f"initialised from {init.source} ({init.source_format}); {report.summary()}")
@@ -329,8 +373,7 @@ class FinetuneRun:
                 "world_size": self.dist.world_size, "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "train_samples": len(self.train_set), "val_samples": len(self.val_set),
                 "git_commit": git_commit(), "torch": torch.__version__}
-        with open(os.path.join(self.opt.output, "run_config.json"), "w") as f:
-            json.dump(info, f, indent=1, default=str)
+        write_run_config(self.opt.output, info)
 
     def meta(self) -> dict:
         return {"task": self.cfg.task, "dataset": self.cfg.dataset, "model": self.model.cfg.to_dict(),
@@ -340,12 +383,15 @@ class FinetuneRun:
     # training
     def train(self) -> dict:
         """Train; returns the best validation metrics."""
-        self.build()
-        step, epoch, skip = self.maybe_resume()
-        self.logger.write(f"fine-tuning {self.cfg.task} for {self.total_steps} steps ({self.steps_per_epoch}/epoch) "
-                          f"on {self.dist.world_size} x {self.dist.device.type}; output {self.opt.output}")
-        self.logger.advance(step)
+        self.lock = self.logger = None
         try:
+            self.build()
+            step, epoch, skip = self.maybe_resume()
+            self.write_run_info()  # only now: every check on the folder, the checkpoint and the data passed
+            self.logger.write(f"fine-tuning {self.cfg.task} for {self.total_steps} steps "
+                              f"({self.steps_per_epoch}/epoch) on {self.dist.world_size} x "
+                              f"{self.dist.device.type}; output {self.opt.output}")
+            self.logger.advance(step)
             while step < self.total_steps:
                 step, micro = self.train_epoch(epoch, step, skip)
                 complete = micro >= self.micro_per_epoch
@@ -354,7 +400,10 @@ class FinetuneRun:
                     self.validate(step, epoch)
                 self.save(step, epoch, skip)
         finally:
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
+            if self.lock is not None:
+                self.lock.release()
         return self.best_metrics
 
     def train_epoch(self, epoch: int, step: int, skip: int) -> tuple[int, int]:
@@ -365,13 +414,18 @@ class FinetuneRun:
         # Its own generator: building the loader draws no number from the global RNG, so a resumed
         # run (RNG restored from the checkpoint) augments the same way as an uninterrupted one.
         g = torch.Generator().manual_seed(c.seed * 10_007 + epoch * 101 + self.dist.rank)
-        loader = DataLoader(self.train_set, batch_sampler=batches[skip:], num_workers=self.opt.num_workers,
-                            collate_fn=collate, pin_memory=self.dist.device.type == "cuda", generator=g)
+        loader = DataLoader(SkipUnreadable(self.train_set), batch_sampler=batches[skip:],
+                            num_workers=self.opt.num_workers, collate_fn=collate,
+                            pin_memory=self.dist.device.type == "cuda", generator=g)
         ga = eng.gradient_accumulation_steps()
         window = {"t": time.perf_counter(), "samples": 0, "logs": []}
         self.engine.train()
         done = skip
         for micro, batch in enumerate(loader, start=skip):
+            self.unreadable.record(batch.pop(SKIPPED_KEY))
+            if all_reduce_flag(self.unreadable.too_many, self.dist.device):
+                raise self.unreadable.error(f"stopped at step {step} (epoch {epoch}); last checkpoint: "
+                                            f"{latest_checkpoint(self.ckpt_dir)}")
             loss, logs = self.task.train_step(eng, to_device(batch, self.dist.device, self.dtype), step)
             if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):
                 raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch}); lower --lr or "
@@ -401,7 +455,8 @@ class FinetuneRun:
         dt = max(time.perf_counter() - window["t"], 1e-9)
         mean = self.mean_over_ranks(window["logs"])
         out = {"loss": mean["loss"], **{f"train/{k}": v for k, v in mean.items() if k != "loss"}}
-        out.update({"lr": max(self.engine.get_lr()), "samples_per_s": window["samples"] * self.dist.world_size / dt})
+        out.update({"lr": max(self.engine.get_lr()), "samples_per_s": window["samples"] * self.dist.world_size / dt,
+                    "skipped_samples": self.unreadable.count})
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             out["grad_norm"] = float(gn)
@@ -441,11 +496,13 @@ class FinetuneRun:
 
     def save_best(self, step: int, epoch: int) -> None:
         sd = full_state_dict(self.engine.module, self.zero3)
-        if self.dist.is_main:
-            meta = {**self.meta(), "step": step, "epoch": epoch, "metric": self.task.main_metric, "value": self.best,
-                    "val": scalars(self.best_metrics, "val")}
-            save_weights(os.path.join(self.opt.output, "best"), sd, meta)
-        barrier()
+        meta = {**self.meta(), "step": step, "epoch": epoch, "metric": self.task.main_metric, "value": self.best,
+                "val": scalars(self.best_metrics, "val")}
+
+        def write():
+            if self.dist.is_main:
+                save_weights(os.path.join(self.opt.output, "best"), sd, meta)
+        on_every_rank(self.dist, write)  # a failed write (a full disk) on rank 0 stops every rank
 
     @property
     def ckpt_dir(self) -> str:
@@ -460,14 +517,13 @@ class FinetuneRun:
     def maybe_resume(self) -> tuple[int, int, int]:
         """(step, epoch, micro-batches of that epoch already done)."""
         self.best_metrics = {}
-        r = self.opt.resume
-        if r is None:
-            return 0, 0, 0
-        path = latest_checkpoint(self.ckpt_dir) if r == "auto" else r
+        path = self.resume_path
         if path is None:
-            self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+            if self.opt.resume == "auto":
+                self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
             return 0, 0, 0
-        meta, state = load_checkpoint(self.engine, path, self.dist.rank)
+        meta, state = on_every_rank(self.dist, lambda: load_checkpoint(self.engine, path, self.dist.rank,
+                                                                         self.opt.allow_pickle))
         if meta.get("world_size") != self.dist.world_size:
             raise ValueError(f"{path} was written by {meta.get('world_size')} ranks; resume on as many "
                              f"(the data order is per rank)")

@@ -252,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..errors import UserError
+    from ..files import check_output_dir
     try:
+        check_output_dir(args.output)  # before the teacher is loaded and the steps run
         preset = VQKDConfig.from_preset(args.preset)
         teacher = build_teacher(args.teacher, args.teacher_weights, grid=preset.grid_size, img_size=preset.img_size)
         config = VQKDConfig.from_preset(args.preset, teacher_dim=teacher.dim)
@@ -260,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         path = train_tokenizer(args.images, config, teacher, args.steps, args.batch_size, args.lr, args.output,
                                args.seed, args.log_every, weight_decay=args.weight_decay, min_crop_scale=crop,
                                num_workers=args.num_workers, save_every=args.save_every, device=args.device)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError, UserError) as e:
+        print(f"beit3 train-tokenizer: error: {e}", file=sys.stderr)
         return 2
     metrics = read_metrics(args.output)
     first, last = metrics[0], metrics[-1]

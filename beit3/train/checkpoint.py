@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill at any moment.
+"""Checkpoints that survive a kill at any moment and are checked before they are used.
 
 Layout: ``<output>/checkpoints/step_00000200/`` holds DeepSpeed's files (model/optimizer partitions,
 written by every rank), one ``rank_<r>.pt`` per rank (data stream position and RNG states, which
@@ -6,6 +6,12 @@ differ per rank) and, last, a ``COMPLETE`` marker written atomically by rank 0 a
 finished. ``--resume auto`` only considers directories with the marker, so a checkpoint that was
 being written when the process died is never picked. Older complete checkpoints are deleted only
 after a newer one is complete.
+
+The marker lists every file with its size. ``verify_checkpoint`` compares them before a resume (a
+lost rank file or a truncated optimizer file is an error naming it, not a resume that quietly
+restarts the data stream), then probes the files with weights-only loading: ``rank_<r>.pt`` holds
+only tensors and plain values, DeepSpeed's files nothing beyond DeepSpeed's own types, so a pickle
+planted in either is refused unless the user passes ``--allow-pickle``.
 """
 from __future__ import annotations
 
@@ -20,13 +26,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..checkpoint.io import check_deepspeed_files, load_checkpoint_file
+from ..errors import OutputError, UserError, first_line
+from ..files import atomic_file, atomic_write_bytes, file_sizes, read_json, size_problems
 from .distributed import all_reduce_flag, barrier
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -34,34 +43,50 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, which weights-only loading accepts."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:  # written before the RNG states were plain values (loaded with --allow-pickle)
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with numpy values made Python numbers or tensors (metrics can hold numpy floats),
+    so the rank state loads with ``weights_only=True``."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -91,12 +116,15 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
     """
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
+    if rank == 0 and os.path.isfile(os.path.join(path, MARKER)):
+        os.remove(os.path.join(path, MARKER))  # the same step saved again: unmarked while it is rewritten
+    barrier()
     error = None
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
         engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
-        atomic_torch_save({**rank_state, "rng": rng_state()}, os.path.join(path, f"rank_{rank}.pt"))
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        atomic_torch_save(plain({**rank_state, "rng": rng_state()}), os.path.join(path, rank_file(rank)))
+    except (OSError, RuntimeError, OutputError) as e:  # torch.save reports a full disk as RuntimeError
         error = e
     if all_reduce_flag(error is not None, engine.device):
         if rank == 0:
@@ -107,7 +135,9 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
                               f"checkpoint is kept: {latest_checkpoint(ckpt_dir)}")
     barrier()
     if rank == 0:
-        info = {**meta, "step": step, "time": time.time()}
+        # Listed after the barrier: every rank's files are complete (on a shared filesystem).
+        files = {name: size for name, size in file_sizes(path).items() if name != MARKER}
+        info = {**meta, "step": step, "time": time.time(), "files": files}
         atomic_write_bytes(os.path.join(path, MARKER), json.dumps(info, indent=1).encode())
         for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             os.remove(os.path.join(old, MARKER))  # first un-mark it, so a kill mid-delete leaves no half checkpoint
@@ -116,20 +146,61 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
     return path
 
 
-def load_checkpoint(engine, path: str, rank: int) -> tuple[dict, dict]:
-    """Load a complete checkpoint into ``engine``; returns (meta, this rank's state)."""
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+def read_marker(path: str) -> dict:
+    marker = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker: it was being "
+                              f"written when its run stopped)")
+    return read_json(marker)
+
+
+def verify_checkpoint(path: str, rank: int, allow_pickle: bool = False) -> dict:
+    """The marker's metadata, once the checkpoint's files are all there with the sizes they were
+    written with and none of them holds code to run (unless ``allow_pickle``)."""
+    meta = read_marker(path)
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    ranks = [rank_file(r) for r in range(int(meta.get("world_size") or 1))]
+    problems = size_problems(path, files)
+    problems += [f"{name} is missing" for name in ranks
+                 if name not in files and not os.path.isfile(os.path.join(path, name))]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}; it cannot be resumed "
+                              f"(remove it to resume from an earlier one)")
+    check_deepspeed_files(path, allow_pickle)
+    own = os.path.join(path, rank_file(rank))
+    if os.path.isfile(own) and not allow_pickle:  # trusted files are unpickled once, when loaded
+        _load_rank_state(own, allow_pickle, mmap=True)
+    return meta
+
+
+def _load_rank_state(path: str, allow_pickle: bool, mmap: bool = False) -> dict:
+    state = load_checkpoint_file(path, allow_pickle, mmap=mmap)
+    if not isinstance(state, dict) or "rng" not in state:
+        raise CheckpointError(f"{path}: not a rank state of ours (expected a dict with the RNG states)")
+    return state
+
+
+def load_checkpoint(engine, path: str, rank: int, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """Load a checkpoint that ``verify_checkpoint`` accepted into ``engine``; returns (meta, this
+    rank's state), its RNG states applied."""
+    meta = read_marker(path)
     ckpt_dir, tag = os.path.split(path.rstrip("/"))
-    loaded, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    try:
+        loaded, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except Exception as e:  # a file of the recorded size whose content is damaged
+        raise CheckpointError(f"DeepSpeed could not load {path}: {type(e).__name__}: {first_line(e)}") from e
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
-    with open(os.path.join(path, MARKER)) as f:
-        meta = json.load(f)
-    rank_file = os.path.join(path, f"rank_{rank}.pt")
-    state = {}
-    if os.path.isfile(rank_file):
-        state = torch.load(rank_file, weights_only=False)  # our own file: RNG states are numpy objects
-        set_rng_state(state.pop("rng"))
+    own = os.path.join(path, rank_file(rank))
+    if not os.path.isfile(own):  # a rank beyond the checkpoint's world size (verified above)
+        return meta, {}
+    state = _load_rank_state(own, allow_pickle)
+    set_rng_state(state.pop("rng"))
     return meta, state

@@ -9,13 +9,19 @@ import os
 from typing import Any
 
 
-# The checked-in configs a run uses when --deepspeed is not given.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_DS = {"cpu": "ds_configs/cpu_zero3.json", "cuda": "ds_configs/zero3_bf16.json"}
+# The configs a run uses when --deepspeed is not given. They ship inside the package (found through
+# importlib.resources, so an installed wheel has them); ds_configs/ at the top of the repository
+# holds the same files for users to copy and edit (a test keeps the two identical).
+DEFAULT_DS = {"cpu": "cpu_zero3.json", "cuda": "zero3_bf16.json"}
+
+
+def packaged_ds_config(name: str) -> str:
+    from importlib.resources import files
+    return str(files("beit3") / "ds_configs" / name)
 
 
 def default_ds_config(device: str) -> str:
-    return os.path.join(REPO_ROOT, DEFAULT_DS[device])
+    return packaged_ds_config(DEFAULT_DS[device])
 
 
 class ConfigError(ValueError):

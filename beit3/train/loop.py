@@ -4,7 +4,6 @@ Kept apart from the command line (beit3/pretrain.py) so tests can drive a run wi
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 import os
@@ -20,6 +19,7 @@ import torch
 from ..config import BEiT3Config
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_flag, init_distributed
+from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .ds_config import precision
 from ..bench.batches import batch_counts
 from .flops import measure_matmul_peak, pretrain_flops_breakdown
@@ -30,6 +30,19 @@ from .engine import OptimConfig, build_engine
 log = logging.getLogger("beit3.pretrain")
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
+
+
+def pretrain_data_config(args: argparse.Namespace, **model_sizes):
+    """The pretraining loader's config from the command line; ``model_sizes``: img_size,
+    patch_size and tokenizer_img_size, known once the model and visual tokenizer are chosen."""
+    from ..data.pretrain_loader import PretrainDataConfig
+    return PretrainDataConfig(
+        shards_dir=None if args.data == "synthetic" else args.data, image_shards=args.image_shards,
+        text_shards=args.text_shards, pair_shards=args.pair_shards, batch_images=args.batch_images,
+        batch_texts=args.batch_texts, batch_pairs=args.batch_pairs, max_text_len=args.max_text_len,
+        text_padding=args.text_padding, num_workers=args.num_workers, seed=args.seed,
+        mask_pair_images=args.mask_pair_images, shard_retries=args.shard_retries,
+        retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction, **model_sizes)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,22 +107,38 @@ class PretrainRun:
     def build(self) -> None:
         a = self.args
         self.dist: DistInfo = init_distributed(a.dist_timeout, self.device_kind)
+        self.lock = lock_output(a.output, self.dist)
+        self.resume_path, self.resume_meta = self.check_resume()
         seed_everything(a.seed)
         self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=not a.no_tensorboard)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
-        cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, vocab_size=self.text_tokenizer.vocab_size,
-                                      drop_path_rate=a.drop_path)
+        cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
+                                      vocab_size=self.text_tokenizer.vocab_size)
         if self.visual_tokenizer.grid_size != cfg.grid_size:
             raise ValueError(f"visual tokenizer grid {self.visual_tokenizer.grid_size}x"
                              f"{self.visual_tokenizer.grid_size} != model patch grid {cfg.grid_size}x{cfg.grid_size}")
         self.cfg = cfg
+        if self.resume_meta is not None:  # what the tokenizers decide: the vocabulary, the MIM classes
+            identity = {"model": cfg.to_dict(), "num_visual_tokens": self.visual_tokenizer.num_tokens}
+            on_every_rank(self.dist, lambda: check_same_run(self.resume_path, self.resume_meta, identity))
         model = MaskedDataModeling(cfg, num_visual_tokens=self.visual_tokenizer.num_tokens,
                                    patch_aggregation=a.patch_aggregation)
         model.model.set_grad_checkpointing(a.checkpoint_every > 0, a.checkpoint_every, a.checkpoint_mode)
         self.engine = self.build_engine(model)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(self.ds_config), torch.float32)
         self.data = data_source if self.external_data is None else self.external_data
-        self.write_run_info()
+
+    def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
+        """The checkpoint to resume from, verified and compared with this run's settings before
+        anything is built (the vocabulary is compared once the tokenizer is loaded)."""
+        a = self.args
+        path = find_checkpoint(self.ckpt_dir, a.resume)
+        if path is None:
+            return None, None
+        model = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path).to_dict()
+        del model["vocab_size"]
+        identity = {"preset": a.preset, "layout": a.layout, "patch_aggregation": a.patch_aggregation, "model": model}
+        return path, check_resume(path, self.dist, identity, a.allow_pickle)
 
     def build_tokenizers_and_data(self):
         from ..data.text_tokenizer import TextTokenizer
@@ -138,17 +167,15 @@ class PretrainRun:
             data = self.build_loader(shards, text_tok, vqkd)
         return text_tok, vqkd, data
 
-    def build_loader(self, shards: str, text_tok, vqkd):
-        from ..data.pretrain_loader import PretrainDataConfig, PretrainLoader
-        a = self.args
-        preset = BEiT3Config.from_preset(a.preset)
-        cfg = PretrainDataConfig(
-            shards_dir=shards, batch_images=a.batch_images, batch_texts=a.batch_texts,
-            batch_pairs=a.batch_pairs, img_size=preset.img_size, patch_size=preset.patch_size,
-            tokenizer_img_size=vqkd.config.img_size, max_text_len=a.max_text_len,
-            text_padding=a.text_padding, num_workers=a.num_workers, seed=a.seed,
-            mask_pair_images=a.mask_pair_images)
-        return PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size)
+    def build_loader(self, shards: str | None, text_tok, vqkd):
+        from ..data.pretrain_loader import PretrainLoader
+        preset = BEiT3Config.from_preset(self.args.preset)
+        cfg = pretrain_data_config(self.args, img_size=preset.img_size, patch_size=preset.patch_size,
+                          tokenizer_img_size=vqkd.config.img_size)
+        cfg.shards_dir = shards
+        loader = PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.logger.write(loader.summary())
+        return loader
 
     def build_engine(self, model):
         a = self.args
@@ -163,8 +190,7 @@ class PretrainRun:
         info = {"args": vars(self.args), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
                 "world_size": self.dist.world_size, "git_commit": git_commit(),
                 "torch": torch.__version__}
-        with open(os.path.join(self.args.output, "run_config.json"), "w") as f:
-            json.dump(info, f, indent=1, default=str)
+        write_run_config(self.args.output, info)
 
     # -- one step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,9 +216,20 @@ class PretrainRun:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> int:
-        self.build()
+        self.lock = self.logger = None
+        try:
+            self.build()
+            step = self.maybe_resume()
+            self.write_run_info()  # only now: every check on the folder and the checkpoint passed
+            return self.loop(step)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            if self.lock is not None:
+                self.lock.release()
+
+    def loop(self, step: int) -> int:
         a, eng = self.args, self.engine
-        step = self.maybe_resume()
         first = step
         ga = eng.gradient_accumulation_steps()
         peak = measure_matmul_peak(self.dist.device)
@@ -247,7 +284,6 @@ class PretrainRun:
             return 0
         finally:
             stop.restore()
-            self.logger.close()
 
     @property
     def ckpt_dir(self) -> str:
@@ -256,19 +292,19 @@ class PretrainRun:
     def save(self, step: int) -> str:
         state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
         meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
-                "world_size": self.dist.world_size}
+                "patch_aggregation": self.args.patch_aggregation,
+                "num_visual_tokens": self.visual_tokenizer.num_tokens, "world_size": self.dist.world_size}
         return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta,
                                keep_last=self.args.keep_last)
 
     def maybe_resume(self) -> int:
-        a = self.args
-        if a.resume is None:
-            return 0
-        path = latest_checkpoint(self.ckpt_dir) if a.resume == "auto" else a.resume
+        a, path = self.args, self.resume_path
         if path is None:
-            self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+            if a.resume == "auto":
+                self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
             return 0
-        meta, state = load_checkpoint(self.engine, path, self.dist.rank)
+        meta, state = on_every_rank(self.dist, lambda: load_checkpoint(self.engine, path, self.dist.rank,
+                                                                         a.allow_pickle))
         if meta.get("world_size") != self.dist.world_size:
             self.logger.write(f"warning: checkpoint written by {meta.get('world_size')} ranks, resuming on "
                               f"{self.dist.world_size}: the data stream restarts its epoch")

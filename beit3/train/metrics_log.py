@@ -1,5 +1,8 @@
 """Training metrics: tensorboard scalars, ``metrics.jsonl`` (one JSON object per logged step) and a
-progress bar with ETA, all on rank 0 only."""
+progress bar with ETA, all on rank 0 only.
+
+The files are opened at the first logged step, not before: a run that stops while it is still
+being checked (a refused resume, a folder in use) leaves the output folder as it found it."""
 from __future__ import annotations
 
 import json
@@ -13,16 +16,12 @@ from tqdm import tqdm
 class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, desc: str = "train"):
-        self.enabled = enabled
+        self.enabled, self.output_dir, self.tensorboard = enabled, output_dir, tensorboard
         self.writer = None
+        self.jsonl = None
         self.bar: Optional[tqdm] = None
         if not enabled:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                         mininterval=1.0)
 
@@ -30,9 +29,18 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
+    def _open(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(self.output_dir, "metrics.jsonl"), "a", buffering=1)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self._open()
         clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()}
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         if self.writer is not None:
@@ -55,4 +63,5 @@ class MetricsLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
