@@ -9,7 +9,7 @@ Measures the matmul peak of the device (bf16 8192^3 on GPU, fp32 on the CPU), th
 synthetic batch through the DeepSpeed config, and reports samples/s, tokens/s, model TFLOP/s
 (6 x active parameters x tokens + attention, recomputation not counted), MFU against the measured
 peak and the datasheet, and peak memory. ``--compare`` times the official torchscale BEiT-3 and/or
-timm's ViT of the same size on the same batch in the same run. See the README's Benchmark section.
+timm's ViT of the same size on the same batch in the same run. See docs/benchmark.md.
 """
 from __future__ import annotations
 

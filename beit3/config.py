@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, named presets, keyword overrides.
 
-Two layouts of the same Multiway Transformer are supported (see README, "Layouts"):
+Two layouts of the same Multiway Transformer are supported (see docs/model.md, "Layouts"):
 
 * ``paper``: as the BEiT-3 paper describes it. One *shared* self-attention per layer, a vision FFN
   and a language FFN in every layer, and a vision-language FFN in the top ``vl_layers`` layers that

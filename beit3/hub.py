@@ -112,8 +112,8 @@ def info(name: str) -> ModelInfo:
 
 
 def cache_dir() -> str:
-    root = os.environ.get("BEIT3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beit3"))
-    return os.path.join(root, "checkpoints")
+    from .train.demo_assets import cache_root
+    return os.path.join(cache_root(), "checkpoints")
 
 
 def _source_url(m: ModelInfo, mirror: Optional[str]) -> str:

@@ -7,7 +7,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from beit3.bench.batches import BatchMix, batch_counts, synthetic_batch
+from beit3.bench.batches import BatchMix, synthetic_batch
+from beit3.train.flops import batch_counts
 from beit3.bench.measure import PeakMemory
 from beit3.bench.peers import TimmMIM, TorchscaleMDM, timm_mlp_ratio
 from beit3.bench.search import largest_fitting

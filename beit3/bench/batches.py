@@ -109,19 +109,3 @@ def _texts(cfg: BEiT3Config, mix: BatchMix, n: int, prob: float, g: torch.Genera
     ids[pad] = PAD
     inputs, labels = mask_text(ids, pad, prob, mask_id, cfg.vocab_size, SPECIAL_IDS, g)
     return {"text": inputs, "padding_mask": pad, "labels": labels}
-
-
-def batch_counts(cfg: BEiT3Config, batch: dict) -> tuple[int, int]:
-    """(samples, tokens) of a micro-batch: every image counts 1 + N tokens (CLS + patches), masked
-    or not; texts count their non-padding tokens."""
-    samples = tokens = 0
-    for part in ("images", "texts", "pairs"):
-        if part not in batch:
-            continue
-        p = batch[part]
-        samples += (p["image"] if "image" in p else p["text"]).shape[0]
-        if "image" in p:
-            tokens += p["image"].shape[0] * (1 + cfg.num_patches)
-        if "text" in p:
-            tokens += int((~p["padding_mask"]).sum())
-    return samples, tokens

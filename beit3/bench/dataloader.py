@@ -6,7 +6,8 @@ import time
 from typing import Optional
 
 from ..config import BEiT3Config
-from .batches import BatchMix, batch_counts
+from ..train.flops import batch_counts
+from .batches import BatchMix
 
 
 def time_loader(preset: str, mix: BatchMix, num_workers: int, warmup: int, steps: int, seed: int = 0,

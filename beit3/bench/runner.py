@@ -23,7 +23,8 @@ from ..config import BEiT3Config
 from ..train.flops import pretrain_flops_breakdown
 from ..train.loop import to_device
 from ..train.objective import prepare_batch
-from .batches import BatchMix, batch_counts, synthetic_batch
+from ..train.flops import batch_counts
+from .batches import BatchMix, synthetic_batch
 from .measure import Measurement, is_oom, measure, release_memory
 from .search import largest_fitting
 from .trainers import DeepSpeedTrainer, PlainTrainer, compile_layers, compile_support, sdpa_context

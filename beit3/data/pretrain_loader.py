@@ -511,7 +511,9 @@ class PretrainLoader:
     """
 
     def __init__(self, cfg: PretrainDataConfig, text_tokenizer: TextTokenizer | str, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, check: bool = True):
+        """``check``: open every source's first shard now (False when the caller just did, as
+        ``beit3 pretrain`` does before anything is built)."""
         cfg.validate()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
@@ -528,7 +530,8 @@ class PretrainLoader:
                         f"{kind} source {src.pattern!r} has {len(src.shards)} shards for {readers} readers "
                         f"({world_size} ranks x {cfg.readers_per_rank} workers); every reader needs its own "
                         "shard: write smaller shards (beit3 data shards --shard-size) or use fewer workers")
-        self.source_lines = check_sources(self.sources, cfg.retry())
+        self.source_lines = (check_sources(self.sources, cfg.retry()) if check else
+                             [src.describe() for group in self.sources.values() for src in group])
         self._batches = 0
         self._states: list[dict | None] = [None] * cfg.readers_per_rank
 

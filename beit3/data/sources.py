@@ -336,14 +336,19 @@ CURL_EXITS = {6: "host not found", 7: "connection refused", 18: "transfer cut sh
               28: "timed out", 35: "TLS handshake failed", 56: "connection reset"}
 
 
+def _exit_text(command: str, code: int) -> str:
+    """``curl exit 22 (HTTP error status)``, or ``command exit N`` for a ``pipe:`` command."""
+    if "'curl'" in command:
+        return f"curl exit {code}" + (f" ({CURL_EXITS[code]})" if code in CURL_EXITS else "")
+    return f"command exit {code}"
+
+
 def _why(e: Exception) -> str:
     """One line for a failed read; a failing subprocess (curl, a pipe: command) by its exit status."""
     text = str(e)
     m = re.search(r"exit (\d+)", text)
-    if m and isinstance(e, OSError) and text.startswith("(("):
-        code = int(m.group(1))
-        tool = "curl" if "'curl'" in text else "command"
-        return f"{tool} exit {code}" + (f" ({CURL_EXITS[code]})" if tool == "curl" and code in CURL_EXITS else "")
+    if m and isinstance(e, OSError) and text.startswith("(("):  # webdataset's Pipe: "((args,), kw): exit N"
+        return _exit_text(text, int(m.group(1)))
     return f"{type(e).__name__}: {text}"
 
 
@@ -359,8 +364,7 @@ def _exit_status(stream) -> str | None:
         return None
     if code in (0, *getattr(stream, "ignore_status", ())):
         return None
-    tool = "curl" if "'curl'" in str(getattr(stream, "args", "")) else "command"
-    return f"{tool} exit {code}" + (f" ({CURL_EXITS[code]})" if tool == "curl" and code in CURL_EXITS else "")
+    return _exit_text(str(getattr(stream, "args", "")), code)
 
 
 def _close_quietly(stream) -> None:

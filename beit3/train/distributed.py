@@ -22,7 +22,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +54,7 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
         if int(os.environ["WORLD_SIZE"]) > 1:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: start with torchrun, "
                                "deepspeed or srun (see scripts/)")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local)

@@ -68,6 +68,23 @@ def pretrain_flops_breakdown(cfg: BEiT3Config, batch: dict, num_visual_tokens: i
     return out
 
 
+def batch_counts(cfg: BEiT3Config, batch: dict) -> tuple[int, int]:
+    """(samples, tokens) of a micro-batch: every image counts 1 + N tokens (CLS + patches), masked
+    or not; texts count their non-padding tokens."""
+    samples = tokens = 0
+    for part in ("images", "texts", "pairs"):
+        if part not in batch:
+            continue
+        p = batch[part]
+        samples += (p["image"] if "image" in p else p["text"]).shape[0]
+        if "image" in p:
+            tokens += p["image"].shape[0] * (1 + cfg.num_patches)
+        if "text" in p:
+            pad = p.get("padding_mask")  # None: no padding (see train.objective.prepare_batch)
+            tokens += p["text"].numel() if pad is None else int((~pad).sum())
+    return samples, tokens
+
+
 def _best_rate(fn, flops: float, iters: int, device: torch.device) -> float:
     """FLOP/s of the fastest of ``iters`` timed calls: the peak, robust to a shared machine."""
     best = float("inf")

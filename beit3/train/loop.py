@@ -21,8 +21,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_flag, init_distributed
 from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .ds_config import precision
-from ..bench.batches import batch_counts
-from .flops import measure_matmul_peak, pretrain_flops_breakdown
+from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
 from .metrics_log import MetricsLogger
 from .objective import MaskedDataModeling, prepare_batch
 from .engine import OptimConfig, build_engine
@@ -173,7 +172,9 @@ class PretrainRun:
         cfg = pretrain_data_config(self.args, img_size=preset.img_size, patch_size=preset.patch_size,
                           tokenizer_img_size=vqkd.config.img_size)
         cfg.shards_dir = shards
-        loader = PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size)
+        # The command line opened every source's first shard before anything was built (check_args).
+        loader = PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size,
+                                check=False)
         self.logger.write(loader.summary())
         return loader
 
