@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import timm_vit_kwargs, vision_state_dict
-from .checkpoint.official import CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone
+from .checkpoint.official import (CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone,
+                                  official_vocab)
 from .config import PRESETS, BEiT3Config
 from .errors import UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json, sigterm_as_exit
@@ -95,9 +96,11 @@ def export_safetensors(loaded: LoadedBackbone, path: str, keep_heads: bool = Fal
 
 
 def export_official(loaded: LoadedBackbone, path: str, keep_heads: bool = False) -> dict:
-    """``{"model": ...}`` under official names, as unilm's fine-tuning scripts load it."""
+    """``{"model": ...}`` under official names and shapes (the 64010-row text table: ``official_vocab``),
+    as unilm's fine-tuning scripts load it."""
     sd = convert_ours_to_official(loaded.state_dict)
     sd.update(loaded.extras if keep_heads else {})
+    sd = official_vocab(sd)
     with atomic_file(path) as tmp:
         torch.save({"model": _plain(sd)}, tmp)
     return sd

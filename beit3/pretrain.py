@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "compute on padding) or always to --max-text-len (one shape every step)")
     ap.add_argument("--mask-pair-images", action="store_true", help="also mask (and predict) pair images")
     ap.add_argument("--patch-aggregation", action="store_true", help="BEiT v2 CLS pretraining head")
+    ap.add_argument("--init-scheme", choices=["subln", "plain"], default="subln",
+                    help="subln: torchscale's Sub-LN (Magneto) scaling of fc1/fc2/v/out by sqrt(log 2N) on unilm's "
+                         "truncated normal (the reference); plain: the truncated normal alone")
     # Paper hyperparameters (BEiT-3, Appendix): AdamW (0.9, 0.98), eps 1e-6, wd 0.05, cosine, drop path 0.1.
     ap.add_argument("--lr", type=float, default=None, help="peak lr (default 1e-3; 2e-3 for tiny)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.01)

@@ -95,38 +95,100 @@ def test_cached_decoding_equals_recomputing_everything(layout, num_beams):
     assert (tokens[:, 0] == 0).all() and ((tokens == 2).sum(1) == 1).all()  # <s> ... </s> once
 
 
-def _slow_greedy(model, image, max_len):
-    """Independent reference: one sample at a time, the whole sequence recomputed each step through
-    the backbone with a mask built here, argmax at a [MASK] placed at the next position."""
+def _logp_at_mask(model, image, seq):
+    """log p of the token after ``seq`` (at a [MASK] placed after it), the whole sequence recomputed
+    through the backbone with a captioning mask built here."""
     n_img = 1 + model.cfg.num_patches
-    out = []
-    for b in range(image.shape[0]):
-        seq = [0]
-        for t in range(1, max_len):
-            text = torch.tensor([seq + [MASK]])
-            q, k = torch.arange(n_img + text.shape[1])[:, None], torch.arange(n_img + text.shape[1])[None]
-            allowed = (k < n_img) | ((q >= n_img) & (k <= q))  # to the image; causal among text
-            h = model.beit3.forward_streams(image=image[b:b + 1], text=text, attn_mask=allowed, fusion=True).text
-            logp = model.mlm_head(h[0, -1]).log_softmax(-1)
-            logp[[0, 1, MASK]] = -math.inf  # never <s>, <pad>, [MASK]
-            nxt = 2 if t == max_len - 1 else int(logp.argmax())
-            seq.append(nxt)
-            if nxt == 2:
+    text = torch.tensor([seq + [MASK]])
+    q, k = torch.arange(n_img + text.shape[1])[:, None], torch.arange(n_img + text.shape[1])[None]
+    allowed = (k < n_img) | ((q >= n_img) & (k <= q))  # to the image; causal among text
+    h = model.beit3.forward_streams(image=image, text=text, attn_mask=allowed, fusion=True).text
+    return model.mlm_head(h[0, -1]).log_softmax(-1)
+
+
+def _unilm_eval_batch(logp_fn, num_beams, max_len, length_penalty):
+    """Independent reference: unilm/beit3 ``CaptioningHandler.eval_batch`` with ``utils.BeamHypotheses``
+    (one kept hypothesis, ``early_stopping=False``) for one sample, ported loop for loop; no KV
+    cache. ``logp_fn(tokens)``: (V,) log p of the next token. Returns unilm's decoded row, the
+    hypothesis (whose last slot is the [MASK] placeholder unilm never overwrites) then </s>, and its score."""
+    K, topn = num_beams, 3
+    seqs, beam_scores = [[0]] * K, [0.0] + [-1e9] * (K - 1)
+    hyps, worst = [], 1e9  # BeamHypotheses(n_hyp=1, max_len, length_penalty, early_stopping=False)
+    cur_len = 2
+    while cur_len <= max_len:
+        scores = torch.stack([logp_fn(s) + b for s, b in zip(seqs, beam_scores)])
+        vocab = scores.shape[1]
+        scores = scores.view(-1)
+        next_scores, next_words = torch.topk(scores, topn * K)
+        if hyps and worst >= next_scores.max().item() / (max_len - 1) ** length_penalty:  # is_done
+            break
+        next_beam = []
+        for idx, score in zip(next_words.tolist(), next_scores.tolist()):
+            beam_id, word_id = divmod(idx, vocab)
+            if (word_id == 2 and cur_len + 1 <= max_len) or cur_len + 1 == max_len:
+                hyp = seqs[beam_id][:cur_len - 1] + [MASK]  # decoding_results[..., :cur_len]
+                s = score / len(hyp) ** length_penalty
+                if not hyps or s > worst:  # BeamHypotheses.add with n_hyp = 1
+                    hyps, worst = [(s, hyp)], s
+            else:
+                next_beam.append((score, word_id, beam_id))
+            if len(next_beam) == K:
                 break
-        out.append(seq)
-    return out
+        if cur_len + 1 == max_len:
+            break  # unilm runs one more step over padded beams; it adds nothing
+        seqs = [seqs[b] + [w] for _, w, b in next_beam]
+        beam_scores = [s for s, _, _ in next_beam]
+        cur_len += 1
+    score, hyp = hyps[0]
+    return hyp + [2], score
 
 
-@pytest.mark.parametrize("layout", ["paper", "released"])
-def test_greedy_equals_an_independent_slow_reference(layout):
+@pytest.mark.parametrize("layout,num_beams", [("paper", 1), ("released", 1), ("paper", 3)])
+def test_beam_search_equals_unilms_eval_batch(layout, num_beams):
     model = _model(layout, seed=3)
     image = torch.randn(3, 3, 32, 32)
+    dc = DecodeConfig(num_beams=num_beams, max_len=9, length_penalty=0.6, mask_id=MASK, ban_special=False)
+    tokens, scores = generate(model, image, model.cfg.depth, dc, use_cache=True)
+    lengths = []
     with torch.no_grad():
-        ref = _slow_greedy(model, image, max_len=9)
-    tokens, _ = generate(model, image, model.cfg.depth, _dc(1), use_cache=True)
-    for row, seq in zip(tokens.tolist(), ref):
-        assert row[:len(seq)] == seq and all(x == 1 for x in row[len(seq):])
-    assert any(len(s) > 2 for s in ref)  # real captions, not an immediate </s>
+        for b in range(3):
+            ref, ref_score = _unilm_eval_batch(lambda s: _logp_at_mask(model, image[b:b + 1], s), num_beams, 9, 0.6)
+            assert ref[-2] == MASK  # the placeholder, which decoding skips; ours writes </s> there
+            ref = ref[:-2] + [2]
+            row = tokens[b].tolist()
+            assert row[:len(ref)] == ref and all(x == 1 for x in row[len(ref):]), (row, ref)
+            assert scores[b].item() == pytest.approx(ref_score, rel=1e-4)
+            lengths.append(len(ref))
+    assert max(lengths) > 3  # real captions, not an immediate </s>
+
+
+def test_one_beam_is_not_greedy_as_in_unilm():
+    """An </s> ranked first closes a hypothesis and the next token goes on (unilm looks at 3
+    candidates per beam): here the longer caption wins after length normalisation."""
+    table = torch.full((7, 7), -20.0)
+    table[0, 2], table[0, 3] = math.log(0.5), math.log(0.45)  # after <s>: </s> first, then word 3
+    table[3, 4], table[3, 2] = math.log(0.95), math.log(0.01)
+    table[4, 2] = math.log(0.99)
+    table[[5, 6], 2] = 0.0
+    table = table.log_softmax(-1)
+    ref, ref_score = _unilm_eval_batch(lambda s: table[s[-1]], 1, 7, 0.6)
+    dc = DecodeConfig(num_beams=1, max_len=7, length_penalty=0.6, mask_id=6, ban_special=False)
+    tokens, scores = beam_search(MarkovDecoder(table[None], 1, 1), 1, dc)
+    assert ref[:-2] + [2] == [0, 3, 4, 2] == tokens[0, :4].tolist()  # greedy would stop at [0, 2]
+    assert scores[0].item() == pytest.approx(ref_score, rel=1e-5)
+
+
+def test_ban_special_keeps_specials_out():
+    model = _model("paper", seed=3)
+    with torch.no_grad():  # make <s>, <pad> and [MASK] the likeliest tokens everywhere
+        model.mlm_head.bias[[0, 1, MASK]] = 50.0
+    image = torch.randn(2, 3, 32, 32)
+    tokens, _ = generate(model, image, model.cfg.depth, _dc(3))
+    body = tokens[:, 1:][tokens[:, 1:] != 1]
+    assert not ((body == 0) | (body == MASK)).any() and ((tokens == 2).sum(1) == 1).all()
+    free, _ = generate(model, image, model.cfg.depth, DecodeConfig(num_beams=3, max_len=9, mask_id=MASK,
+                                                                   ban_special=False))
+    assert ((free[:, 1:] == 0) | (free[:, 1:] == MASK)).any()
 
 
 def test_batched_beams_equal_one_sample_at_a_time():
@@ -155,30 +217,37 @@ class MarkovDecoder:
 
 
 def _exhaustive_best(table, words, max_len, lp):
+    """unilm's hypotheses: </s> at a position p <= max_len - 3, scored over p + 1 tokens; or any
+    token at position max_len - 2, scored with its log p over max_len - 1 tokens, </s> taking its place."""
     best, best_seq = -math.inf, None
-    for n in range(0, max_len - 1):  # n words, then </s> at position n + 1 <= max_len - 1
+    for n in range(0, max_len - 2):  # n words at positions 1..n
         for seq in itertools.product(words, repeat=n):
-            full = [0, *seq, 2]
+            full = [0, *seq]
             s = sum(table[full[i], full[i + 1]].item() for i in range(len(full) - 1))
-            score = s / len(full) ** lp
-            if score > best:
-                best, best_seq = score, full
+            last = [2] if n < max_len - 3 else [*words, 2]  # what may stand at position n + 1
+            for x in last:
+                score = (s + table[full[-1], x].item()) / (n + 2) ** lp
+                if score > best:
+                    best, best_seq = score, full + [2]
     return best, best_seq
 
 
 def test_wide_beam_search_finds_the_exhaustive_optimum():
     """With as many beams as prefixes, beam search (its early stop included) is exact."""
     torch.manual_seed(0)
-    vocab, words, max_len, lp = 7, [3, 4, 5], 6, 0.6
+    vocab, words, max_len, lp = 7, [3, 4, 5], 7, 0.6
     tables = torch.randn(5, vocab, vocab).mul(2).log_softmax(-1)  # 5 samples, p(next | last)
     dc = DecodeConfig(num_beams=27, max_len=max_len, length_penalty=lp, mask_id=6)
     table_b = tables.clone()
     table_b[:, :, [0, 1, 6]] = -math.inf
     tokens, scores = beam_search(MarkovDecoder(table_b, 5, 27), 5, dc)
+    lengths = set()
     for i in range(5):
         best, seq = _exhaustive_best(tables[i], words, max_len, lp)
         assert scores[i].item() == pytest.approx(best, rel=1e-5)
         assert tokens[i, :len(seq)].tolist() == seq
+        lengths.add(len(seq))
+    assert len(lengths) > 1  # the optimum is not always the longest or the shortest caption
 
 
 def test_cache_holds_only_real_tokens():

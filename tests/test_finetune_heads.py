@@ -7,7 +7,7 @@ import torch
 from beit3 import BEiT3Config
 from beit3.checkpoint.official import convert_ours_to_official
 from beit3.finetune.heads import (
-    LOGIT_SCALE_INIT, CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel,
+    CLIP_LOGIT_SCALE_MAX, LOGIT_SCALE_INIT, CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel,
     captioning_attention_mask, unreached_parameters,
 )
 from beit3.finetune.init import apply_init, load_init
@@ -178,16 +178,21 @@ def test_classification_head_init_is_scaled_down():
     assert nl.head.dense1.weight.abs().max() <= 0.02 * 0.001 + 1e-9
 
 
-def test_retrieval_features_are_normalised_and_scale_clamped():
+def test_retrieval_features_are_normalised_and_scale_unclamped_as_unilm():
     model = _model("retrieval", "paper")
     out = _out(model, model.example_inputs(3))
     assert out["image"].shape == out["text"].shape == (3, D)
     torch.testing.assert_close(out["image"].norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(out["text"].norm(dim=-1), torch.ones(3))
     assert out["scale"].item() == pytest.approx(1 / 0.07, rel=1e-5) and model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT)
+    clip = RetrievalModel(_cfg("paper"), logit_scale_max=CLIP_LOGIT_SCALE_MAX).eval()
+    assert clip.head_args == {"logit_scale_max": 100.0}  # rebuilt with it by `beit3 evaluate`
+    image = {"image": model.example_inputs(1)["image"]}
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1000.0))
-    assert _out(model, {"image": model.example_inputs(1)["image"]})["scale"].item() == pytest.approx(100.0)
+        clip.logit_scale.fill_(math.log(1000.0))
+    assert _out(model, image)["scale"].item() == pytest.approx(1000.0, rel=1e-5)  # unilm: exp, no clamp
+    assert _out(clip, image)["scale"].item() == pytest.approx(100.0)  # CLIP's clamp, --logit-scale-max 100
 
 
 def test_nlvr2_equals_two_separate_fusions():

@@ -20,7 +20,7 @@ from beit3.eval.classification_metric import (accuracy_topk, classification_repo
 from beit3.eval.distributed import gather_features
 from beit3.eval.report import format_results_table, write_results_json
 from beit3.eval.retrieval_metric import retrieval_recall
-from beit3.eval.vqa_metric import mean_vqa_accuracy, vqa_accuracy, vqa_soft_score, write_vqa_submission
+from beit3.eval.vqa_metric import vqa_accuracy, vqa_accuracy_by_type, vqa_soft_score, write_vqa_submission
 
 HAS_JAVA = shutil.which("java") is not None
 
@@ -49,20 +49,26 @@ def test_vqa_accuracy_normalises_digits_articles_punctuation():
     assert vqa_accuracy("four", gts) == 0.0
 
 
-def test_vqa_accuracy_keeps_official_unanimous_quirk():
-    # vqaEval.py normalises only when the annotators disagree; a unanimous "2" is compared raw.
-    assert vqa_accuracy("two", ["2"] * 10) == 0.0
-    assert vqa_accuracy("2", ["2"] * 10) == 1.0
+def test_vqa_accuracy_unanimous_answers_by_version():
+    # The default (2016) vqaEval.py always normalises the prediction; the repository's latest (2021)
+    # normalises only when the annotators disagree, so a unanimous "2" is compared raw there
+    # (tests/test_vqa_official.py ports both).
+    assert vqa_accuracy("two", ["2"] * 10) == 1.0
+    assert vqa_accuracy("2", ["2"] * 2 + ["two"] * 8) == pytest.approx(0.6)
+    assert vqa_accuracy("two", ["2"] * 10, version="2021") == 0.0
+    assert vqa_accuracy("2", ["2"] * 10, version="2021") == 1.0
 
 
-def test_mean_vqa_accuracy_and_bad_input():
+def test_vqa_accuracy_by_type_and_bad_input():
     preds = ["yes", "no"]
     gts = [["yes"] * 2 + ["no"] * 8, ["yes"] * 10]
-    assert mean_vqa_accuracy(preds, gts) == pytest.approx(0.3)
+    assert vqa_accuracy_by_type(preds, gts) == {"overall": pytest.approx(0.3)}
     with pytest.raises(ValueError, match="non-empty"):
         vqa_accuracy("yes", [])
     with pytest.raises(ValueError, match="gt lists"):
-        mean_vqa_accuracy(["yes"], [])
+        vqa_accuracy_by_type(["yes"], [])
+    with pytest.raises(TypeError, match="must be str"):
+        vqa_accuracy(2, ["2"])
 
 
 def test_vqa_soft_score_is_target_of_argmax():

@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..config import PRESETS, BEiT3Config
+from ..config import OFFICIAL_TOKENIZER_IDS, OFFICIAL_VOCAB_SIZE, PRESETS, BEiT3Config
 from ..model import BEiT3, Multiway
 from ..model.embeddings import POS_OFFSET, resize_vision_pos_embed
 from .io import load_state_dict
@@ -240,6 +240,9 @@ def check_compatible(found: BEiT3Config, cfg: BEiT3Config, source: str = "checkp
             ha, hb = _preset_hint(name, a), cfg.preset if cfg.preset != "custom" else _preset_hint(name, b)
             errors.append(f"checkpoint {name} {a}{f' ({ha}?)' if ha else ''} but config {name} {b}"
                           f"{f' ({hb})' if hb else ''}")
+    if {found.vocab_size, cfg.vocab_size} == {OFFICIAL_TOKENIZER_IDS, OFFICIAL_VOCAB_SIZE}:
+        errors.append(f"a {OFFICIAL_TOKENIZER_IDS}-row text table is beit3.spm's ids without the official "
+                      f"padding to {OFFICIAL_VOCAB_SIZE}: `beit3 export --to official` pads it")
     if errors:
         raise ValueError(f"{source} does not fit the model config: " + "; ".join(errors))
 
@@ -426,7 +429,33 @@ def to_official(model: BEiT3, prefix: str = PREFIX) -> dict[str, Tensor]:
 
 
 def save_official(model: BEiT3, path: str, heads: Optional[Mapping[str, Tensor]] = None) -> None:
-    """Write ``{"model": state dict}`` as unilm's ``load_model_and_may_interpolate`` reads it."""
+    """Write ``{"model": state dict}`` as unilm's ``load_model_and_may_interpolate`` reads it, the
+    text table in the official size (``official_vocab``)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in to_official(model).items()}
     sd.update({k: v.detach().cpu() for k, v in (heads or {}).items()})
+    sd = official_vocab(sd)
     torch.save({"model": sd}, path)
+
+
+_TEXT_ROWS = ("text_embed.weight", "mlm_head.weight", "mlm_head.bias")  # official names, any prefix
+
+
+def official_vocab(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The official 64010-row text embedding (and MLM head) for an official-format state dict.
+
+    A 64002-row table (beit3.spm's ids, as beit3 sized it before it used the official size) gets 8
+    zero rows, which no token id reaches. Any other size but 64010 is returned as it is with a
+    warning: unilm/beit3 builds 64010 rows, and its loader only prints the size mismatch and goes on
+    with a random text embedding.
+    """
+    out = dict(sd)
+    for k, v in sd.items():
+        if not k.endswith(_TEXT_ROWS) or v.shape[0] == OFFICIAL_VOCAB_SIZE:
+            continue
+        if v.shape[0] == OFFICIAL_TOKENIZER_IDS:
+            out[k] = torch.cat([v, v.new_zeros(OFFICIAL_VOCAB_SIZE - v.shape[0], *v.shape[1:])])
+        else:
+            warnings.warn(f"{k} has {v.shape[0]} rows, not the official {OFFICIAL_VOCAB_SIZE}: unilm/beit3 "
+                          f"(vocab_size={OFFICIAL_VOCAB_SIZE}) will not load it and keeps a random text "
+                          f"embedding; torchscale needs vocab_size={v.shape[0]}", UserWarning, stacklevel=2)
+    return out

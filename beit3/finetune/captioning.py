@@ -84,10 +84,13 @@ class DecodeConfig:
     eos_id: int = 2
     pad_id: int = 1
     mask_id: int = 3
+    # Never generate <s>, <pad> or [MASK]. unilm/beit3 bans nothing; these ids are never targets of
+    # the captioning loss, so a trained head ranks them low anyway, and decoding would drop them.
+    ban_special: bool = True
 
     def __post_init__(self):
-        if self.num_beams < 1 or self.max_len < 2:
-            raise ValueError(f"need num_beams >= 1 and max_len >= 2, got {self.num_beams}, {self.max_len}")
+        if self.num_beams < 1 or self.max_len < 3:
+            raise ValueError(f"need num_beams >= 1 and max_len >= 3, got {self.num_beams}, {self.max_len}")
 
 
 class Decoder(Protocol):
@@ -156,42 +159,44 @@ class FullDecoder:
 @torch.no_grad()
 def beam_search(decoder: Decoder, batch_size: int, cfg: DecodeConfig,
                 stop: Callable[[bool], bool] = bool) -> tuple[Tensor, Tensor]:
-    """Batched beam search of unilm/beit3 ``CaptioningHandler.eval_batch``.
+    """Batched beam search of unilm/beit3 ``CaptioningHandler.eval_batch`` (one kept hypothesis).
 
-    Each step looks at the best 2K continuations of a sample (over all its beams, sorted): in that
+    Each step looks at the best continuations of a sample (over all its beams, sorted): in that
     order a ``</s>`` closes a hypothesis, scored sum(log p) / length ** length_penalty (length
-    counts ``<s>`` and ``</s>``), and any other token extends one of the next K beams, until K
-    are filled. A sample stops once its best closed hypothesis beats what a live beam could still
-    reach, or when no beam is left; position ``max_len - 1`` can only hold ``</s>``. With K = 1
-    only the best token is looked at: greedy decoding.
+    counts ``<s>`` and ``</s>``), and any other token extends one of the next K beams, until K are
+    filled (unilm looks at 3K; each beam has one ``</s>``, so the first 2K always fill K). Also with
+    K = 1, where this is not greedy: a ``</s>`` ranked first closes a hypothesis and the next token
+    goes on. At position ``max_len - 2`` every candidate closes, scored with its own log p, and
+    ``</s>`` takes its place: unilm keeps a [MASK] placeholder there and writes ``</s>`` after it,
+    which decodes to the same text. A sample stops once its best closed hypothesis is at least
+    the best candidate's score / (max_len - 1) ** length_penalty (unilm's ``BeamHypotheses.is_done``:
+    ``max_len - 1`` is the longest hypothesis), or when no beam is left.
 
-    ``<s>``, ``<pad>`` and ``[MASK]`` are never generated. ``stop(all samples done)`` decides
-    whether to leave the loop early; under ZeRO-3 it must agree across ranks (every forward is a
-    collective).
+    ``cfg.ban_special``: never generate ``<s>``, ``<pad>``, ``[MASK]``. ``stop(all samples done)``
+    decides whether to leave the loop early; under ZeRO-3 it must agree across ranks (every
+    forward is a collective).
 
     Returns tokens (B, max_len) (``<s>`` ... ``</s>``, then padding) and their scores (B,).
     """
     B, K, L, lp = batch_size, cfg.num_beams, cfg.max_len, cfg.length_penalty
     logp = decoder.first()
     device = logp.device
-    banned = torch.tensor([cfg.bos_id, cfg.pad_id, cfg.mask_id], device=device)
+    banned = torch.tensor([cfg.bos_id, cfg.pad_id, cfg.mask_id] if cfg.ban_special else [], device=device,
+                          dtype=torch.long)
     tokens = torch.full((B * K, 1), cfg.bos_id, dtype=torch.long, device=device)
     beam_scores = torch.full((B, K), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0  # the K beams start identical: keep one
     best = torch.full((B,), float("-inf"), device=device)
     best_tokens = torch.full((B, L), cfg.pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(1, L):
+    for t in range(1, L - 1):
         logp = logp.index_fill(1, banned, float("-inf"))
-        if t == L - 1:  # the last position can only close the caption
-            logp = torch.full_like(logp, float("-inf")).index_copy_(1, torch.tensor([cfg.eos_id], device=device),
-                                                                   logp[:, cfg.eos_id:cfg.eos_id + 1])
-        step = _select(beam_scores, logp, cfg)
-        done |= torch.isfinite(best) & (best >= step.top_score / L**lp)
+        step = _select(beam_scores, logp, cfg, last=t == L - 2)
+        done |= torch.isfinite(best) & (best >= step.top_score / (L - 1) ** lp)
         _close(step, tokens, best, best_tokens, done, cfg, t)
         beam_scores = step.next_scores
         done |= ~torch.isfinite(beam_scores).any(dim=1)
-        if t == L - 1 or stop(bool(done.all())):
+        if t == L - 2 or stop(bool(done.all())):
             break
         flat = (torch.arange(B, device=device)[:, None] * K + step.next_beam).view(-1)  # (B * K,)
         tokens = torch.cat([tokens[flat], step.next_word.view(-1, 1)], dim=1)
@@ -210,15 +215,16 @@ class _Step:
     next_word: Tensor  # (B, K)
 
 
-def _select(beam_scores: Tensor, logp: Tensor, cfg: DecodeConfig) -> _Step:
+def _select(beam_scores: Tensor, logp: Tensor, cfg: DecodeConfig, last: bool = False) -> _Step:
+    """``last``: every candidate closes a hypothesis (unilm's ``cur_len + 1 == max_len``)."""
     B, K = beam_scores.shape
     V = logp.shape[-1]
     cand = (beam_scores.view(-1, 1) + logp).view(B, K * V)
-    C = 1 if K == 1 else 2 * K
-    score, idx = cand.topk(C, dim=1)  # sorted, best first
+    score, idx = cand.topk(min(2 * K, K * V), dim=1)  # sorted, best first
+    C = score.shape[1]
     beam, word = idx // V, idx % V
     finite = torch.isfinite(score)
-    is_eos = word == cfg.eos_id
+    is_eos = (word == cfg.eos_id) | last
     extends = ~is_eos & finite
     filled_before = torch.cumsum(extends.long(), dim=1) - extends.long()  # beams filled before this one
     closes = is_eos & finite & (filled_before < K)

@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from ..config import BEiT3Config
 from ..model import BEiT3
+from ..model.init import trunc_normal_
 
 HEAD_INIT_STD = 0.02
 SMALL_INIT = 0.001  # unilm/beit3 scales the last classifier layers by this at init
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP
-LOGIT_SCALE_MAX = 100.0  # CLIP's clamp of exp(logit_scale)
+CLIP_LOGIT_SCALE_MAX = 100.0  # CLIP clamps exp(logit_scale) here; unilm/beit3 does not (--logit-scale-max 100)
 
 
 def init_head(*heads: nn.Module, scale_last: tuple[nn.Linear, ...] = ()) -> None:
@@ -37,7 +38,7 @@ def init_head(*heads: nn.Module, scale_last: tuple[nn.Linear, ...] = ()) -> None
     +-std, zero biases, LayerNorm 1/0; then the ``scale_last`` layers times 0.001."""
     for m in (m for head in heads for m in head.modules()):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=HEAD_INIT_STD, a=-HEAD_INIT_STD, b=HEAD_INIT_STD)
+            trunc_normal_(m.weight, HEAD_INIT_STD)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
@@ -160,10 +161,12 @@ class VQAModel(TaskModel):
 # -- retrieval -----------------------------------------------------------------------------------
 class RetrievalModel(TaskModel):
     """Dual encoder: image CLS -> ``vision_head``, text BOS -> ``language_head``, l2-normalised;
-    similarities are scaled by exp(``logit_scale``), clamped at 100."""
+    similarities are scaled by exp(``logit_scale``), unclamped as in unilm/beit3 unless
+    ``logit_scale_max`` is given (CLIP's ``CLIP_LOGIT_SCALE_MAX``)."""
 
-    def __init__(self, cfg: BEiT3Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: BEiT3Config, logit_scale_max: Optional[float] = None):
+        super().__init__(cfg, logit_scale_max=logit_scale_max)
+        self.logit_scale_max = logit_scale_max
         d = cfg.embed_dim
         self.vision_head = nn.Linear(d, d, bias=False)
         self.language_head = nn.Linear(d, d, bias=False)
@@ -184,7 +187,8 @@ class RetrievalModel(TaskModel):
                 padding_mask: Optional[Tensor] = None) -> dict:
         """Either or both modalities -> {"image": (B, D), "text": (B, D), "scale": ()}; the scale is
         read here so that ZeRO-3 has gathered ``logit_scale``."""
-        out = {"scale": self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).squeeze(0)}
+        scale = self.logit_scale.exp()
+        out = {"scale": (scale if self.logit_scale_max is None else scale.clamp(max=self.logit_scale_max)).squeeze(0)}
         if image is not None:
             img, _ = self.encode(image=image)
             out["image"] = F.normalize(self.vision_head(img[:, 0]), dim=-1)

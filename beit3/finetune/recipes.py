@@ -71,6 +71,8 @@ class FinetuneConfig:
     drop_worst_after: int = 12000
     num_beams: int = 3
     length_penalty: float = 0.6
+    logit_scale_max: Optional[float] = None  # retrieval: clamp of exp(logit_scale); None = unilm (none), 100 = CLIP
+    vqa_eval: str = "2016"  # vqaEval.py version of vqa_accuracy: "2016" (server) or "2021" (beit3.eval.vqa_metric)
     # EMA of the weights (timm ModelEmaV3), validated beside the model
     model_ema: bool = False
     ema_decay: float = 0.9999
@@ -101,6 +103,11 @@ class FinetuneConfig:
             raise ValueError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
         if self.linear_probe and self.task != "classification":
             raise ValueError("linear_probe is a classification mode")
+        from ..eval.vqa_metric import VQA_EVAL_VERSIONS
+        if self.vqa_eval not in VQA_EVAL_VERSIONS:
+            raise ValueError(f"vqa_eval {self.vqa_eval!r}: expected one of {VQA_EVAL_VERSIONS}")
+        if self.logit_scale_max is not None and self.logit_scale_max <= 0:
+            raise ValueError(f"logit_scale_max must be positive (or None), got {self.logit_scale_max}")
 
     @property
     def eval_batch(self) -> int:

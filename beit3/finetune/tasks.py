@@ -31,7 +31,7 @@ from ..eval.caption_metric import caption_scores, load_coco_captions
 from ..eval.classification_metric import classification_report
 from ..eval.distributed import gather_features
 from ..eval.retrieval_metric import retrieval_recall
-from ..eval.vqa_metric import mean_vqa_accuracy
+from ..eval.vqa_metric import vqa_accuracy_by_type
 from .captioning import DecodeConfig, caption_loss, generate, mask_caption
 from .heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, TaskModel, VQAModel
 from .recipes import DEFAULT_RECIPE, FinetuneConfig
@@ -171,8 +171,9 @@ def class_names(ds: Dataset) -> list[str]:
 class VQATask(Task):
     """VQAv2: BCE on the soft answer scores times the number of answers (as unilm/beit3); the
     metric is the VQA score (the soft score of the predicted answer, which is the official
-    accuracy of the annotators' answers) and, given the raw annotations, ``vqa_accuracy``
-    recomputed with the official answer normalisation."""
+    accuracy of the annotators' answers) and, given the raw annotations, ``vqa_accuracy`` as the
+    official ``vqaEval.py`` (version ``cfg.vqa_eval``) computes it, with the server's breakdown by
+    answer type (``vqa_accuracy_yes_no``, ``_number``, ``_other``)."""
 
     name, main_metric = "vqa", "vqa_score"
 
@@ -211,23 +212,28 @@ class VQATask(Task):
         if "score" in r:
             out["vqa_score"] = r["score"].double().mean().item()
         if self.annotations:
-            gts = _vqa_answers(self.annotations)
+            gts, types = _vqa_answers(self.annotations)
             qids = r["qid"].tolist()
             missing = [q for q in qids if q not in gts]
             if missing:
                 raise ValueError(f"{self.annotations} has no answers for question ids {missing[:5]}")
-            out["vqa_accuracy"] = mean_vqa_accuracy(answers, [gts[q] for q in qids])
+            qtypes = [types[q] for q in qids]
+            acc = vqa_accuracy_by_type(answers, [gts[q] for q in qids], None if None in qtypes else qtypes,
+                                       self.cfg.vqa_eval)
+            out["vqa_accuracy"] = acc.pop("overall")
+            out.update({f"vqa_accuracy_{t.replace('/', '_')}": v for t, v in acc.items()})
         out["predictions"] = [{"question_id": q, "answer": a} for q, a in zip(r["qid"].tolist(), answers)]
         return out
 
 
-def _vqa_answers(path: str) -> dict[int, list[str]]:
-    """question id -> the annotators' raw answers, from a VQA v2 annotation file."""
+def _vqa_answers(path: str) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """question id -> the annotators' raw answers, and -> its answer type, from a VQA v2 annotation file."""
     with open(path, encoding="utf-8") as f:
         anns = json.load(f).get("annotations")
     if not isinstance(anns, list):
         raise ValueError(f"{path}: expected a VQA v2 annotation file with an 'annotations' list")
-    return {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
+    answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in anns}
+    return answers, {a["question_id"]: a.get("answer_type") for a in anns}
 
 
 # -- retrieval -----------------------------------------------------------------------------------
@@ -242,7 +248,7 @@ class RetrievalTask(Task):
                                    max_len=self.cfg.max_text_len, task=self.cfg.dataset)
 
     def build_model(self, model_cfg: BEiT3Config, train_set: Dataset) -> TaskModel:
-        return RetrievalModel(model_cfg)
+        return RetrievalModel(model_cfg, logit_scale_max=self.cfg.logit_scale_max)
 
     def train_step(self, model, batch: dict, step: int) -> tuple[Tensor, dict]:
         out = model(image=batch["image"], text=batch["text"], padding_mask=batch["padding_mask"])

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from ..config import BEiT3Config
+from ..config import BEiT3Config, check_text_vocab, text_table_rows
 from ..data.bad_images import SKIPPED_KEY, SkipUnreadable, UnreadableImages
 from ..data.index_check import check_dataset
 from ..data.text_tokenizer import TextTokenizer
@@ -104,11 +104,9 @@ def model_config(cfg: FinetuneConfig, init: Optional[InitWeights], vocab_size: i
     if init is not None:
         mc = init.config.replace(img_size=cfg.img_size, drop_path_rate=drop_path)
     else:
-        mc = BEiT3Config.from_preset(cfg.preset, layout=cfg.layout, vocab_size=vocab_size, img_size=cfg.img_size,
-                                     drop_path_rate=drop_path)
-    if vocab_size > mc.vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} ids but the model's text embedding only {mc.vocab_size} "
-                         f"rows: use the sentencepiece model the checkpoint was trained with (--spm)")
+        mc = BEiT3Config.from_preset(cfg.preset, layout=cfg.layout, vocab_size=text_table_rows(vocab_size),
+                                     img_size=cfg.img_size, drop_path_rate=drop_path)
+    check_text_vocab(vocab_size, mc.vocab_size, init.source if init is not None else "the model")
     if cfg.max_text_len > mc.max_text_len:
         raise ValueError(f"max_text_len {cfg.max_text_len} exceeds the model's {mc.max_text_len} text positions")
     return mc

@@ -12,7 +12,6 @@ optionally the hidden states of chosen layers; heads and the pretraining objecti
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -23,6 +22,7 @@ from ..config import BEiT3Config
 from .block import MultiwayBlock
 from .checkpointing import CHECKPOINT_MODES, checkpoint_block
 from .embeddings import TextEmbedding, VisionEmbedding
+from .init import subln_scale, trunc_normal_
 from .multiway import Multiway, Streams, join
 
 
@@ -54,15 +54,15 @@ class BEiT3(nn.Module):
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Truncated normal (std ``init_std``, cut at +-2 absolute as timm/BEiT, so in effect a plain
-        normal) for linear, conv and embedding weights, the position tables and the CLS/mask tokens;
-        zero biases; LayerNorm 1/0 (BEiT / unilm-beit3 init).
-        With ``subln_init_scale`` the fc1/fc2/v/out weights are then multiplied by sqrt(log 2N),
-        torchscale's Sub-LN (Magneto) scaling."""
+        """unilm's initialisation (BEiT v2 pretraining, unilm/beit3): linear, conv and embedding
+        weights, the position tables and the CLS/mask tokens from a normal of std ``init_std`` cut
+        at +-std (``beit3.model.init``); zero biases; LayerNorm 1/0.
+        With ``subln_init_scale`` the fc1/fc2/v/out weights and biases are then multiplied by
+        sqrt(log 2N): torchscale's Sub-LN (Magneto) initialisation, the pretraining default."""
         std = self.cfg.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
+                trunc_normal_(m.weight, std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -70,9 +70,9 @@ class BEiT3(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.vision_embed.cls_token, self.vision_embed.mask_token,
                   self.vision_embed.pos_embed, self.text_embed.pos_embed):
-            nn.init.trunc_normal_(p, std=std)
+            trunc_normal_(p, std)
         if self.cfg.subln_init_scale:
-            self._subln_scale(math.sqrt(math.log(2 * self.cfg.depth)))
+            self._subln_scale(subln_scale(self.cfg.depth))
 
     def _subln_scale(self, s: float) -> None:
         d = self.cfg.embed_dim

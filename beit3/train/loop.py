@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import BEiT3Config
+from ..config import BEiT3Config, text_table_rows
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_flag, init_distributed
 from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
@@ -112,7 +112,8 @@ class PretrainRun:
         self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=not a.no_tensorboard)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
         cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
-                                      vocab_size=self.text_tokenizer.vocab_size)
+                                      vocab_size=text_table_rows(self.text_tokenizer.vocab_size),
+                                      subln_init_scale=a.init_scheme == "subln")
         if self.visual_tokenizer.grid_size != cfg.grid_size:
             raise ValueError(f"visual tokenizer grid {self.visual_tokenizer.grid_size}x"
                              f"{self.visual_tokenizer.grid_size} != model patch grid {cfg.grid_size}x{cfg.grid_size}")
@@ -134,7 +135,8 @@ class PretrainRun:
         path = find_checkpoint(self.ckpt_dir, a.resume)
         if path is None:
             return None, None
-        model = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path).to_dict()
+        model = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
+                                        subln_init_scale=a.init_scheme == "subln").to_dict()
         del model["vocab_size"]
         identity = {"preset": a.preset, "layout": a.layout, "patch_aggregation": a.patch_aggregation, "model": model}
         return path, check_resume(path, self.dist, identity, a.allow_pickle)

@@ -7,22 +7,24 @@
 
 Each part's loss is the mean cross entropy over its predicted tokens; the training loss is the mean
 over the parts present in the batch. Optional BEiT v2 patch aggregation pretrains the CLS token: a
-shallow 2-layer head sees the final CLS and an intermediate layer's patches and predicts the same
-masked visual tokens through the shared MIM head.
+shallow 2-layer head sees the last layer's CLS and an early layer's patches and predicts the same
+masked visual tokens through the shared final norm and MIM head; its loss is added to the image
+part's, as beit2 adds it.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..config import BEiT3Config
 from ..model import BEiT3
+from ..model.init import trunc_normal_
 
 
 def prepare_batch(batch: dict, vocab_size: int) -> dict:
@@ -64,38 +66,57 @@ def _gather(x: Tensor, index: Optional[Tensor], mask: Tensor) -> Tensor:
 
 
 class PatchAggregation(nn.Module):
-    def __init__(self, cfg: BEiT3Config, depth: int = 2):
+    """BEiT v2's CLS pretraining head (unilm/beit2 ``VisionTransformerForMaskedImageModelingCLS``):
+    two transformer blocks over [last layer's CLS | patches after ``early_layers`` layers], both
+    before any final norm; their output goes through the backbone's final norm and the shared MIM
+    head (``shared_lm_head=True``).
+
+    As there, the blocks keep PyTorch's default initialisation (beit2 builds them after its
+    ``_init_weights`` pass) and their attention output and fc2 weights are divided by
+    sqrt(2 (early_layers + i + 1)); their drop path continues the backbone's linear rule. Unlike
+    beit2's blocks they have no layer scale, as the BEiT-3 backbone has none.
+    """
+
+    def __init__(self, cfg: BEiT3Config, early_layers: int, depth: int = 2):
         super().__init__()
+        n = max(cfg.depth, early_layers + depth)
+        rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # beit2: linspace(0, dpr, n)
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.ffn_dim / cfg.embed_dim, qkv_bias=True,
-                  norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps)) for _ in range(depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+                  drop_path=rates[early_layers + i], norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps))
+            for i in range(depth))
+        with torch.no_grad():
+            for i, blk in enumerate(self.blocks):
+                blk.attn.qkv.bias.zero_()  # beit2's q_bias and v_bias start at 0 (it has no k bias)
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * (early_layers + i + 1)))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (early_layers + i + 1)))
 
-    def forward(self, cls: Tensor, patches: Tensor) -> Tensor:  # (B, 1, D), (B, N, D) -> (B, N, D)
+    def forward(self, cls: Tensor, patches: Tensor) -> Tensor:  # (B, 1, D), (B, N, D) -> (B, 1 + N, D)
         x = torch.cat([cls, patches], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)[:, 1:]
+        return x
 
 
 class MaskedDataModeling(nn.Module):
     """BEiT3 backbone (``.model``) + MLM and MIM heads. The visual tokenizer is *not* a submodule:
     it stays outside the DeepSpeed engine and its targets are passed in."""
 
-    def __init__(self, cfg: BEiT3Config, num_visual_tokens: int = 8192, patch_aggregation: bool = False,
-                 aggregation_layer: Optional[int] = None):
+    def __init__(self, cfg: BEiT3Config, num_visual_tokens: int = 8192, patch_aggregation: bool = False):
         super().__init__()
         self.cfg = cfg
         self.model = BEiT3(cfg)
         self.mlm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size)
         self.mim_head = nn.Linear(cfg.embed_dim, num_visual_tokens)
-        self.aggregation_layer = None
+        self.early_layers = None
         if patch_aggregation:
-            # BEiT v2 takes layer 9 of 12 (3/4 of the depth).
-            self.aggregation_layer = aggregation_layer if aggregation_layer is not None else cfg.depth * 3 // 4 - 1
-            self.aggregation = PatchAggregation(cfg)
+            if cfg.early_layers > cfg.depth:
+                raise ValueError(f"patch aggregation after {cfg.early_layers} layers, but the model has "
+                                 f"{cfg.depth} (BEiT3Config.aggregation_early_layers)")
+            self.early_layers = cfg.early_layers
+            self.aggregation = PatchAggregation(cfg, self.early_layers)
         for head in (self.mlm_head, self.mim_head):
-            trunc_normal_(head.weight, std=cfg.init_std)
+            trunc_normal_(head.weight, cfg.init_std)
             nn.init.zeros_(head.bias)
 
     def forward(self, batch: dict, targets: dict) -> tuple[Tensor, dict]:
@@ -127,30 +148,36 @@ class MaskedDataModeling(nn.Module):
         return loss, metrics
 
     def _agg_layers(self) -> tuple:
-        return () if self.aggregation_layer is None else (self.aggregation_layer,)
+        """Hidden states patch aggregation reads: the patches after ``early_layers`` layers and the
+        last layer's CLS, both before the final norm (beit2's ``early_states`` and ``x[:, [0]]``)."""
+        return () if self.early_layers is None else (self.early_layers - 1, self.cfg.depth - 1)
 
     def _mim(self, out, part: dict, target: Tensor, name: str, losses: list, metrics: dict,
              aggregate: bool = True) -> None:
         mask, index = part["image_mask"], part.get("image_mask_index")
         hidden = _gather(out.image[:, 1:], index, mask)  # (M, D) masked patches
         tgt = _gather(target, index, mask)
-        logits = self.mim_head(hidden)
-        self._record(logits, tgt, name, losses, metrics)
-        if aggregate and self.aggregation_layer is not None:
-            patches = out.hidden[self.aggregation_layer][0][:, 1:]
-            agg = _gather(self.aggregation(out.image[:, :1], patches), index, mask)
-            self._record(self.mim_head(agg), tgt, name + "_cls", losses, metrics)
+        loss = self._record(self.mim_head(hidden), tgt, name, metrics)
+        if aggregate and self.early_layers is not None:
+            cls = out.hidden[self.cfg.depth - 1][0][:, :1]
+            patches = out.hidden[self.early_layers - 1][0][:, 1:]
+            agg, _ = self.model.norm((self.aggregation(cls, patches), None))  # the shared final norm
+            agg = _gather(agg[:, 1:], index, mask)
+            # beit2 sums the two MIM losses (engine_for_pretraining: loss_1 + loss_2), so the image
+            # part weighs as much as each other part and the CLS loss comes on top.
+            loss = loss + self._record(self.mim_head(agg), tgt, name + "_cls", metrics)
+        losses.append(loss)
 
     def _mlm(self, text_hidden: Tensor, part: dict, name: str, losses: list, metrics: dict) -> None:
         labels, index = part["labels"], part.get("label_index")
         sel = labels != -100 if index is None else None
-        self._record(self.mlm_head(_gather(text_hidden, index, sel)), _gather(labels, index, sel), name,
-                     losses, metrics)
+        losses.append(self._record(self.mlm_head(_gather(text_hidden, index, sel)), _gather(labels, index, sel),
+                                   name, metrics))
 
     @staticmethod
-    def _record(logits: Tensor, target: Tensor, name: str, losses: list, metrics: dict) -> None:
+    def _record(logits: Tensor, target: Tensor, name: str, metrics: dict) -> Tensor:
         loss = F.cross_entropy(logits.float(), target)
-        losses.append(loss)
         metrics[f"loss/{name}"] = loss.detach()
         metrics[f"acc/{name}"] = (logits.detach().argmax(-1) == target).float().mean()
         metrics[f"tokens/{name}"] = torch.tensor(float(target.numel()))
+        return loss

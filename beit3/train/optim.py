@@ -8,12 +8,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-# Parameters that get no weight decay besides 1-D tensors (norms, biases).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "logit_scale")
+# Parameters that get no weight decay besides 1-D tensors (norms, biases): unilm/beit3's
+# ``BEiT3Wrapper.no_weight_decay`` in our names (its ``encoder.embed_positions.A`` is our vision
+# table), matched by exact name as its ``get_parameter_groups`` does, so the text position table and
+# the mask token are decayed there and here (beit2's pretraining decays its mask token too).
+NO_DECAY_NAMES = ("vision_embed.pos_embed", "vision_embed.cls_token", "logit_scale")
 
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in NO_DECAY_NAMES)
+    """unilm's rule: 1-D, a bias, or one of ``NO_DECAY_NAMES`` (as a whole name below any prefix)."""
+    return p.ndim == 1 or name.endswith(".bias") or any(name == n or name.endswith("." + n) for n in NO_DECAY_NAMES)
 
 
 def layer_id(name: str, depth: int) -> int:
