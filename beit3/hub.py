@@ -112,7 +112,7 @@ def info(name: str) -> ModelInfo:
 
 
 def cache_dir() -> str:
-    from .train.demo_assets import cache_root
+    from .files import cache_root
     return os.path.join(cache_root(), "checkpoints")
 
 

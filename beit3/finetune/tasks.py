@@ -34,7 +34,7 @@ from ..eval.retrieval_metric import retrieval_recall
 from ..eval.vqa_metric import mean_vqa_accuracy
 from .captioning import DecodeConfig, caption_loss, generate, mask_caption
 from .heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, TaskModel, VQAModel
-from .recipes import DEFAULT_RECIPE, FinetuneConfig
+from .recipes import FinetuneConfig
 
 Rows = dict[str, Tensor]
 
@@ -58,10 +58,6 @@ class Task:
 
     def __init__(self, cfg: FinetuneConfig, tokenizer: Optional[TextTokenizer] = None):
         self.cfg, self.tokenizer = cfg, tokenizer
-
-    @property
-    def default_recipe(self) -> str:
-        return DEFAULT_RECIPE[self.name]
 
     def transform(self, train: bool):
         c = self.cfg

@@ -18,7 +18,7 @@ import torch
 
 from ..config import BEiT3Config
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_flag, init_distributed
+from .distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .ds_config import precision
 from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
@@ -145,8 +145,9 @@ class PretrainRun:
         a = self.args
         spm, tok, shards = a.spm, a.tokenizer, a.data
         if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
-            from .demo_assets import demo_assets
-            assets = demo_assets(seed=0, is_main=self.dist.is_main, log=self.logger.write)
+            from ..synthetic import demo_assets
+            assets = demo_assets(seed=0, build=self.dist.is_main, log=self.logger.write)
+            barrier()
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         if a.tokenizer_preset:
