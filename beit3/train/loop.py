@@ -11,7 +11,7 @@ import random
 import signal
 import subprocess
 import time
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,12 +26,15 @@ from .metrics_log import MetricsLogger
 from .objective import MaskedDataModeling, prepare_batch
 from .engine import OptimConfig, build_engine
 
+if TYPE_CHECKING:
+    from .pretrain_config import PretrainConfig
+
 log = logging.getLogger("beit3.pretrain")
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
 
-def pretrain_data_config(args: argparse.Namespace, **model_sizes):
+def pretrain_data_config(args: PretrainConfig, **model_sizes):
     """The pretraining loader's config from the command line; ``model_sizes``: img_size,
     patch_size and tokenizer_img_size, known once the model and visual tokenizer are chosen."""
     from ..data.pretrain_loader import PretrainDataConfig
@@ -109,7 +112,7 @@ class PretrainRun:
         self.lock = lock_output(a.output, self.dist)
         self.resume_path, self.resume_meta = self.check_resume()
         seed_everything(a.seed)
-        self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=not a.no_tensorboard)
+        self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=a.tensorboard)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
         cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
                                       vocab_size=self.text_tokenizer.vocab_size)
@@ -189,7 +192,7 @@ class PretrainRun:
     def write_run_info(self) -> None:
         if not self.dist.is_main:
             return
-        info = {"args": vars(self.args), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
+        info = {"args": self.args.to_dict(), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
                 "world_size": self.dist.world_size, "git_commit": git_commit(),
                 "torch": torch.__version__}
         write_run_config(self.args.output, info)
