@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..config import BEiT3Config
-from ..data import downstream_datasets as dd
+from ..data.downstream import datasets as dd
 from ..data.text_tokenizer import TextTokenizer
 from ..data.transforms import build_cls_transform, build_vl_transform
 from ..eval.caption_metric import caption_scores, load_coco_captions

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import PRESETS, checked_from_dict
-from ..model.checkpointing import CHECKPOINT_MODES
-from .checkpoint_args import check_checkpoint_args, fill_checkpoint_defaults
+from ..model.activation_checkpointing import CHECKPOINT_MODES
+from .activation_checkpointing import check_activation_checkpointing, fill_checkpoint_defaults
 from .ds_config import ConfigError, default_ds_config, ds_config_path, resolve_ds_config
 
 
@@ -162,7 +162,7 @@ class PretrainConfig:
         for name in ("batch_images", "batch_texts", "batch_pairs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        check_checkpoint_args(self)
+        check_activation_checkpointing(self)
         micro = self.batch_images + self.batch_texts + self.batch_pairs
         if micro == 0:
             raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")
