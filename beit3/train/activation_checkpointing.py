@@ -8,7 +8,7 @@ from ..model.activation_checkpointing import CHECKPOINT_MODES
 from .ds_config import ConfigError
 
 
-def add_activation_checkpointing(ap: argparse.ArgumentParser) -> None:
+def add_activation_checkpointing_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
                          "1 with --checkpoint-mode)")
