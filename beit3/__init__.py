@@ -1,5 +1,5 @@
 """beit3: pretraining and fine-tuning of BEiT-3 Multiway Transformers."""
-from .checkpoint.official import from_official, to_official
+from .weights.official import from_official, to_official
 from .config import PRESETS, BEiT3Config
 from .model import BEiT3
 

@@ -26,7 +26,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from .checkpoint.official import build_loaded, load_backbone
+from .weights.official import build_loaded, load_backbone
 from .config import BEiT3Config
 from .model.embeddings import POS_OFFSET
 

@@ -22,9 +22,9 @@ import sys
 from .config import PRESETS, BEiT3Config
 from .errors import UserError
 from .files import check_output_dir, check_output_file
-from .train.checkpoint_args import add_checkpoint_args, check_checkpoint_args, fill_checkpoint_defaults
+from .train.activation_checkpointing import (add_activation_checkpointing_flags, check_activation_checkpointing,
+                                             fill_checkpoint_defaults)
 from .train.ds_config import default_ds_config, resolve_ds_config
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--mask-pair-images", action="store_true", help="also mask and predict pair images")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 5 on CPU)")
-    add_checkpoint_args(ap)
+    add_activation_checkpointing_flags(ap)
     ap.add_argument("--checkpoint-cost", action="store_true",
                     help="also time the same batch with checkpointing off, full and selective, and report "
                          "what each costs against off")
@@ -113,7 +113,7 @@ def check_args(args: argparse.Namespace, world: int):
     for name in ("warmup", "num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    check_checkpoint_args(args)
+    check_activation_checkpointing(args)
     if world > 1 and args.compare:
         raise ValueError("--compare runs the reference models on one process; start it without a launcher")
     mix = BatchMix(args.batch_images, args.batch_texts, args.batch_pairs, args.text_len,

@@ -18,7 +18,7 @@ COMMANDS = {
     "download": ("beit3.hub", "download an official checkpoint by name (checksummed, resumable)"),
 }
 DATA_COMMANDS = {
-    "synthetic": "beit3.data.synthetic",
+    "synthetic": "beit3.synthetic.world",
     "shards": "beit3.data.shards",
     "downstream": "beit3.data.downstream",
     "spm": "beit3.data.text_tokenizer",

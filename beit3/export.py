@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import timm_vit_kwargs, vision_state_dict
-from .checkpoint.official import (CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone,
-                                  official_vocab)
+from .weights.official import (CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone,
+                               official_vocab)
 from .config import PRESETS, BEiT3Config
 from .errors import UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json, sigterm_as_exit

@@ -254,3 +254,8 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
         raise BadFileError(path, f"expected a JSON {'object' if kind is dict else kind.__name__}, "
                                  f"got {type(value).__name__}")
     return value
+
+
+def cache_root() -> str:
+    """Where downloads and the demo's built assets are cached: ``$BEIT3_CACHE``, else ~/.cache/beit3."""
+    return os.environ.get("BEIT3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beit3"))

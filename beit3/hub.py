@@ -112,7 +112,7 @@ def info(name: str) -> ModelInfo:
 
 
 def cache_dir() -> str:
-    from .train.demo_assets import cache_root
+    from .files import cache_root
     return os.path.join(cache_root(), "checkpoints")
 
 
@@ -206,7 +206,7 @@ def create_model(name: str, pretrained: bool = False, mirror: Optional[str] = No
                                   **overrides)
     if not pretrained:
         return BEiT3(cfg)
-    from .checkpoint.official import from_official
+    from .weights.official import from_official
     return from_official(download(name, mirror=mirror), cfg)
 
 

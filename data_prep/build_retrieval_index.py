@@ -3,12 +3,9 @@
 
     python data_prep/build_retrieval_index.py --raw RAW --data-root DATA --spm beit3.spm [--output DIR]
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run without install
-
-from beit3.data.downstream import main  # noqa: E402
+from beit3.data.downstream import main
 
 if __name__ == "__main__":
     sys.exit(main(["retrieval", *sys.argv[1:]]))

@@ -5,12 +5,9 @@
     python data_prep/make_shards.py --captions pairs.jsonl --output shards/
     python data_prep/make_shards.py --texts corpus.txt --output shards/
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run without install
-
-from beit3.data.shards import main  # noqa: E402
+from beit3.data.shards import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,13 +26,13 @@ def one_thread():
 def small_world(tmp_path_factory):
     """A 240-image synthetic world with its SentencePiece model and a briefly trained tiny VQ-KD
     (the same code path as the demo's cached assets), shared by pretraining and fine-tuning tests."""
-    from beit3.train import demo_assets as da
+    from beit3.synthetic import demo_assets
 
     root = tmp_path_factory.mktemp("beit3_cache")
     old = os.environ.get("BEIT3_CACHE")
     os.environ["BEIT3_CACHE"] = str(root)
     try:
-        return da.demo_assets(seed=0, num_images=240, tokenizer_steps=60, tokenizer_batch=16, log=lambda *_: None)
+        return demo_assets(seed=0, num_images=240, tokenizer_steps=60, tokenizer_batch=16, log=lambda *_: None)
     finally:
         if old is None:
             os.environ.pop("BEIT3_CACHE")

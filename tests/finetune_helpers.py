@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from beit3.data.downstream_datasets import VQADataset, read_jsonl
+from beit3.data.downstream.datasets import VQADataset, read_jsonl
 from beit3.finetune.evaluate import main as evaluate_main
 from beit3.finetune.main import main as finetune_main
 

@@ -20,7 +20,7 @@ from finetune_helpers import COMMON, evaluate, finetune
 from pretrain_fixtures import IndexedBatches, make_assets, run_args
 from PIL import Image
 
-from beit3.data.downstream_datasets import CIFARDataset
+from beit3.data.downstream.datasets import CIFARDataset
 from beit3.errors import BadFileError, OutputError
 from beit3.export import main as export_main
 from beit3.finetune.main import main as finetune_main

@@ -15,7 +15,7 @@ from beit3.data.downstream import (
     RetrievalDataset, VQADataset, build_all_indexes, build_answer_vocab, build_retrieval_index, main, read_jsonl,
     split_rest_val, vqa_soft_score,
 )
-from beit3.data.downstream_build import build_vqa_index, nlvr2_image_prefix, scan_image_ids
+from beit3.data.downstream.build import build_vqa_index, nlvr2_image_prefix, scan_image_ids
 from beit3.data.text_tokenizer import TextTokenizer, train_spm
 from beit3.data.vqa_normalize import normalize_answer
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from beit3 import BEiT3, BEiT3Config
 from beit3.backbones import vision_encoder
-from beit3.checkpoint import from_official, load_backbone
+from beit3.weights import from_official, load_backbone
 from beit3.export import create_timm_model, main
 
 TOL = 1e-5
@@ -67,7 +67,7 @@ def test_timm_export_builds_loads_strictly_and_matches(tmp_path):
 
 
 def _official(model):
-    from beit3.checkpoint import to_official
+    from beit3.weights import to_official
     return {k[len("beit3."):]: v for k, v in to_official(model).items()}
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from finetune_worker import fixed_augment
 
-from beit3.data.downstream_datasets import read_jsonl
+from beit3.data.downstream.datasets import read_jsonl
 from beit3.finetune.evaluate import main as evaluate_main
 from beit3.finetune.main import main as finetune_main
 from beit3.finetune.trainer import epoch_batches

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from beit3 import BEiT3Config
-from beit3.checkpoint.official import convert_ours_to_official
+from beit3.weights.official import convert_ours_to_official
 from beit3.finetune.heads import (
     CLIP_LOGIT_SCALE_MAX, LOGIT_SCALE_INIT, CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel,
     captioning_attention_mask, unreached_parameters,

@@ -30,9 +30,9 @@ import os
 import torch
 
 from beit3.config import BEiT3Config
-from beit3.data.downstream_build import read_jsonl
-from beit3.data.downstream_datasets import NLVR2Dataset
-from beit3.data.synthetic import Scene, Shape, nlvr2_candidates
+from beit3.data.downstream.build import read_jsonl
+from beit3.data.downstream.datasets import NLVR2Dataset
+from beit3.synthetic import Scene, Shape, nlvr2_candidates
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.finetune.heads import NLVR2Model
 

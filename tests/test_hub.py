@@ -12,7 +12,7 @@ import torch
 from beit3 import hub
 from beit3.cli import main as cli_main
 from beit3.config import BEiT3Config
-from beit3.checkpoint.official import save_official
+from beit3.weights.official import save_official
 from beit3.model import BEiT3
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from beit3 import BEiT3, BEiT3Config
-from beit3.checkpoint import (
+from beit3.weights import (
     UnsafeCheckpointError,
     convert_official_to_ours,
     convert_ours_to_official,

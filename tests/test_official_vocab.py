@@ -10,7 +10,7 @@ import torch
 from pretrain_fixtures import IndexedBatches, make_assets, run_args
 
 from beit3 import BEiT3
-from beit3.checkpoint.official import load_backbone, official_vocab
+from beit3.weights.official import load_backbone, official_vocab
 from beit3.config import BEiT3Config, check_text_vocab, text_table_rows
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.export import main as export_main

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from beit3.data.synthetic import (COLORS, NLVR2_STATEMENTS, SHAPES, WorldConfig, make_synthetic_world, main,
+from beit3.synthetic import (COLORS, NLVR2_STATEMENTS, SHAPES, WorldConfig, make_synthetic_world, main,
                                   split_sizes, write_nlvr2)
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.vqa_normalize import normalize_answer
@@ -343,8 +343,8 @@ def test_cli_and_output_folder_rules(tmp_path, capsys, monkeypatch):
 
 def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
     """A world cached by an older generator is not reused; a complete one is not rebuilt."""
-    from beit3.data import synthetic
-    from beit3.train.demo_assets import ensure_synthetic_world, synthetic_root
+    from beit3.synthetic import ensure_synthetic_world, synthetic_root
+    from beit3.synthetic import world as synthetic
 
     monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
     current = synthetic_root(0, 40, 32)

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from beit3 import BEiT3, BEiT3Config
-from beit3.checkpoint.official import convert_ours_to_official
+from beit3.weights.official import convert_ours_to_official
 from beit3.data.pretrain_loader import PretrainDataConfig
 from beit3.data.transforms import PretrainImageTransform
 from beit3.finetune.heads import RetrievalModel
@@ -84,9 +84,9 @@ def test_subln_scales_what_torchscale_scales():
 
 
 def test_pretraining_defaults_to_subln_and_finetuning_to_unilms_wrapper():
-    from beit3.pretrain import build_parser
-    assert build_parser().parse_args([]).init_scheme == "subln"
-    assert build_parser().parse_args(["--init-scheme", "plain"]).init_scheme == "plain"
+    from beit3.pretrain import build_parser, config_from_args
+    assert config_from_args(build_parser().parse_args([])).init_scheme == "subln"
+    assert config_from_args(build_parser().parse_args(["--init-scheme", "plain"])).init_scheme == "plain"
     # unilm/beit3's BEiT3Wrapper re-initialises every Linear after torchscale's Sub-LN scaling.
     assert BEiT3Config.from_preset("base").subln_init_scale is False
 

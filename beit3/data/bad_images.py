@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .downstream_datasets import ImageLoadError
+from .downstream.datasets import ImageLoadError
 
 SKIPPED_KEY = "skipped_images"
 MAX_IN_A_ROW = 32  # more unreadable items in a row than this is a broken dataset, not a few bad files

@@ -16,7 +16,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from ..errors import UserError
-from .downstream_datasets import CIFARDataset, ClassificationDataset, IndexDataset
+from .downstream.datasets import CIFARDataset, ClassificationDataset, IndexDataset
 
 SHOWN = 5  # problems quoted in one message
 PROGRESS_FROM = 5000  # image files: below this the check is too short for a progress bar

@@ -2,7 +2,7 @@
 
 Attribute and parameter names are those of unilm/beit3 ``modeling_finetune.py``, so the head of an
 official fine-tuned checkpoint loads as it is (its backbone goes through
-``beit3.checkpoint.official``):
+``beit3.weights.official``):
 
     classification  fc_norm, head                               mean of patch tokens -> LN -> Linear
     vqa             pooler.{norm,dense}, head.{0,1,3}           vision CLS -> LN, Linear, Tanh -> MLP

@@ -9,7 +9,7 @@ Accepted, told apart by their contents:
 * a weights directory or file of ours (``model.safetensors`` + ``meta.json``, or any state dict);
 * an official unilm/beit3 checkpoint (``beit3.encoder.*`` keys), pretrained or fine-tuned.
 
-The backbone goes through ``beit3.checkpoint.load_backbone``; every other weight whose name and
+The backbone goes through ``beit3.weights.load_backbone``; every other weight whose name and
 shape match the task model is loaded too: official heads share our names, and a pretraining run's
 ``mlm_head`` starts the captioning head.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..checkpoint.official import load_backbone
+from ..weights.official import load_backbone
 from ..config import BEiT3Config
 from ..errors import BadFileError
 from ..files import current_dir, read_json, size_problems

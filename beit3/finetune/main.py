@@ -12,35 +12,20 @@ parses and checks; the run lives in ``beit3.finetune.trainer``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Optional
 
 from ..errors import UserError
 from ..files import check_output_dir
+from ..flags import add_dataclass_flags, given
 from ..train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, FinetuneConfig, get_recipe, recipe_names
 
-_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float,
-          "Optional[str]": str}
-
-
 def add_config_flags(ap: argparse.ArgumentParser) -> None:
-    """One flag per FinetuneConfig field (default None = the recipe's value)."""
+    """One flag per FinetuneConfig field (not given = the recipe's value)."""
     group = ap.add_argument_group("recipe overrides (each FinetuneConfig field; default: the recipe's)")
-    for f in dataclasses.fields(FinetuneConfig):
-        if f.name == "task":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.type == "tuple":
-            group.add_argument(flag, type=float, nargs=2, default=None)
-        elif f.type == "Optional[str]":
-            group.add_argument(flag, type=lambda s: None if s.lower() == "none" else s, default=None)
-        else:
-            group.add_argument(flag, type=_TYPES[f.type], default=None)
+    add_dataclass_flags(group, FinetuneConfig, skip=("task",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,9 +75,7 @@ def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
     if args.task is not None and RECIPES[name]["task"] != args.task:
         raise ConfigError(f"--recipe {name} is a {RECIPES[name]['task']} recipe, not {args.task}; "
                           f"{args.task} recipes: {', '.join(recipe_names(args.task))}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)
-                 if f.name != "task" and getattr(args, f.name, None) is not None}
-    return get_recipe(name, **overrides)
+    return get_recipe(name, **given(args, FinetuneConfig))
 
 
 def check_paths(args: argparse.Namespace) -> None:

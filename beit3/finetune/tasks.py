@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..config import BEiT3Config
-from ..data import downstream_datasets as dd
+from ..data.downstream import datasets as dd
 from ..data.text_tokenizer import TextTokenizer
 from ..data.transforms import build_cls_transform, build_vl_transform
 from ..eval.caption_metric import caption_scores, load_coco_captions
@@ -34,7 +34,7 @@ from ..eval.retrieval_metric import retrieval_recall
 from ..eval.vqa_metric import vqa_accuracy_by_type
 from .captioning import DecodeConfig, caption_loss, generate, mask_caption
 from .heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, TaskModel, VQAModel
-from .recipes import DEFAULT_RECIPE, FinetuneConfig
+from .recipes import FinetuneConfig
 
 Rows = dict[str, Tensor]
 
@@ -58,10 +58,6 @@ class Task:
 
     def __init__(self, cfg: FinetuneConfig, tokenizer: Optional[TextTokenizer] = None):
         self.cfg, self.tokenizer = cfg, tokenizer
-
-    @property
-    def default_recipe(self) -> str:
-        return DEFAULT_RECIPE[self.name]
 
     def transform(self, train: bool):
         c = self.cfg

@@ -71,23 +71,13 @@ class RunOptions:
 SYNTHETIC = "synthetic"
 
 
-def synthetic_data(is_main: bool, log=print, seed: int = 0, num_images: int = 2000,
-                   image_size: int = 64) -> tuple[str, str]:
-    """(data root, spm) of the synthetic world with its fine-tuning index files, built once in the
-    cache that ``beit3 pretrain --data synthetic`` uses, so a model pretrained there fits its vocabulary."""
-    from ..data.downstream import build_all_indexes
-    from ..train.demo_assets import ensure_synthetic_world, synthetic_root
+def synthetic_data(is_main: bool, log=print) -> tuple[str, str]:
+    """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them)."""
+    from ..synthetic import finetune_world
 
-    world = os.path.join(synthetic_root(seed, num_images, image_size), "world")
-    spm = os.path.join(world, "spm", "synthetic.model")
-    if is_main:
-        ensure_synthetic_world(world, seed, num_images, image_size, log)
-    if is_main and not os.path.isfile(os.path.join(world, "INDEXES_READY")):
-        log(f"writing the fine-tuning index files into {world} (once)")
-        build_all_indexes(os.path.join(world, "raw"), world, spm, seed=seed, rest_val_images=num_images // 20)
-        open(os.path.join(world, "INDEXES_READY"), "w").close()
+    world = finetune_world(build=is_main, log=log)
     barrier()
-    return world, spm
+    return world.world, world.spm
 
 
 def cpu_flush_denormal(device: torch.device) -> None:

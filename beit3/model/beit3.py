@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import BEiT3Config
 from .block import MultiwayBlock
-from .checkpointing import CHECKPOINT_MODES, checkpoint_block
+from .activation_checkpointing import CHECKPOINT_MODES, checkpoint_block
 from .embeddings import TextEmbedding, VisionEmbedding
 from .init import subln_scale, trunc_normal_
 from .multiway import Multiway, Streams, join

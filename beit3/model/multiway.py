@@ -38,10 +38,6 @@ def split(x: Tensor, like: Streams) -> Streams:
     return x[:, :n], x[:, n:]
 
 
-def add(xs: Streams, ys: Streams) -> Streams:
-    return tuple(None if x is None else x + y for x, y in zip(xs, ys))  # type: ignore[return-value]
-
-
 class Multiway(nn.Module):
     """A module per modality (``A`` = vision, ``B`` = language, as torchscale names them) or one
     module shared by both streams (``shared``)."""

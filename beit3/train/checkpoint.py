@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..checkpoint.io import check_deepspeed_files, load_checkpoint_file
+from ..weights.io import check_deepspeed_files, load_checkpoint_file
 from ..errors import OutputError, UserError, first_line
 from ..files import atomic_file, atomic_write_bytes, file_sizes, read_json, size_problems
 from .distributed import all_reduce_flag, barrier

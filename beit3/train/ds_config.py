@@ -24,6 +24,15 @@ def default_ds_config(device: str) -> str:
     return packaged_ds_config(DEFAULT_DS[device])
 
 
+def ds_config_path(name_or_path: str) -> str:
+    """A file that exists, else the packaged config of that bare name (``zero3_bf16.json``), so
+    recipes name configs that an installed wheel has wherever it runs."""
+    if os.path.exists(name_or_path) or os.sep in name_or_path:
+        return name_or_path
+    packaged = packaged_ds_config(name_or_path)
+    return packaged if os.path.exists(packaged) else name_or_path
+
+
 class ConfigError(ValueError):
     pass
 

@@ -37,11 +37,6 @@ def encoder_flops_breakdown(cfg: BEiT3Config, batch: int, image_tokens: int, tex
             "patch_embed": float(6 * batch * max(image_tokens - 1, 0) * patch)}
 
 
-def encoder_flops(cfg: BEiT3Config, batch: int, image_tokens: int, text_tokens: int) -> float:
-    """Forward + backward FLOPs of the encoder for ``batch`` sequences of image_tokens + text_tokens."""
-    return sum(encoder_flops_breakdown(cfg, batch, image_tokens, text_tokens).values())
-
-
 def head_flops(dim: int, classes: int, tokens: int) -> float:
     return 6.0 * dim * classes * tokens
 

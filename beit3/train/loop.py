@@ -11,14 +11,14 @@ import random
 import signal
 import subprocess
 import time
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..config import BEiT3Config, text_table_rows
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_flag, init_distributed
+from .distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .ds_config import precision
 from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
@@ -26,12 +26,15 @@ from .metrics_log import MetricsLogger
 from .objective import MaskedDataModeling, prepare_batch
 from .engine import OptimConfig, build_engine
 
+if TYPE_CHECKING:
+    from .pretrain_config import PretrainConfig
+
 log = logging.getLogger("beit3.pretrain")
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
 
-def pretrain_data_config(args: argparse.Namespace, **model_sizes):
+def pretrain_data_config(args: PretrainConfig, **model_sizes):
     """The pretraining loader's config from the command line; ``model_sizes``: img_size,
     patch_size and tokenizer_img_size, known once the model and visual tokenizer are chosen."""
     from ..data.pretrain_loader import PretrainDataConfig
@@ -109,7 +112,7 @@ class PretrainRun:
         self.lock = lock_output(a.output, self.dist)
         self.resume_path, self.resume_meta = self.check_resume()
         seed_everything(a.seed)
-        self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=not a.no_tensorboard)
+        self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=a.tensorboard)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
         cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
                                       vocab_size=text_table_rows(self.text_tokenizer.vocab_size),
@@ -147,8 +150,9 @@ class PretrainRun:
         a = self.args
         spm, tok, shards = a.spm, a.tokenizer, a.data
         if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
-            from .demo_assets import demo_assets
-            assets = demo_assets(seed=0, is_main=self.dist.is_main, log=self.logger.write)
+            from ..synthetic import demo_assets
+            assets = demo_assets(seed=0, build=self.dist.is_main, log=self.logger.write)
+            barrier()
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         if a.tokenizer_preset:
@@ -190,7 +194,7 @@ class PretrainRun:
     def write_run_info(self) -> None:
         if not self.dist.is_main:
             return
-        info = {"args": vars(self.args), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
+        info = {"args": self.args.to_dict(), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
                 "world_size": self.dist.world_size, "git_commit": git_commit(),
                 "torch": torch.__version__}
         write_run_config(self.args.output, info)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..model.checkpointing import CHECKPOINT_MODES
+from ..model.activation_checkpointing import CHECKPOINT_MODES
 from .ds_config import ConfigError
 
 
-def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
+def add_activation_checkpointing_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
                          "1 with --checkpoint-mode)")
@@ -26,7 +26,7 @@ def fill_checkpoint_defaults(args: argparse.Namespace, device: str) -> None:
     args.checkpoint_mode = args.checkpoint_mode or "full"
 
 
-def check_checkpoint_args(args: argparse.Namespace) -> None:
+def check_activation_checkpointing(args: argparse.Namespace) -> None:
     """A ``ConfigError`` for settings that cannot run, before anything is built."""
     if args.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}")

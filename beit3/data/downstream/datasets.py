@@ -1,4 +1,4 @@
-"""Readers of the unilm/beit3 downstream index files (see ``downstream_build``) as torch Datasets.
+"""Readers of the unilm/beit3 downstream index files (see ``build``) as torch Datasets.
 
 Each ``__getitem__`` returns a dict of tensors (plus ids); the default ``collate`` batches them:
 
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from beit3.data.downstream_build import read_jsonl
+from beit3.data.downstream.build import read_jsonl
 from beit3.errors import BadFileError, UserError
 from beit3.data.text_tokenizer import TextTokenizer
 

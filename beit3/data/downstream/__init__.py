@@ -1,5 +1,5 @@
-"""Downstream benchmark data: build the unilm/beit3 index files (``downstream_build``) and read them
-(``downstream_datasets``). This module holds ``build_all_indexes`` and the command line:
+"""Downstream benchmark data: build the unilm/beit3 index files (``build``) and read them
+(``datasets``). This module holds ``build_all_indexes`` and the command line:
 
     python -m beit3.data.downstream {vqa,retrieval,captioning,nlvr2,imagenet,all} --raw ... --data-root ... --spm ...
 
@@ -12,12 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-from beit3.data.downstream_build import (
+from beit3.data.downstream.build import (
     build_answer_vocab, build_captioning_index, build_imagenet_index, build_nlvr2_index,
     build_nocaps_index, build_retrieval_index, build_vqa_index, find_vqa_files, read_jsonl,
     scan_image_ids, split_rest_val, text_segment, vqa_soft_score, write_jsonl,
 )
-from beit3.data.downstream_datasets import (
+from beit3.data.downstream.datasets import (
     INDEX_FILES, CaptioningDataset, CIFARDataset, ClassificationDataset, ImageLoadError,
     NLVR2Dataset, RetrievalDataset, VQADataset, index_files, load_answer2label, load_image,
     text_segment_to_input,
@@ -112,8 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import UserError
-    from ..files import check_output_dir
+    from ...errors import UserError
+    from ...files import check_output_dir
     args = _parser().parse_args(argv)
     try:
         check_output_dir(args.output or args.data_root)
