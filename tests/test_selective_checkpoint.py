@@ -186,7 +186,7 @@ def test_zero3_engine_selective_equals_no_checkpointing(outputs_seen, monkeypatc
     and weights as without checkpointing. ZeRO-3 replaces F.linear by one that adds the bias in place
     to the matmul's output, which selective checkpointing keeps; biases are not zero after step 1.
     Also with the policy blind to op outputs, as on torch < 2.14 (the GPU image's torch 2.11)."""
-    from beit3.model import checkpointing
+    from beit3.model import activation_checkpointing as checkpointing
     monkeypatch.setattr(checkpointing, "SEES_OUTPUTS", outputs_seen)
     from deepspeed.utils import safe_get_full_fp32_param
 
