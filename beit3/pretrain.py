@@ -110,7 +110,7 @@ def run_with_errors(run, args) -> int:
     """Run, turning the failures a user must act on into one clear line and exit code 1."""
     from .data.sources import DataSourceError
     from .train.checkpoint import CheckpointError
-    from .train.loop import NonFiniteLossError
+    from .train.trainer import NonFiniteLossError
     try:
         return run.train()
     except (UserError, CheckpointError, NonFiniteLossError, FileNotFoundError, DataSourceError, ValueError) as e:

@@ -117,7 +117,7 @@ def part_peak(ctx: Context) -> None:
 
 def _prepared(cfg: BEiT3Config, mix: BatchMix, device: torch.device, dtype=torch.float32, seed: int = 0,
               prepare: bool = True):
-    from ..train.loop import to_device
+    from ..train.trainer import to_device
     from ..train.objective import prepare_batch
     batch, targets = synthetic_batch(cfg, mix, V, seed)
     if prepare:
@@ -243,7 +243,7 @@ def part_numerics(ctx: Context) -> None:
     """20 steps of base through DeepSpeed ZeRO-3 in bf16 and in fp32 from the same weights on the
     same batches: the per-step losses and their difference."""
     from ..train.objective import MaskedDataModeling
-    from ..train.loop import to_device
+    from ..train.trainer import to_device
     from ..train.objective import prepare_batch
     from .trainers import DeepSpeedTrainer
     _init_dist(ctx)

@@ -174,7 +174,7 @@ def run_part(name: str, ctx_path: str) -> int:
 
 
 def environment() -> dict:
-    from ..train.loop import git_commit
+    from ..train.trainer import git_commit
     from .report import _version
     return {"python": sys.version.split()[0], **{p: _version(p) for p in ("torch", "deepspeed", "timm", "torchscale")},
             # A copy of the tree without .git (a lent GPU machine) names its commit in the environment.

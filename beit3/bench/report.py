@@ -17,7 +17,7 @@ FIGURES = ("samples_per_s", "tokens_per_s", "model_tflops", "mfu_measured_peak",
 
 def environment(device: torch.device, matmul_peak: float, datasheet: Optional[float], world_size: int) -> dict:
     """Hardware, versions and commit: the fields every record shares."""
-    from ..train.loop import git_commit
+    from ..train.trainer import git_commit
     return {"device": device.type, "device_name": device_name(device), "world_size": world_size,
             "matmul_peak_tflops": matmul_peak / 1e12,
             "datasheet_tflops": None if datasheet is None else datasheet / 1e12,

@@ -21,7 +21,7 @@ import torch
 
 from ..config import BEiT3Config
 from ..train.flops import pretrain_flops_breakdown
-from ..train.loop import to_device
+from ..train.trainer import to_device
 from ..train.objective import prepare_batch
 from ..train.flops import batch_counts
 from .batches import BatchMix, synthetic_batch

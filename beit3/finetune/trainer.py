@@ -34,7 +34,7 @@ from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from ..train.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from ..train.ds_config import precision
 from ..train.engine import OptimConfig, build_engine
-from ..train.loop import git_commit, seed_everything
+from ..train.trainer import git_commit, seed_everything
 from ..train.metrics_log import MetricsLogger
 from ..train.optim import param_groups
 from ..train.run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config

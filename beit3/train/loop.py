@@ -5,26 +5,20 @@ Kept apart from the command line (beit3/pretrain.py) so tests can drive a run wi
 from __future__ import annotations
 
 import logging
-import warnings
-import os
-import random
-import signal
-import subprocess
 import time
+import warnings
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..config import BEiT3Config, text_table_rows
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_flag, barrier, init_distributed
-from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
-from .ds_config import precision
-from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
-from .metrics_log import MetricsLogger
-from .objective import MaskedDataModeling, prepare_batch
+from .distributed import all_reduce_flag, barrier
 from .engine import OptimConfig, build_engine
+from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
+from .objective import MaskedDataModeling, prepare_batch
+from .run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
+from .trainer import StopRequested, Trainer, compute_dtype, seed_everything, to_device
 
 if TYPE_CHECKING:
     from .pretrain_config import PretrainConfig
@@ -47,59 +41,10 @@ def pretrain_data_config(args: PretrainConfig, **model_sizes):
         retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction, **model_sizes)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class PretrainRun(Trainer):
+    """Masked data modeling: the model, the tokenizers and the mixed data of ``PretrainConfig``, in
+    the Trainer's run folder."""
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a nested batch to ``device``; floating tensors (images) to the engine's dtype."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, dict):
-            out[k] = to_device(v, device, dtype)
-        elif isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            out[k] = v.to(dtype) if v.is_floating_point() else v
-        else:
-            out[k] = v
-    return out
-
-
-def git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._old = {}
-
-    def install(self) -> "StopRequested":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class PretrainRun:
     def __init__(self, args, ds_config: dict, device: str, data: Optional[Iterator] = None):
         """``data``: an iterator of batches to use instead of the shard loader (tests)."""
         self.args, self.ds_config, self.device_kind = args, ds_config, device
@@ -108,11 +53,9 @@ class PretrainRun:
     # -- building ------------------------------------------------------------------------------
     def build(self) -> None:
         a = self.args
-        self.dist: DistInfo = init_distributed(a.dist_timeout, self.device_kind)
-        self.lock = lock_output(a.output, self.dist)
-        self.resume_path, self.resume_meta = self.check_resume()
+        self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, tensorboard=a.tensorboard,
+                      desc="pretrain", max_bad_steps=a.max_bad_steps, keep_last=a.keep_last)
         seed_everything(a.seed)
-        self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=a.tensorboard)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
         cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
                                       vocab_size=text_table_rows(self.text_tokenizer.vocab_size),
@@ -128,7 +71,7 @@ class PretrainRun:
                                    patch_aggregation=a.patch_aggregation)
         model.model.set_grad_checkpointing(a.checkpoint_every > 0, a.checkpoint_every, a.checkpoint_mode)
         self.engine = self.build_engine(model)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(self.ds_config), torch.float32)
+        self.dtype = compute_dtype(self.ds_config)
         self.data = data_source if self.external_data is None else self.external_data
 
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
@@ -192,12 +135,7 @@ class PretrainRun:
         return build_engine(model, self.ds_config, opt)
 
     def write_run_info(self) -> None:
-        if not self.dist.is_main:
-            return
-        info = {"args": self.args.to_dict(), "model": self.cfg.to_dict(), "deepspeed": self.ds_config,
-                "world_size": self.dist.world_size, "git_commit": git_commit(),
-                "torch": torch.__version__}
-        write_run_config(self.args.output, info)
+        self.write_run_config({"args": self.args.to_dict(), "model": self.cfg.to_dict(), "deepspeed": self.ds_config})
 
     # -- one step --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,17 +161,12 @@ class PretrainRun:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> int:
-        self.lock = self.logger = None
-        try:
+        def body() -> int:
             self.build()
             step = self.maybe_resume()
             self.write_run_info()  # only now: every check on the folder and the checkpoint passed
             return self.loop(step)
-        finally:
-            if self.logger is not None:
-                self.logger.close()
-            if self.lock is not None:
-                self.lock.release()
+        return self.run(body)
 
     def loop(self, step: int) -> int:
         a, eng = self.args, self.engine
@@ -242,9 +175,7 @@ class PretrainRun:
         peak = measure_matmul_peak(self.dist.device)
         stop = StopRequested().install()
         data_iter = iter(self.data)
-        bad_in_a_row, skipped_total = 0, 0
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "metrics": []}
-        self.logger.advance(0)
         self.logger.write(f"pretraining {a.preset} ({self.cfg.layout} layout) for {a.steps} steps from step "
                           f"{step} on {self.dist.world_size} x {self.dist.device.type}; output {a.output}")
         try:
@@ -264,22 +195,13 @@ class PretrainRun:
                 grad_norm = eng.get_global_grad_norm()
                 finite_grad = grad_norm is None or np.isfinite(float(grad_norm))
                 if not ok_all or not finite_grad:
-                    bad_in_a_row += 1
-                    skipped_total += 1
-                    self.logger.write(f"step {step + 1}: non-finite {'loss' if not ok_all else 'gradient'}; "
-                                      f"step skipped ({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= a.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{bad_in_a_row} non-finite steps in a row (limit --max-bad-steps "
-                            f"{a.max_bad_steps}); stopping. Last complete checkpoint: "
-                            f"{latest_checkpoint(self.ckpt_dir)}")
+                    self.non_finite.skipped(step + 1, "loss" if not ok_all else "gradient")
                     continue  # the optimizer did not step: the step is not counted
-                else:
-                    bad_in_a_row = 0
+                self.non_finite.finite()
                 step += 1
                 self.logger.advance()
                 if step % a.log_every == 0 or step == a.steps:
-                    self.log_window(step, window, peak, grad_norm, skipped_total)
+                    self.log_window(step, window, peak, grad_norm, self.non_finite.total)
                 leave = a.stop_after_steps is not None and step - first >= a.stop_after_steps
                 stop_now = all_reduce_flag(stop.signal is not None or leave, self.dist.device)
                 if step % a.save_every == 0 or step == a.steps or stop_now:
@@ -292,47 +214,27 @@ class PretrainRun:
         finally:
             stop.restore()
 
-    @property
-    def ckpt_dir(self) -> str:
-        return os.path.join(self.args.output, "checkpoints")
-
     def save(self, step: int) -> str:
         state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
         meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
                 "patch_aggregation": self.args.patch_aggregation,
-                "num_visual_tokens": self.visual_tokenizer.num_tokens, "world_size": self.dist.world_size}
-        return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta,
-                               keep_last=self.args.keep_last)
+                "num_visual_tokens": self.visual_tokenizer.num_tokens}
+        return self.save_state(step, state, meta)
 
     def maybe_resume(self) -> int:
-        a, path = self.args, self.resume_path
-        if path is None:
-            if a.resume == "auto":
-                self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+        meta, state = self.load_state(self.args.allow_pickle, self.args.resume)
+        if meta is None:
             return 0
-        meta, state = on_every_rank(self.dist, lambda: load_checkpoint(self.engine, path, self.dist.rank,
-                                                                         a.allow_pickle))
         if meta.get("world_size") != self.dist.world_size:
             self.logger.write(f"warning: checkpoint written by {meta.get('world_size')} ranks, resuming on "
                               f"{self.dist.world_size}: the data stream restarts its epoch")
         elif state.get("data") is not None and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
-        self.logger.write(f"resumed from {path} at step {meta['step']}")
         return int(meta["step"])
 
     def log_window(self, step: int, w: dict, peak: float, grad_norm, skipped_steps: int) -> None:
         dt = max(time.perf_counter() - w["t"], 1e-9)
-        keys = sorted({k for m in w["metrics"] for k in m})
-        vals = {}
-        if keys:
-            stacked = torch.stack([torch.stack([m.get(k, torch.tensor(float("nan"))).float().cpu()
-                                                for k in keys]) for m in w["metrics"]])
-            mean = torch.nanmean(stacked, dim=0)
-            if torch.distributed.is_initialized() and self.dist.world_size > 1:
-                mean = mean.to(self.dist.device)
-                torch.distributed.all_reduce(mean)
-                mean = mean.cpu() / self.dist.world_size
-            vals = {k: float(v) for k, v in zip(keys, mean) if not k.startswith("tokens/")}
+        vals = {k: v for k, v in self.mean_over_ranks(w["metrics"]).items() if not k.startswith("tokens/")}
         world = self.dist.world_size
         flops_per_s = w["flops"] * world / dt
         out = {**vals, "lr": self.engine.get_lr()[0], "samples_per_s": w["samples"] * world / dt,
