@@ -222,3 +222,18 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):
     assert (torch.from_numpy(got_t[1]) - ref_t.pooled).abs().max() < 1e-4
     full = model(text=text, text_padding_mask=pad)
     assert (torch.from_numpy(got_t[0])[~pad] - full[~pad]).abs().max() < 1e-4
+
+
+def test_exported_files_honour_the_umask(tmp_path):
+    """safetensors' save_file creates 0600 files whatever the umask; outputs get what open() would."""
+    import stat
+    cfg = small_config()
+    torch.save(randomized(cfg).state_dict(), tmp_path / "ours.pt")
+    old = os.umask(0o027)
+    try:
+        assert main(["--to", "timm", str(tmp_path / "ours.pt"), "-o", str(tmp_path / "t"), "--config",
+                     write_config(cfg, tmp_path / "c.json")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "t" / name).st_mode) == 0o640, name

@@ -238,7 +238,7 @@ class PretrainRun:
         data_iter = iter(self.data)
         bad_in_a_row, skipped_total = 0, 0
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "metrics": []}
-        self.logger.advance(0)
+        self.logger.start_at(step)
         self.logger.write(f"pretraining {a.preset} ({self.cfg.layout} layout) for {a.steps} steps from step "
                           f"{step} on {self.dist.world_size} x {self.dist.device.type}; output {a.output}")
         try:
