@@ -71,15 +71,19 @@ class Predictor:
         """(B, 3, S, S) on the model's device; a missing or undecodable file raises ``UserError``."""
         return torch.stack([self.transform(_pil(x)) for x in images]).to(self.device)
 
-    def texts(self, texts: Sequence[str], what: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, padding mask), each (B, L), cut to the model's text length as in training."""
+    def _tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
             raise BadFileError(self.saved.path("tokenizer") or self.saved.directory,
                                "the saved model has no tokenizer file")
+        return self.tokenizer
+
+    def texts(self, texts: Sequence[str], what: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, padding mask), each (B, L), cut to the model's text length as in training."""
+        tok = self._tokenizer()
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise UserError(f"empty {what}: {t!r}")
-        ids, pad = self.tokenizer.batch_encode(list(texts), self.inference.get("max_text_len", 64))
+        ids, pad = tok.batch_encode(list(texts), self.inference.get("max_text_len", 64))
         return ids.to(self.device), pad.to(self.device)
 
     # -- tasks -------------------------------------------------------------------------------------
@@ -91,7 +95,8 @@ class Predictor:
         text, pad = self.texts([question], "question")
         logits = self.model(image=self.images([image]), text=text, padding_mask=pad)[0].float()
         top = logits.topk(min(k, logits.numel()))
-        return [{"answer": self.labels[i], "score": s} for s, i in zip(top.values.sigmoid().tolist(), top.indices.tolist())]
+        scores = top.values.sigmoid().tolist()
+        return [{"answer": self.labels[i], "score": s} for s, i in zip(scores, top.indices.tolist())]
 
     @torch.no_grad()
     def classify(self, image: ImageInput, k: int = 5) -> list[dict]:
@@ -100,16 +105,15 @@ class Predictor:
         logits = self.model(image=self.images([image]))[0].float()
         top = logits.softmax(-1).topk(min(k, logits.numel()))
         names = self.labels or [None] * logits.numel()
-        return [{"label": i, "class_name": names[i], "score": s} for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        return [{"label": i, "class_name": names[i], "score": s}
+                for s, i in zip(top.values.tolist(), top.indices.tolist())]
 
     @torch.no_grad()
     def caption(self, image: ImageInput, num_beams: Optional[int] = None) -> dict:
         """Beam search as the evaluation decodes (``finetune.captioning.generate``)."""
         from .finetune.captioning import DecodeConfig, generate
         self._need("captioning")
-        if self.tokenizer is None:
-            self.texts(["-"])  # raises the missing-tokenizer error
-        tok, inf = self.tokenizer, self.inference
+        tok, inf = self._tokenizer(), self.inference
         dc = DecodeConfig(num_beams=num_beams or inf.get("num_beams", 3), max_len=inf.get("max_text_len", 32),
                           length_penalty=inf.get("length_penalty", 0.6), bos_id=tok.bos_id, eos_id=tok.eos_id,
                           pad_id=tok.pad_id, mask_id=tok.mask_id)

@@ -72,7 +72,8 @@ def test_best_folder_is_self_contained_and_moves(runs, data, tmp_path, capsys):
     shutil.rmtree(runs["vqa"] / "best.bak", ignore_errors=True)
     shutil.move(str(best), str(runs["vqa"] / "best.bak"))  # the original gone (restored below)
     try:
-        after = predict_lines(capsys, moved, "--image", image, "--question", "what color is the circle?", "--top-k", "3")
+        after = predict_lines(capsys, moved, "--image", image, "--question", "what color is the circle?",
+                              "--top-k", "3")
     finally:
         shutil.move(str(runs["vqa"] / "best.bak"), str(best))
     assert after == before  # identical answers and scores, bit for bit

@@ -282,6 +282,7 @@ class FinetuneRun:
         self.task = build_task(c, self.tokenizer, **({"annotations": o.vqa_annotations} if c.task == "vqa" else {}))
         self.train_set = self.task.dataset(o.data, "train", train=True)
         self.val_set = self.task.dataset(o.data, self.task.eval_split, train=False)
+        self.labels = self.task.labels(self.train_set)  # answers / class names, saved with best/
         self.check_data()
         self.build_schedule()
         seed_everything(c.seed)  # the same initial weights on every rank
@@ -504,8 +505,7 @@ class FinetuneRun:
         sd = full_state_dict(self.engine.module, self.zero3)
         meta = {**self.meta(), "spm": TOKENIZER_FILE, "step": step, "epoch": epoch,
                 "metric": self.task.main_metric, "value": self.best, "val": scalars(self.best_metrics, "val")}
-        config = saved_config(self.model, self.task.preprocess(), self.task.labels(self.train_set),
-                              self.task.inference(), tokenizer=True)
+        config = saved_config(self.model, self.task.preprocess(), self.labels, self.task.inference(), tokenizer=True)
 
         def write():
             if self.dist.is_main:
