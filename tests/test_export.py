@@ -182,7 +182,7 @@ def test_plain_timm_local_dir_reproduces_the_vision_encoder(tmp_path):
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         diff = (vit.forward_features(image) - vision_encoder(model)(image).tokens).abs().max().item()
-    assert diff < 1e-5, diff  # measured 1e-6; with timm's default eps 1e-6 it was 6e-3
+    assert diff < 1e-5, diff  # measured 0.0 (the same kernels); with timm's default eps 1e-6: 1e-4 to 1e-2
 
 
 def test_timm_export_refuses_an_eps_timm_cannot_build(tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):
     assert main(["--to", "onnx", str(tmp_path / "ours.pt"), "-o", str(out), "--config",
                  write_config(cfg, tmp_path / "c.json")]) == 0
     check = json.loads((out / "onnx_check.json").read_text())["max_abs_diff"]
-    assert max(v for d in check.values() for v in d.values()) < 1e-4, check
+    assert max(v for d in check.values() for v in d.values()) < 2e-5, check  # measured 2e-6 to 5e-6
     # Independently of the export's own check: other batch size and length, a padded row.
     image = torch.randn(4, 3, 32, 32)
     text = torch.randint(4, 120, (3, 9))
@@ -218,10 +218,10 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):
         ref_v, ref_t = vision_encoder(model)(image), text_encoder(model)(text, pad)
     got_v = vis.run(None, {"image": image.numpy()})
     got_t = txt.run(None, {"text": text.numpy(), "padding_mask": pad.numpy()})
-    assert (torch.from_numpy(got_v[0]) - ref_v.tokens).abs().max() < 1e-4
-    assert (torch.from_numpy(got_t[1]) - ref_t.pooled).abs().max() < 1e-4
+    assert (torch.from_numpy(got_v[0]) - ref_v.tokens).abs().max() < 2e-5
+    assert (torch.from_numpy(got_t[1]) - ref_t.pooled).abs().max() < 2e-5
     full = model(text=text, text_padding_mask=pad)
-    assert (torch.from_numpy(got_t[0])[~pad] - full[~pad]).abs().max() < 1e-4
+    assert (torch.from_numpy(got_t[0])[~pad] - full[~pad]).abs().max() < 2e-5  # and the full model's
 
 
 def test_exported_files_honour_the_umask(tmp_path):
