@@ -5,12 +5,15 @@
                               -> tokens (B, L, D), pooled (B, D)
     DIR/onnx_check.json       the largest absolute difference to PyTorch of every output
 
-B and L are dynamic. The check runs both graphs in onnxruntime on random inputs (a padded text
+Written by torch.onnx's torch.export-based exporter (opset 18; B and L dynamic; weights inline up
+to 1 GiB, in a ``.data`` file beside the graph beyond). The check runs both graphs in onnxruntime on random inputs (a padded text
 included) and refuses the export (files removed) when an output differs by more than ``TOL``: an
 export that cannot be silently wrong.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import warnings
@@ -58,22 +61,36 @@ def example_inputs(cfg, batch: int = 2, length: int = 7, seed: int = 0) -> dict[
     return {"vision": (image,), "text": (text, pad)}
 
 
-_SPECS = {  # graph -> (input names, dynamic axes of each input)
-    "vision": (["image"], {"image": {0: "batch"}}),
-    "text": (["text", "padding_mask"], {"text": {0: "batch", 1: "length"}, "padding_mask": {0: "batch", 1: "length"}}),
-}
+INPUT_NAMES = {"vision": ["image"], "text": ["text", "padding_mask"]}
+MAX_INLINE_BYTES = 1 << 30  # ONNX files hold at most 2 GiB; beyond this the weights go to a .data file
+
+
+def _dynamic_shapes(name: str, cfg) -> tuple:
+    """torch.export's dims of ``_Outputs``' ``*inputs``: the batch, and the text length."""
+    batch = torch.export.Dim("batch")
+    if name == "vision":
+        return (({0: batch},),)
+    length = torch.export.Dim("length", max=cfg.max_text_len)
+    return (({0: batch, 1: length}, {0: batch, 1: length}),)
 
 
 def _export_one(module: nn.Module, inputs: tuple, name: str, path: str) -> None:
-    names, axes = _SPECS[name]
-    with atomic_file(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter (deprecated, but it needs no onnxscript and handles both graphs)
-        # warns about itself and about shape checks it freezes; the check below covers both.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(_Outputs(module), inputs, tmp, input_names=names, output_names=["tokens", "pooled"],
-                          dynamic_axes={**axes, "tokens": {0: "batch"}, "pooled": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False, external_data=False)
+    """torch.export-based ONNX export. A graph with inline weights is written beside ``path`` and
+    renamed; one with external weights names its .data file, so it is written in place."""
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    kwargs = dict(input_names=INPUT_NAMES[name], output_names=["tokens", "pooled"], opset_version=OPSET,
+                  dynamic_shapes=_dynamic_shapes(name, module.cfg), dynamo=True, verbose=False,
+                  external_data=size > MAX_INLINE_BYTES)
+    graph = _Outputs(module).eval()
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # The exporter narrates its steps on stdout, and warns that the input and output axes of one
+        # name (batch, length) get that one name.
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        if size > MAX_INLINE_BYTES:
+            torch.onnx.export(graph, inputs, path, **kwargs)
+            return
+        with atomic_file(path) as tmp:
+            torch.onnx.export(graph, inputs, tmp, **kwargs)
 
 
 def max_differences(module: nn.Module, path: str, inputs: tuple) -> dict[str, float]:
@@ -83,7 +100,7 @@ def max_differences(module: nn.Module, path: str, inputs: tuple) -> dict[str, fl
     feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
     got = session.run(["tokens", "pooled"], feed)
     with torch.no_grad():
-        ref = _Outputs(module)(*inputs)
+        ref = _Outputs(module).eval()(*inputs)
     return {n: float((torch.from_numpy(g) - r).abs().max()) for n, g, r in zip(("tokens", "pooled"), got, ref)}
 
 
