@@ -20,6 +20,6 @@ def __getattr__(name):
         from .pretrained import from_pretrained
         return from_pretrained
     if name == "load_predictor":
-        from .predict import load_predictor
+        from .predictor import load_predictor
         return load_predictor
     raise AttributeError(f"module 'beit3' has no attribute {name!r}")

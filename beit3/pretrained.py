@@ -66,14 +66,16 @@ def saved_config(model: nn.Module, preprocess: Optional[dict] = None, labels: Op
             "inference": inference or {"max_text_len": cfg.max_text_len}}
 
 
-def write_files(directory: str, state_dict: dict, config: dict, tokenizer: Optional[str]) -> None:
-    """The folder's files, into an existing (staging) ``directory``."""
+def write_files(directory: str, state_dict: dict, config: Optional[dict] = None,
+                tokenizer: Optional[str] = None) -> None:
+    """The folder's files (those given), into an existing (staging) ``directory``."""
     from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, os.path.join(directory, WEIGHTS_FILE))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, os.path.join(directory, TOKENIZER_FILE))
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=1)
+    if config is not None:
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=1)
 
 
 def save_pretrained(model: nn.Module, directory: str, tokenizer: Optional[str] = None,

@@ -19,7 +19,8 @@ from beit3 import BEiT3, BEiT3Config
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.transforms import build_cls_transform, build_vl_transform, eval_transform
 from beit3.finetune.captioning import DecodeConfig, generate
-from beit3.predict import load_predictor, main as predict_main
+from beit3.predict import main as predict_main
+from beit3.predictor import load_predictor
 from beit3.pretrained import from_pretrained
 
 from finetune_helpers import evaluate, finetune

@@ -106,7 +106,6 @@ class ImageClassifier(TaskModel):
     """
 
     task = "classification"
-
     final_norm = False
 
     def __init__(self, cfg: BEiT3Config, num_classes: int, linear_probe: bool = False):
@@ -147,7 +146,6 @@ class VQAModel(TaskModel):
     """Fusion encoder; the pooled vision CLS goes through Linear(D, 2D), LN, GELU, Linear(2D, A)."""
 
     task = "vqa"
-
     final_norm = False
 
     def __init__(self, cfg: BEiT3Config, num_answers: int):

@@ -40,7 +40,7 @@ from ..train.metrics_log import MetricsLogger
 from ..train.optim import param_groups
 from ..train.run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .heads import TaskModel, unreached_parameters
-from .init import META_FILE, WEIGHTS_FILE, InitWeights, apply_init, load_init
+from .init import META_FILE, InitWeights, apply_init, load_init
 from .recipes import FinetuneConfig
 from .tasks import Task, build_task
 
@@ -236,13 +236,9 @@ def save_weights(directory: str, state_dict: dict, meta: dict, config: Optional[
     tokenizer copied in) + ``meta.json`` (written last, with every file's size), replaced as a
     whole so that a kill at any moment leaves a complete copy (``files.commit_dir``). A failed
     write (a full disk) raises ``OutputError``; the previous weights are kept."""
-    from safetensors.torch import save_file
     tmp = staging_dir(directory)
     try:
-        if config is not None:
-            write_files(tmp, state_dict, config, tokenizer)
-        else:
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, WEIGHTS_FILE))
+        write_files(tmp, state_dict, config, tokenizer)
         meta = {**meta, "files": file_sizes(tmp)}  # before meta.json exists: it lists the others
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=1, default=str)
