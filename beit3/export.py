@@ -7,7 +7,8 @@
     beit3 export --to safetensors CKPT -o F.safetensors   consolidated backbone weights, our names
     beit3 export --to official CKPT -o F.pth      unilm/beit3 layout ({"model": {"beit3.*": ...}})
 
-CKPT: one of our ``.pt``/``.safetensors`` state dicts, an official unilm/beit3 checkpoint, or a
+CKPT: one of our ``.pt``/``.safetensors`` state dicts, a saved-model folder (``save_pretrained``, a
+fine-tuning run's ``best/``: its config.json gives the sizes), an official unilm/beit3 checkpoint, or a
 DeepSpeed (ZeRO) checkpoint directory, consolidated with DeepSpeed's ``zero_to_fp32``. The backbone
 is found under its prefix (``model.`` for our pretraining engine, ``beit3.`` for unilm, ``module.``)
 unless ``--prefix`` names it; other weights (objective or task heads) are dropped unless
@@ -149,6 +150,21 @@ def _config_arg(args) -> Optional[BEiT3Config]:
     return args.preset
 
 
+def saved_model_source(path: str) -> tuple[str, Optional[BEiT3Config]]:
+    """A saved-model folder (``save_pretrained``, a run's ``best/``) or its ``model.safetensors``:
+    (the weights, the config stored beside them); anything else: (``path``, None). The stored config
+    holds the head count, which weights alone do not."""
+    from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, CONFIG_FILE)
+    if not (os.path.isfile(config) and (os.path.isdir(path) or os.path.basename(path) == WEIGHTS_FILE)):
+        return path, None
+    d = read_json(config)
+    if d.get("format") != FORMAT:  # e.g. a timm export's config.json
+        return path, None
+    return os.path.join(folder, d.get("weights", WEIGHTS_FILE)), BEiT3Config.from_dict(d["model"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="beit3 export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args) -> int:
     try:
         check_args(args)
-        loaded = load_backbone(args.checkpoint, _config_arg(args), allow_pickle=args.allow_pickle,
+        checkpoint, stored = saved_model_source(args.checkpoint)
+        config = _config_arg(args) or stored
+        loaded = load_backbone(checkpoint, config, allow_pickle=args.allow_pickle,
                                prefix=args.prefix, tag=args.tag, img_size=args.img_size,
                                path="vision" if args.to == "timm" else None)
         if loaded.unexpected:

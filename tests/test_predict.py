@@ -227,3 +227,19 @@ def test_backbone_round_trip_and_an_older_best_folder(runs, data, tmp_path):
     a, b = new.classify(image, 3), legacy.classify(image, 3)
     assert [(x["label"], x["score"]) for x in a] == [(x["label"], x["score"]) for x in b]
     assert all(x["class_name"] is None for x in b)  # older folders carry no class names
+
+
+def test_a_saved_folder_exports_with_its_own_config(runs, tmp_path, capsys):
+    """The head count comes from config.json, not guessed from the weights; plain timm reproduces
+    the saved model's vision path."""
+    import timm
+
+    from beit3.backbones import vision_encoder
+    from beit3.export import main as export_main
+    assert export_main(["--to", "timm", best(runs, "retrieval"), "-o", str(tmp_path / "timm")]) == 0
+    assert "guessed" not in capsys.readouterr().out
+    model = from_pretrained(best(runs, "retrieval"))
+    vit = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (vit.forward_features(image) - vision_encoder(model.beit3)(image).tokens).abs().max() < 1e-5
