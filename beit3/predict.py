@@ -30,7 +30,6 @@ from .predictor import Predictor, load_predictor
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-# -- the command ------------------------------------------------------------------------------------
 def folder_images(folder: str) -> list[str]:
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
@@ -53,7 +52,7 @@ def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
     for key, tasks in (("question", ("vqa",)), ("image2", ("nlvr2",)), ("text", ("retrieval", "nlvr2")),
                        ("texts", ("retrieval",))):
         if req.get(key) is not None and p.task not in tasks:
-            p._need(tasks[0])  # a model of another task: say which task the key belongs to
+            p.require_task(tasks[0])  # a model of another task: say which task the key belongs to
     k = int(req.get("top_k", top_k))
     images = _paths(req.get("image")) + list(req.get("images") or [])
     texts = ([req["text"]] if req.get("text") is not None else []) + list(req.get("texts") or [])

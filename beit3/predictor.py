@@ -50,7 +50,8 @@ class Predictor:
         self.tokenizer = TextTokenizer(spm) if spm is not None and os.path.isfile(spm) else None
 
     # -- inputs ------------------------------------------------------------------------------------
-    def _need(self, task: str) -> None:
+    def require_task(self, task: str) -> None:
+        """Raise ``UserError`` naming the model's task unless it is ``task``."""
         if self.task != task:
             raise UserError(f"{self.saved.directory} holds a {self.task or 'backbone (no task head)'} model; "
                             f"a {task} model {WHAT[task]}")
@@ -78,7 +79,7 @@ class Predictor:
     @torch.no_grad()
     def vqa(self, image: ImageInput, question: str, k: int = 5) -> list[dict]:
         """The ``k`` best answers with their scores (sigmoid of the logit), best first."""
-        self._need("vqa")
+        self.require_task("vqa")
         self._need_labels()
         text, pad = self.texts([question], "question")
         logits = self.model(image=self.images([image]), text=text, padding_mask=pad)[0].float()
@@ -89,7 +90,7 @@ class Predictor:
     @torch.no_grad()
     def classify(self, image: ImageInput, k: int = 5) -> list[dict]:
         """The ``k`` most probable classes (softmax), best first."""
-        self._need("classification")
+        self.require_task("classification")
         logits = self.model(image=self.images([image]))[0].float()
         top = logits.softmax(-1).topk(min(k, logits.numel()))
         names = self.labels or [None] * logits.numel()
@@ -100,7 +101,7 @@ class Predictor:
     def caption(self, image: ImageInput, num_beams: Optional[int] = None) -> dict:
         """Beam search as the evaluation decodes (``finetune.captioning.generate``)."""
         from .finetune.captioning import DecodeConfig, generate
-        self._need("captioning")
+        self.require_task("captioning")
         tok, inf = self._tokenizer(), self.inference
         dc = DecodeConfig(num_beams=num_beams or inf.get("num_beams", 3), max_len=inf.get("max_text_len", 32),
                           length_penalty=inf.get("length_penalty", 0.6), bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -111,14 +112,14 @@ class Predictor:
     @torch.no_grad()
     def embed_images(self, images: Sequence[ImageInput], batch: int = 16) -> torch.Tensor:
         """(N, D) l2-normalised image features of the retrieval dual encoder."""
-        self._need("retrieval")
+        self.require_task("retrieval")
         return torch.cat([self.model(image=self.images(images[i:i + batch]))["image"].float()
                           for i in range(0, len(images), batch)])
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
         """(N, D) l2-normalised text features of the retrieval dual encoder."""
-        self._need("retrieval")
+        self.require_task("retrieval")
         out = []
         for i in range(0, len(texts), batch):
             ids, pad = self.texts(texts[i:i + batch])
@@ -142,7 +143,7 @@ class Predictor:
     @torch.no_grad()
     def nlvr2(self, image: ImageInput, image2: ImageInput, text: str) -> dict:
         """Is ``text`` true of the pair? ``score``: the probability of true."""
-        self._need("nlvr2")
+        self.require_task("nlvr2")
         ids, pad = self.texts([text], "statement")
         logits = self.model(image=self.images([image]), image2=self.images([image2]), text=ids, padding_mask=pad)
         p_true = float(logits[0].float().softmax(-1)[1])
