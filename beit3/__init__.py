@@ -5,7 +5,7 @@ from .model import BEiT3
 
 __version__ = "0.1.0"
 __all__ = ["BEiT3", "BEiT3Config", "PRESETS", "from_official", "to_official", "backbones", "create_model",
-           "list_models", "download", "__version__"]
+           "list_models", "download", "from_pretrained", "load_predictor", "__version__"]
 
 
 def __getattr__(name):
@@ -16,4 +16,10 @@ def __getattr__(name):
     if name in ("create_model", "list_models", "download"):
         from . import hub
         return getattr(hub, name)
+    if name == "from_pretrained":
+        from .pretrained import from_pretrained
+        return from_pretrained
+    if name == "load_predictor":
+        from .predictor import load_predictor
+        return load_predictor
     raise AttributeError(f"module 'beit3' has no attribute {name!r}")

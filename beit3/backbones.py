@@ -149,7 +149,8 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text has {text.shape[1]} tokens; at most {self.pos_embed.shape[0]} fit")
         x = self.tokens(text) + self.pos_embed[: text.shape[1]]  # (B, L, D)
         mask = None
-        if padding_mask is not None and bool(padding_mask.any()):
+        # An ONNX graph takes the masked path whatever the mask holds (the eager shortcut is data-dependent).
+        if padding_mask is not None and (torch.onnx.is_in_onnx_export() or bool(padding_mask.any())):
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
             mask = (~padding_mask)[:, None, None, :]  # (B, 1, 1, L), True = may attend
         features = []
@@ -178,7 +179,7 @@ def vision_encoder(checkpoint: Source, preset_or_config: Union[str, BEiT3Config,
     checkpoint or a DeepSpeed directory), in eval mode. ``img_size`` overrides the config's image
     size (patch positions interpolated). ``preset_or_config`` None infers the sizes from the weights
     (``num_heads`` from the preset of that width)."""
-    loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix, img_size=img_size)
+    loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix, img_size=img_size, path="vision")
     make = functools.partial(VisionEncoder, loaded.config, out_indices or (), pool, loaded.final_norm)
     return build_loaded(make, {"vit." + k: v for k, v in vision_state_dict(loaded.state_dict).items()}).eval()
 
@@ -187,7 +188,7 @@ def text_encoder(checkpoint: Source, preset_or_config: Union[str, BEiT3Config, N
                  out_indices: Optional[Sequence[int]] = None, allow_pickle: bool = False,
                  prefix: Optional[str] = None) -> TextEncoder:
     """The language path of ``checkpoint`` (as ``vision_encoder``), in eval mode."""
-    loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix)
+    loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix, path="text")
     make = functools.partial(TextEncoder, loaded.config, out_indices or (), loaded.final_norm)
     return build_loaded(make, text_state_dict(loaded.state_dict)).eval()
 

@@ -2,19 +2,30 @@
 
     beit3 export --to timm CKPT -o DIR            the vision path as a timm VisionTransformer:
                                                   DIR/model.safetensors + DIR/config.json (timm's format)
+    beit3 export --to onnx CKPT -o DIR            vision and text encoders as ONNX graphs, checked with
+                                                  onnxruntime against PyTorch
     beit3 export --to safetensors CKPT -o F.safetensors   consolidated backbone weights, our names
     beit3 export --to official CKPT -o F.pth      unilm/beit3 layout ({"model": {"beit3.*": ...}})
 
-CKPT: one of our ``.pt``/``.safetensors`` state dicts, an official unilm/beit3 checkpoint, or a
+CKPT: one of our ``.pt``/``.safetensors`` state dicts, a saved-model folder (``save_pretrained``, a
+fine-tuning run's ``best/``: its config.json gives the sizes), an official unilm/beit3 checkpoint, or a
 DeepSpeed (ZeRO) checkpoint directory, consolidated with DeepSpeed's ``zero_to_fp32``. The backbone
 is found under its prefix (``model.`` for our pretraining engine, ``beit3.`` for unilm, ``module.``)
 unless ``--prefix`` names it; other weights (objective or task heads) are dropped unless
 ``--keep-heads``.
 
-Load a timm export with ``create_timm_model(DIR)``, or ``timm.create_model("local-dir:DIR",
-pretrained=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5))``: BEiT-3's
-LayerNorms use eps 1e-5 and timm's string norm names all mean 1e-6, so the norm layer cannot be
-written in config.json.
+Load a timm export with plain ``timm.create_model("local-dir:DIR", pretrained=True)`` (or
+``create_timm_model(DIR)``, which also checks it). BEiT-3's LayerNorms use eps 1e-5 and timm's
+string norm names all mean 1e-6, so config.json cannot name the norm layer; instead its
+``architecture`` is a timm entry point whose own norm layer has the right eps (the CLIP ViTs'
+``partial(LayerNorm, eps=1e-5)``; ``vit_base_patch16_224`` for 1e-6) and ``model_args`` override
+every other size of that entry point (``pre_norm`` included). The export builds the model back
+through timm and refuses to finish if any LayerNorm's eps differs (e.g. a timm whose entry point
+changed, or an eps no entry point has).
+
+``--to onnx`` writes ``DIR/vision_encoder.onnx`` (image -> tokens, pooled) and
+``DIR/text_encoder.onnx`` (text, padding mask -> tokens, pooled), batch and text length dynamic,
+and checks both against PyTorch with onnxruntime when it is installed (see docs/models.md).
 
 Output paths are checked before anything is loaded; every file is written beside its target and
 renamed over it when complete, so a failure (a full disk, SIGTERM) leaves a previous export as it
@@ -52,13 +63,25 @@ def _save_safetensors(sd: dict, path: str, metadata: Optional[dict] = None) -> N
         save_file(sd, tmp, metadata=metadata)
 
 
+# timm entry points whose own norm layer is a LayerNorm of this eps; model_args override the rest.
+TIMM_ARCH_BY_EPS = {1e-5: "vit_xsmall_patch16_clip_224", 1e-6: "vit_base_patch16_224"}
+
+
+def timm_architecture(eps: float) -> str:
+    for value, arch in TIMM_ARCH_BY_EPS.items():
+        if abs(eps - value) <= 1e-12:
+            return arch
+    raise UserError(f"layer_norm_eps {eps}: no timm entry point builds LayerNorms with that eps "
+                    f"(known: {sorted(TIMM_ARCH_BY_EPS)}); a timm export would compute other outputs")
+
+
 def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
-    """Write ``model.safetensors`` and timm's ``config.json``; returns the config written."""
+    """Write ``model.safetensors`` and timm's ``config.json``; returns the config written. Raises
+    ``UserError`` (and writes nothing) if plain timm would not build the same LayerNorms."""
     cfg = loaded.config
-    kwargs = timm_vit_kwargs(cfg, final_norm=loaded.final_norm)
+    kwargs = {**timm_vit_kwargs(cfg, final_norm=loaded.final_norm), "pre_norm": False}
     config = {
-        # Any vision_transformer entry point works: model_args override all of its sizes.
-        "architecture": "vit_base_patch16_224",
+        "architecture": timm_architecture(cfg.layer_norm_eps),
         "num_classes": 0,
         "num_features": cfg.embed_dim,
         "global_pool": "token",
@@ -68,23 +91,39 @@ def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
             "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],  # BEiT-3: pixels to [-1, 1]
             "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
         },
-        "beit3": {"norm_layer": "torch.nn.LayerNorm", "layer_norm_eps": cfg.layer_norm_eps,
-                  "source_format": loaded.source_format, "config": cfg.to_dict()},
+        "beit3": {"layer_norm_eps": cfg.layer_norm_eps, "source_format": loaded.source_format,
+                  "config": cfg.to_dict()},
     }
     os.makedirs(out_dir, exist_ok=True)
     _save_safetensors(vision_state_dict(loaded.state_dict), os.path.join(out_dir, "model.safetensors"))
     atomic_write_bytes(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2).encode())
+    wrong = _timm_eps_problems(out_dir, cfg.layer_norm_eps)
+    if wrong:
+        for name in ("config.json", "model.safetensors"):
+            os.remove(os.path.join(out_dir, name))
+        raise UserError(f"timm builds {out_dir} with LayerNorm eps {wrong}, not {cfg.layer_norm_eps}: "
+                        f"its outputs would differ; export removed")
     return config
 
 
+def _timm_eps_problems(export_dir: str, eps: float) -> list:
+    """The LayerNorm eps values that plain ``timm.create_model("local-dir:...")`` gets wrong (built on
+    the meta device: no memory, no initialisation)."""
+    import timm
+    with torch.device("meta"):
+        model = timm.create_model(f"local-dir:{os.path.abspath(export_dir)}", pretrained=False)
+    return sorted({m.eps for m in model.modules() if isinstance(m, nn.LayerNorm) and m.eps != eps})
+
+
 def create_timm_model(export_dir: str, **kwargs) -> nn.Module:
-    """The timm ``VisionTransformer`` of a ``--to timm`` export, weights loaded strictly."""
+    """The timm ``VisionTransformer`` of a ``--to timm`` export, weights loaded strictly. An export
+    written before config.json carried the eps gets its norm layer passed explicitly."""
     import timm
 
-    with open(os.path.join(export_dir, "config.json")) as f:
-        eps = json.load(f)["beit3"]["layer_norm_eps"]
-    norm = functools.partial(nn.LayerNorm, eps=eps)
-    return timm.create_model(f"local-dir:{os.path.abspath(export_dir)}", pretrained=True, norm_layer=norm, **kwargs)
+    eps = read_json(os.path.join(export_dir, "config.json")).get("beit3", {}).get("layer_norm_eps")
+    if eps is not None and _timm_eps_problems(export_dir, eps):
+        kwargs.setdefault("norm_layer", functools.partial(nn.LayerNorm, eps=eps))
+    return timm.create_model(f"local-dir:{os.path.abspath(export_dir)}", pretrained=True, **kwargs)
 
 
 def export_safetensors(loaded: LoadedBackbone, path: str, keep_heads: bool = False) -> dict:
@@ -114,12 +153,27 @@ def _config_arg(args) -> Optional[BEiT3Config]:
     return args.preset
 
 
+def saved_model_source(path: str) -> tuple[str, Optional[BEiT3Config]]:
+    """A saved-model folder (``save_pretrained``, a run's ``best/``) or its ``model.safetensors``:
+    (the weights, the config stored beside them); anything else: (``path``, None). The stored config
+    holds the head count, which weights alone do not."""
+    from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, CONFIG_FILE)
+    if not (os.path.isfile(config) and (os.path.isdir(path) or os.path.basename(path) == WEIGHTS_FILE)):
+        return path, None
+    d = read_json(config)
+    if d.get("format") != FORMAT:  # e.g. a timm export's config.json
+        return path, None
+    return os.path.join(folder, d.get("weights", WEIGHTS_FILE)), BEiT3Config.from_dict(d["model"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="beit3 export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="file (.pt/.pth/.safetensors) or DeepSpeed checkpoint directory")
-    ap.add_argument("--to", required=True, choices=["timm", "safetensors", "official"])
-    ap.add_argument("-o", "--output", required=True, help="directory (timm) or file")
+    ap.add_argument("--to", required=True, choices=["timm", "onnx", "safetensors", "official"])
+    ap.add_argument("-o", "--output", required=True, help="directory (timm, onnx) or file")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default: from the weights)")
     ap.add_argument("--config", help="BEiT3Config JSON (overrides --preset)")
     ap.add_argument("--img-size", type=int, help="image size to export for (patch positions interpolated)")
@@ -139,7 +193,7 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"{args.checkpoint}: no such file or DeepSpeed checkpoint directory")
     if args.config and not os.path.isfile(args.config):
         raise FileNotFoundError(f"--config {args.config}: no such file")
-    (check_output_dir if args.to == "timm" else check_output_file)(args.output, "-o/--output")
+    (check_output_dir if args.to in ("timm", "onnx") else check_output_file)(args.output, "-o/--output")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args) -> int:
     try:
         check_args(args)
-        loaded = load_backbone(args.checkpoint, _config_arg(args), allow_pickle=args.allow_pickle,
-                               prefix=args.prefix, tag=args.tag, img_size=args.img_size)
+        checkpoint, stored = saved_model_source(args.checkpoint)
+        config = _config_arg(args) or stored
+        loaded = load_backbone(checkpoint, config, allow_pickle=args.allow_pickle,
+                               prefix=args.prefix, tag=args.tag, img_size=args.img_size,
+                               path="vision" if args.to == "timm" else None)
         if loaded.unexpected:
             raise ValueError(f"{args.checkpoint}: unknown backbone keys {loaded.unexpected[:12]}")
     except (ValueError, FileNotFoundError, TypeError, UserError) as e:
@@ -161,6 +218,11 @@ def _export(args) -> int:
     try:
         if args.to == "timm":
             export_timm(loaded, args.output)
+        elif args.to == "onnx":
+            from .onnx_export import export_onnx
+            check = export_onnx(loaded, args.output)
+            print(f"onnxruntime vs PyTorch, max abs difference: {json.dumps(check)}" if check else
+                  "onnxruntime is not installed: the graphs were not checked")
         elif args.to == "safetensors":
             export_safetensors(loaded, args.output, args.keep_heads)
         else:

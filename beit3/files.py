@@ -3,7 +3,8 @@
 - ``check_output_dir`` / ``check_output_file``: before a command spends minutes (a benchmark, a
   training run), its output path can be created and written: not a file where a folder is wanted
   nor the reverse, not under a file, not read-only.
-- ``atomic_file``: write beside the target and rename over it once complete. On an error (a full
+- ``atomic_file``: write beside the target and rename over it once complete, with the mode the
+  umask gives (``honour_umask``: some writers create 0600 files). On an error (a full
   disk) or an interrupt the temporary file is removed and the previous file stays as it was. A
   ``kill -9`` cannot clean up; the next writer of the same path removes the temporaries of dead
   processes, recognised by the host and pid in their names.
@@ -126,6 +127,32 @@ def write_error(path: str, e: BaseException, kept: bool) -> OutputError:
     return OutputError(f"could not write {path}: {reason} ({free}); {left}")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (no race with threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode a plain ``open`` would: some
+    writers create 0600 files whatever the umask (safetensors' ``save_file``, ``mkstemp``), and
+    outputs are meant to be read by the group that shares a run folder."""
+    mode = 0o666 & ~current_umask()
+    paths = [os.fspath(path)] if not os.path.isdir(path) else \
+        [os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
+    for p in paths:
+        if os.path.isfile(p) and not os.path.islink(p):
+            os.chmod(p, mode)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; once the block has written it, rename it to ``path``.
@@ -138,6 +165,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     tmp = _temp_prefix(path) + str(os.getpid())
     try:
         yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         _remove(tmp)
@@ -216,6 +244,7 @@ def staging_dir(final: str | os.PathLike) -> str:
 def commit_dir(final: str | os.PathLike) -> None:
     """Replace ``final`` by the complete ``final.tmp``."""
     final, tmp, old = _versions(final)
+    honour_umask(tmp)
     if os.path.isdir(final):
         os.replace(final, old)
     os.replace(tmp, final)

@@ -118,3 +118,20 @@ def test_bad_arguments_are_named():
         VisionEncoder(cfg, out_indices=[3])
     with pytest.raises(ValueError, match="pool='max'"):
         VisionEncoder(cfg, pool="max")
+
+
+def test_each_encoder_ignores_the_other_paths_tables():
+    """A vision encoder never reads the text tables, a text encoder never the patch embedding: a
+    checkpoint whose text vocabulary differs from the preset's still gives its vision encoder."""
+    cfg = small_config("released", max_text_positions=40)
+    model = randomized(cfg)
+    preset = cfg.replace(vocab_size=64000, max_text_positions=1024)
+    image, text, pad = images_and_texts(cfg)
+    with torch.no_grad():
+        enc = vision_encoder(model.state_dict(), preset)
+        assert torch.equal(enc(image).tokens, vision_encoder(model)(image).tokens)
+        with pytest.raises(ValueError, match="vocab_size 120"):
+            text_encoder(model.state_dict(), preset)
+        other_patches = cfg.replace(patch_size=16)
+        assert torch.equal(text_encoder(model.state_dict(), other_patches)(text, pad).tokens,
+                           text_encoder(model)(text, pad).tokens)

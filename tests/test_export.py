@@ -166,3 +166,74 @@ def test_safetensors_export_from_a_zero3_checkpoint(tmp_path):
             "--config", str(tmp_path / "config.json"), "--keep-heads"]
     assert main(args) == 0
     assert {"mlm_head.weight", "mlm_head.bias"} <= set(load_file(str(heads)))
+
+
+def test_plain_timm_local_dir_reproduces_the_vision_encoder(tmp_path):
+    """No extra arguments: config.json alone gives timm BEiT-3's LayerNorm eps (1e-5, not timm's 1e-6)."""
+    import timm
+    cfg = small_config()
+    model = randomized(cfg)
+    torch.save(model.state_dict(), tmp_path / "ours.pt")
+    out = tmp_path / "timm"
+    assert main(["--to", "timm", str(tmp_path / "ours.pt"), "-o", str(out), "--config",
+                 write_config(cfg, tmp_path / "c.json")]) == 0
+    vit = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert {m.eps for m in vit.modules() if isinstance(m, nn.LayerNorm)} == {cfg.layer_norm_eps}
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (vit.forward_features(image) - vision_encoder(model)(image).tokens).abs().max().item()
+    assert diff < 1e-5, diff  # measured 0.0 (the same kernels); with timm's default eps 1e-6: 1e-4 to 1e-2
+
+
+def test_timm_export_refuses_an_eps_timm_cannot_build(tmp_path, capsys):
+    cfg = small_config().replace(layer_norm_eps=1e-3)
+    torch.save(randomized(cfg).state_dict(), tmp_path / "ours.pt")
+    assert main(["--to", "timm", str(tmp_path / "ours.pt"), "-o", str(tmp_path / "t"), "--config",
+                 write_config(cfg, tmp_path / "c.json")]) == 1
+    assert "layer_norm_eps 0.001" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "model.safetensors").exists()
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from beit3.backbones import text_encoder
+    cfg = small_config()
+    model = randomized(cfg)
+    torch.save(model.state_dict(), tmp_path / "ours.pt")
+    out = tmp_path / "onnx"
+    assert main(["--to", "onnx", str(tmp_path / "ours.pt"), "-o", str(out), "--config",
+                 write_config(cfg, tmp_path / "c.json")]) == 0
+    check = json.loads((out / "onnx_check.json").read_text())["max_abs_diff"]
+    assert max(v for d in check.values() for v in d.values()) < 2e-5, check  # measured 2e-6 to 5e-6
+    # Independently of the export's own check: other batch size and length, a padded row.
+    image = torch.randn(4, 3, 32, 32)
+    text = torch.randint(4, 120, (3, 9))
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 5:] = True
+    vis = ort.InferenceSession(str(out / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    txt = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref_v, ref_t = vision_encoder(model)(image), text_encoder(model)(text, pad)
+    got_v = vis.run(None, {"image": image.numpy()})
+    got_t = txt.run(None, {"text": text.numpy(), "padding_mask": pad.numpy()})
+    assert (torch.from_numpy(got_v[0]) - ref_v.tokens).abs().max() < 2e-5
+    assert (torch.from_numpy(got_t[1]) - ref_t.pooled).abs().max() < 2e-5
+    full = model(text=text, text_padding_mask=pad)
+    assert (torch.from_numpy(got_t[0])[~pad] - full[~pad]).abs().max() < 2e-5  # and the full model's
+
+
+def test_exported_files_honour_the_umask(tmp_path):
+    """safetensors' save_file creates 0600 files whatever the umask; outputs get what open() would."""
+    import stat
+    cfg = small_config()
+    torch.save(randomized(cfg).state_dict(), tmp_path / "ours.pt")
+    old = os.umask(0o027)
+    try:
+        assert main(["--to", "timm", str(tmp_path / "ours.pt"), "-o", str(tmp_path / "t"), "--config",
+                     write_config(cfg, tmp_path / "c.json")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "t" / name).st_mode) == 0o640, name

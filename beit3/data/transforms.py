@@ -112,7 +112,7 @@ def build_vl_transform(img_size: int, train: bool, randaug: bool = True, hflip: 
     mode = interpolation(interp)
     tail = [T.ToTensor(), T.Normalize(BEIT3_MEAN, BEIT3_STD)]
     if not train:
-        return T.Compose([T.Resize((img_size, img_size), interpolation=mode), *tail])
+        return eval_transform(vl_preprocess(img_size, interp))
     t = [T.RandomResizedCrop(img_size, scale=scale, interpolation=mode)]
     if hflip > 0:
         t.append(T.RandomHorizontalFlip(hflip))
@@ -139,7 +139,31 @@ def build_cls_transform(img_size: int, train: bool, auto_augment: str | None = C
         if img_size <= 32:
             tf.transforms[0] = T.RandomCrop(img_size, padding=4)
         return tf
-    t = []
-    if img_size > 32:
-        t += [T.Resize(int(img_size / crop_pct), interpolation=interpolation(interp)), T.CenterCrop(img_size)]
-    return T.Compose(t + [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return eval_transform(cls_preprocess(img_size, crop_pct, interp))
+
+
+# -- evaluation preprocessing as data: saved with a model, rebuilt identically ----------------------
+def vl_preprocess(img_size: int, interp: str = "bicubic") -> dict:
+    """Vision-language eval: resize to S x S (no crop), mean = std = 0.5."""
+    return {"size": img_size, "resize": "square", "crop_pct": 1.0, "interpolation": interp,
+            "mean": list(BEIT3_MEAN), "std": list(BEIT3_STD)}
+
+
+def cls_preprocess(img_size: int, crop_pct: float = 1.0, interp: str = "bicubic") -> dict:
+    """Classification eval: short side to S / crop_pct, centre crop S (none at 32 px or less, CIFAR)."""
+    return {"size": img_size, "resize": "short_side" if img_size > 32 else "none", "crop_pct": crop_pct,
+            "interpolation": interp, "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+
+
+def eval_transform(p: dict) -> Callable:
+    """The PIL image -> (3, S, S) tensor transform that a preprocessing dict describes."""
+    size, mode = int(p["size"]), interpolation(p["interpolation"])
+    if p["resize"] == "square":
+        t = [T.Resize((size, size), interpolation=mode)]
+    elif p["resize"] == "short_side":
+        t = [T.Resize(int(size / p["crop_pct"]), interpolation=mode), T.CenterCrop(size)]
+    elif p["resize"] == "none":
+        t = []
+    else:
+        raise ValueError(f"preprocessing resize {p['resize']!r}: expected square, short_side or none")
+    return T.Compose(t + [T.ToTensor(), T.Normalize(tuple(p["mean"]), tuple(p["std"]))])

@@ -56,6 +56,13 @@ class TaskModel(nn.Module):
     (used to find the parameters a task never reaches, see ``beit3.finetune.tasks``)."""
 
     final_norm = True  # read the backbone after its final LayerNorm
+    task = ""  # the fine-tuning task this head serves
+
+    def save_pretrained(self, directory: str, **files) -> str:
+        """A self-contained folder (``beit3.pretrained.save_pretrained``: config, weights, tokenizer,
+        preprocessing, labels); ``beit3.from_pretrained(directory)`` loads it back."""
+        from ..pretrained import save_pretrained
+        return save_pretrained(self, directory, **files)
 
     def __init__(self, cfg: BEiT3Config, **head_args):
         super().__init__()
@@ -99,6 +106,7 @@ class ImageClassifier(TaskModel):
     before the linear layer; the trainer freezes the backbone.
     """
 
+    task = "classification"
     final_norm = False
 
     def __init__(self, cfg: BEiT3Config, num_classes: int, linear_probe: bool = False):
@@ -138,6 +146,7 @@ class Pooler(nn.Module):
 class VQAModel(TaskModel):
     """Fusion encoder; the pooled vision CLS goes through Linear(D, 2D), LN, GELU, Linear(2D, A)."""
 
+    task = "vqa"
     final_norm = False
 
     def __init__(self, cfg: BEiT3Config, num_answers: int):
@@ -163,6 +172,8 @@ class RetrievalModel(TaskModel):
     """Dual encoder: image CLS -> ``vision_head``, text BOS -> ``language_head``, l2-normalised;
     similarities are scaled by exp(``logit_scale``), unclamped as in unilm/beit3 unless
     ``logit_scale_max`` is given (CLIP's ``CLIP_LOGIT_SCALE_MAX``)."""
+
+    task = "retrieval"
 
     def __init__(self, cfg: BEiT3Config, logit_scale_max: Optional[float] = None):
         super().__init__(cfg, logit_scale_max=logit_scale_max)
@@ -229,6 +240,8 @@ class CaptioningModel(TaskModel):
     text tokens starting at position ``text_start``, and the cache, which holds the image.
     """
 
+    task = "captioning"
+
     def __init__(self, cfg: BEiT3Config):
         super().__init__(cfg)
         self.mlm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size)
@@ -282,6 +295,8 @@ class TwoLayerMLP(nn.Module):
 class NLVR2Model(TaskModel):
     """Each image is fused with the sentence (one batched call of 2B pairs); the vision CLS and the
     text BOS of both fusions are concatenated (4D) and classified by a two-layer MLP."""
+
+    task = "nlvr2"
 
     def __init__(self, cfg: BEiT3Config, num_classes: int = 2):
         super().__init__(cfg, num_classes=num_classes)

@@ -22,10 +22,9 @@ from ..weights.official import load_backbone
 from ..config import BEiT3Config
 from ..errors import BadFileError
 from ..files import current_dir, read_json, size_problems
+from ..pretrained import LEGACY_META as META_FILE  # the run's record beside the saved model
+from ..pretrained import WEIGHTS_FILE
 from ..train.checkpoint import MARKER, latest_checkpoint
-
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
 
 
 @dataclass
@@ -65,6 +64,9 @@ def _read_meta(path: str) -> dict:
     problems = size_problems(os.path.dirname(path), meta.get("files") or {})
     if problems:
         raise BadFileError(path, f"lists files that changed since they were written: {'; '.join(problems)}")
+    spm = meta.get("spm")
+    if isinstance(spm, str) and not os.path.isabs(spm) and os.path.isfile(os.path.join(os.path.dirname(path), spm)):
+        meta["spm"] = os.path.join(os.path.dirname(path), spm)  # the tokenizer copied into the folder
     return meta
 
 

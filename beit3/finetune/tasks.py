@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ..config import BEiT3Config
 from ..data.downstream import datasets as dd
 from ..data.text_tokenizer import TextTokenizer
-from ..data.transforms import build_cls_transform, build_vl_transform
+from ..data.transforms import build_cls_transform, build_vl_transform, cls_preprocess, vl_preprocess
 from ..eval.caption_metric import caption_scores, load_coco_captions
 from ..eval.classification_metric import classification_report
 from ..eval.distributed import gather_features
@@ -63,6 +63,18 @@ class Task:
         c = self.cfg
         return build_vl_transform(c.img_size, train, randaug=c.randaug, hflip=c.hflip, scale=c.crop_scale)
 
+    def preprocess(self) -> dict:
+        """The eval transform as data (saved with the model; ``transforms.eval_transform`` rebuilds it)."""
+        return vl_preprocess(self.cfg.img_size)
+
+    def labels(self, train_set: Dataset) -> Optional[list[str]]:
+        """What the head's outputs mean (answers, class names), saved with the model."""
+        return None
+
+    def inference(self) -> dict:
+        """Settings a saved model needs to be used as it was evaluated."""
+        return {"max_text_len": self.cfg.max_text_len}
+
     def dataset(self, root: str, split: str, train: bool) -> Dataset:
         raise NotImplementedError
 
@@ -94,6 +106,12 @@ class ClassificationTask(Task):
         c = self.cfg
         return build_cls_transform(c.img_size, train, auto_augment=c.auto_augment, color_jitter=c.color_jitter,
                                    re_prob=c.re_prob, crop_pct=c.crop_pct)
+
+    def preprocess(self) -> dict:
+        return cls_preprocess(self.cfg.img_size, self.cfg.crop_pct)
+
+    def labels(self, train_set: Dataset) -> list[str]:
+        return class_names(train_set)
 
     def dataset(self, root: str, split: str, train: bool) -> Dataset:
         if self.cfg.dataset.startswith("cifar"):
@@ -176,6 +194,9 @@ class VQATask(Task):
     def __init__(self, cfg: FinetuneConfig, tokenizer=None, annotations: Optional[str] = None):
         super().__init__(cfg, tokenizer)
         self.annotations = annotations
+
+    def labels(self, train_set: Dataset) -> list[str]:
+        return list(train_set.label2ans)
 
     def dataset(self, root: str, split: str, train: bool) -> Dataset:
         return dd.VQADataset(root, split, transform=self.transform(train), tokenizer=self.tokenizer,
@@ -348,6 +369,10 @@ class CaptioningTask(Task):
         drop = c.drop_worst_ratio if step > c.drop_worst_after else 0.0
         loss = caption_loss(logits, targets, c.label_smoothing, drop)
         return loss, {"acc": (logits.detach().argmax(-1) == targets).float().mean()}
+
+    def inference(self) -> dict:
+        c = self.cfg
+        return {"max_text_len": c.max_text_len, "num_beams": c.num_beams, "length_penalty": c.length_penalty}
 
     def decode_config(self) -> DecodeConfig:
         tok = self.tokenizer

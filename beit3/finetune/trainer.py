@@ -30,6 +30,7 @@ from ..data.index_check import check_dataset
 from ..data.text_tokenizer import TextTokenizer
 from ..eval.distributed import gather_features
 from ..files import commit_dir, file_sizes, is_write_error, recover_dir, staging_dir, write_error
+from ..pretrained import TOKENIZER_FILE, saved_config, write_files
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..train.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
 from ..train.ds_config import precision
@@ -39,7 +40,7 @@ from ..train.metrics_log import MetricsLogger
 from ..train.optim import param_groups
 from ..train.run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .heads import TaskModel, unreached_parameters
-from .init import META_FILE, WEIGHTS_FILE, InitWeights, apply_init, load_init
+from .init import META_FILE, InitWeights, apply_init, load_init
 from .recipes import FinetuneConfig
 from .tasks import Task, build_task
 
@@ -217,15 +218,16 @@ def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict:
     return module.official_shapes(out) if hasattr(module, "official_shapes") else out
 
 
-def save_weights(directory: str, state_dict: dict, meta: dict) -> None:
-    """``directory/model.safetensors`` + ``meta.json`` (written last, with the weights' size),
-    replaced as a whole so that a kill at any moment leaves a complete copy (``files.commit_dir``).
-    A failed write (a full disk) raises ``OutputError``; the previous weights are kept."""
-    from safetensors.torch import save_file
+def save_weights(directory: str, state_dict: dict, meta: dict, config: Optional[dict] = None,
+                 tokenizer: Optional[str] = None) -> None:
+    """A saved-model folder (``beit3.pretrained``: ``config.json``, ``model.safetensors``, the
+    tokenizer copied in) + ``meta.json`` (written last, with every file's size), replaced as a
+    whole so that a kill at any moment leaves a complete copy (``files.commit_dir``). A failed
+    write (a full disk) raises ``OutputError``; the previous weights are kept."""
     tmp = staging_dir(directory)
     try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(tmp, WEIGHTS_FILE))
-        meta = {**meta, "files": file_sizes(tmp)}  # before meta.json exists: it lists the weights only
+        write_files(tmp, state_dict, config, tokenizer)
+        meta = {**meta, "files": file_sizes(tmp)}  # before meta.json exists: it lists the others
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=1, default=str)
     except Exception as e:
@@ -264,6 +266,7 @@ class FinetuneRun:
         self.task = build_task(c, self.tokenizer, **({"annotations": o.vqa_annotations} if c.task == "vqa" else {}))
         self.train_set = self.task.dataset(o.data, "train", train=True)
         self.val_set = self.task.dataset(o.data, self.task.eval_split, train=False)
+        self.labels = self.task.labels(self.train_set)  # answers / class names, saved with best/
         self.check_data()
         self.build_schedule()
         seed_everything(c.seed)  # the same initial weights on every rank
@@ -379,7 +382,7 @@ class FinetuneRun:
             self.logger.write(f"fine-tuning {self.cfg.task} for {self.total_steps} steps "
                               f"({self.steps_per_epoch}/epoch) on {self.dist.world_size} x "
                               f"{self.dist.device.type}; output {self.opt.output}")
-            self.logger.advance(step)
+            self.logger.start_at(step)
             while step < self.total_steps:
                 step, micro = self.train_epoch(epoch, step, skip)
                 complete = micro >= self.micro_per_epoch
@@ -484,12 +487,13 @@ class FinetuneRun:
 
     def save_best(self, step: int, epoch: int) -> None:
         sd = full_state_dict(self.engine.module, self.zero3)
-        meta = {**self.meta(), "step": step, "epoch": epoch, "metric": self.task.main_metric, "value": self.best,
-                "val": scalars(self.best_metrics, "val")}
+        meta = {**self.meta(), "spm": TOKENIZER_FILE, "step": step, "epoch": epoch,
+                "metric": self.task.main_metric, "value": self.best, "val": scalars(self.best_metrics, "val")}
+        config = saved_config(self.model, self.task.preprocess(), self.labels, self.task.inference(), tokenizer=True)
 
         def write():
             if self.dist.is_main:
-                save_weights(os.path.join(self.opt.output, "best"), sd, meta)
+                save_weights(os.path.join(self.opt.output, "best"), sd, meta, config, self.opt.spm)
         on_every_rank(self.dist, write)  # a failed write (a full disk) on rank 0 stops every rank
 
     @property

@@ -87,6 +87,12 @@ class BEiT3(nn.Module):
                 lin.bias.mul_(s)
 
     # -- activation checkpointing ---------------------------------------------------------------
+    def save_pretrained(self, directory: str, **files) -> str:
+        """A self-contained folder (config.json, model.safetensors, optionally the tokenizer and the
+        image preprocessing: ``beit3.pretrained.save_pretrained``); ``beit3.from_pretrained`` loads it."""
+        from ..pretrained import save_pretrained  # the folder format sits above the model
+        return save_pretrained(self, directory, **files)
+
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1, mode: str = "full") -> None:
         """Recompute every ``every``-th layer in backward (0 / False = off).
 

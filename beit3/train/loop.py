@@ -176,6 +176,7 @@ class PretrainRun(Trainer):
         stop = StopRequested().install()
         data_iter = iter(self.data)
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "metrics": []}
+        self.logger.start_at(step)
         self.logger.write(f"pretraining {a.preset} ({self.cfg.layout} layout) for {a.steps} steps from step "
                           f"{step} on {self.dist.world_size} x {self.dist.device.type}; output {a.output}")
         try:

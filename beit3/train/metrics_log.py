@@ -25,6 +25,14 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                         mininterval=1.0)
 
+    def start_at(self, step: int) -> None:
+        """A resumed run's bar starts at its step, as tqdm's ``initial=``: the rate and the ETA count
+        only the steps of this process."""
+        if self.bar is not None:
+            self.bar.initial = self.bar.n = self.bar.last_print_n = step
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+            self.bar.refresh()
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

@@ -228,11 +228,16 @@ def infer_config_from_ours(sd: Mapping[str, Tensor]) -> BEiT3Config:
 
 _CHECKED = ("layout", "embed_dim", "depth", "ffn_dim", "vocab_size", "patch_size", "in_chans",
             "max_text_positions")
+# The sizes only one path reads: a vision encoder never touches the text tables, nor the reverse.
+_OTHER_PATH = {"vision": ("vocab_size", "max_text_positions"), "text": ("patch_size", "in_chans")}
 
 
-def check_compatible(found: BEiT3Config, cfg: BEiT3Config, source: str = "checkpoint") -> None:
-    """Raise naming every size in which the checkpoint (``found``) differs from the config."""
-    fields = _CHECKED + (("vl_layers",) if cfg.layout == "paper" else ())
+def check_compatible(found: BEiT3Config, cfg: BEiT3Config, source: str = "checkpoint",
+                     path: Optional[str] = None) -> None:
+    """Raise naming every size in which the checkpoint (``found``) differs from the config; ``path``
+    ("vision" | "text") leaves out the sizes of the tables the other path holds."""
+    skip = _OTHER_PATH.get(path, ())
+    fields = tuple(f for f in _CHECKED if f not in skip) + (("vl_layers",) if cfg.layout == "paper" else ())
     errors = []
     for name in fields:
         a, b = getattr(found, name), getattr(cfg, name)
@@ -319,7 +324,7 @@ def _stored_config(checkpoint: Any) -> Optional[BEiT3Config]:
 
 def load_backbone(checkpoint: Any, preset_or_config: Union[str, BEiT3Config, None] = None,
                   allow_pickle: bool = False, prefix: Optional[str] = None, tag: Optional[str] = None,
-                  img_size: Optional[int] = None) -> LoadedBackbone:
+                  img_size: Optional[int] = None, path: Optional[str] = None) -> LoadedBackbone:
     """Any BEiT-3 weights -> our state dict and config.
 
     checkpoint: a ``BEiT3``; a state dict; a file (``.pt``/``.pth``/``.safetensors``); or a DeepSpeed
@@ -329,6 +334,8 @@ def load_backbone(checkpoint: Any, preset_or_config: Union[str, BEiT3Config, Non
         export) or infers it from them (``inferred`` is then True: ``num_heads`` is a guess); a
         preset name takes the layout from the weights; a config is checked against them.
     img_size: overrides the config's image size; patch positions are interpolated to it.
+    path: "vision" or "text" when only that path will be built: the other path's table sizes may
+        then differ from the config's.
     """
     if isinstance(checkpoint, BEiT3):
         sd = checkpoint.state_dict()
@@ -349,7 +356,9 @@ def load_backbone(checkpoint: Any, preset_or_config: Union[str, BEiT3Config, Non
     cfg = _resolve_config(preset_or_config, found)
     if img_size is not None and img_size != cfg.img_size:
         cfg = cfg.replace(img_size=img_size)
-    check_compatible(found, cfg, _describe(checkpoint))
+    check_compatible(found, cfg, _describe(checkpoint), path)
+    if path == "vision":  # the config describes the weights handed on, whatever the preset's text tables
+        cfg = cfg.replace(vocab_size=found.vocab_size, max_text_positions=found.max_text_positions)
     return LoadedBackbone(fit_positions(backbone, cfg), cfg, extras, "official" if official else "ours",
                           unknown, inferred=preset_or_config is None)
 

@@ -1,0 +1,173 @@
+"""One object for predictions from a saved task model: the model, its image transform and tokenizer.
+
+    p = beit3.load_predictor("runs/vqa/best")          # a save_pretrained folder or a run's best/
+    p.vqa("cat.jpg", "what color is the cat?", k=3)    # [{"answer": "black", "score": 0.91}, ...]
+    p.caption("cat.jpg")                               # {"caption": "...", "score": -0.42}
+    p.classify("cat.jpg", k=5)                         # [{"label": 281, "class_name": "tabby", "score": 0.7}, ...]
+    p.rank_images("a black cat", ["a.jpg", "b.jpg"])   # [{"image": "b.jpg", "score": 0.31}, ...] best first
+    p.rank_texts("cat.jpg", ["a cat", "a dog"])        # [{"text": "a cat", "score": 0.28}, ...]
+    p.nlvr2("left.jpg", "right.jpg", "two cats")       # {"answer": true, "score": 0.83}
+
+Images are file paths or PIL images, transformed as the evaluation does (the saved preprocessing);
+texts are cut to the model's text length as in training. Scores: VQA the answer's sigmoid (the head
+is trained with BCE), classification the softmax, retrieval the cosine similarity, captioning the
+beam's length-normalised log-probability, NLVR2 the softmax of "true". A missing or undecodable
+image, an empty text and a model of another task raise ``UserError`` with one line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from .data.downstream.datasets import load_image
+from .data.text_tokenizer import TextTokenizer
+from .data.transforms import eval_transform
+from .errors import BadFileError, UserError
+from .pretrained import Pretrained, load_pretrained
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+WHAT = {"vqa": "answers questions (--question)", "captioning": "writes captions",
+        "classification": "classifies images", "retrieval": "ranks images for a text and texts for an image "
+        "(--text)", "nlvr2": "judges a statement about an image pair (--image2, --text)"}
+
+
+class Predictor:
+    """A saved task model with its image transform and tokenizer; every method takes file paths or
+    PIL images and returns plain Python values (what ``beit3 predict`` prints)."""
+
+    def __init__(self, saved: Pretrained, device: Union[str, torch.device] = "cpu"):
+        self.saved, self.device = saved, torch.device(device)
+        self.model = saved.model.to(self.device).eval()
+        self.task: Optional[str] = saved.task
+        self.transform = eval_transform(saved.config["preprocess"])
+        self.labels: Optional[list] = saved.config.get("labels")
+        self.inference: dict = saved.config.get("inference") or {}
+        spm = saved.path("tokenizer")
+        self.tokenizer = TextTokenizer(spm) if spm is not None and os.path.isfile(spm) else None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def require_task(self, task: str) -> None:
+        """Raise ``UserError`` naming the model's task unless it is ``task``."""
+        if self.task != task:
+            raise UserError(f"{self.saved.directory} holds a {self.task or 'backbone (no task head)'} model; "
+                            f"a {task} model {WHAT[task]}")
+
+    def images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """(B, 3, S, S) on the model's device; a missing or undecodable file raises ``UserError``."""
+        return torch.stack([self.transform(_pil(x)) for x in images]).to(self.device)
+
+    def _tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise BadFileError(self.saved.path("tokenizer") or self.saved.directory,
+                               "the saved model has no tokenizer file")
+        return self.tokenizer
+
+    def texts(self, texts: Sequence[str], what: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, padding mask), each (B, L), cut to the model's text length as in training."""
+        tok = self._tokenizer()
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise UserError(f"empty {what}: {t!r}")
+        ids, pad = tok.batch_encode(list(texts), self.inference.get("max_text_len", 64))
+        return ids.to(self.device), pad.to(self.device)
+
+    # -- tasks -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def vqa(self, image: ImageInput, question: str, k: int = 5) -> list[dict]:
+        """The ``k`` best answers with their scores (sigmoid of the logit), best first."""
+        self.require_task("vqa")
+        self._need_labels()
+        text, pad = self.texts([question], "question")
+        logits = self.model(image=self.images([image]), text=text, padding_mask=pad)[0].float()
+        top = logits.topk(min(k, logits.numel()))
+        scores = top.values.sigmoid().tolist()
+        return [{"answer": self.labels[i], "score": s} for s, i in zip(scores, top.indices.tolist())]
+
+    @torch.no_grad()
+    def classify(self, image: ImageInput, k: int = 5) -> list[dict]:
+        """The ``k`` most probable classes (softmax), best first."""
+        self.require_task("classification")
+        logits = self.model(image=self.images([image]))[0].float()
+        top = logits.softmax(-1).topk(min(k, logits.numel()))
+        names = self.labels or [None] * logits.numel()
+        return [{"label": i, "class_name": names[i], "score": s}
+                for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    @torch.no_grad()
+    def caption(self, image: ImageInput, num_beams: Optional[int] = None) -> dict:
+        """Beam search as the evaluation decodes (``finetune.captioning.generate``)."""
+        from .finetune.captioning import DecodeConfig, generate
+        self.require_task("captioning")
+        tok, inf = self._tokenizer(), self.inference
+        dc = DecodeConfig(num_beams=num_beams or inf.get("num_beams", 3), max_len=inf.get("max_text_len", 32),
+                          length_penalty=inf.get("length_penalty", 0.6), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                          pad_id=tok.pad_id, mask_id=tok.mask_id)
+        tokens, scores = generate(self.model, self.images([image]), self.model.cfg.depth, dc)
+        return {"caption": tok.decode(tokens[0]), "score": float(scores[0])}
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[ImageInput], batch: int = 16) -> torch.Tensor:
+        """(N, D) l2-normalised image features of the retrieval dual encoder."""
+        self.require_task("retrieval")
+        return torch.cat([self.model(image=self.images(images[i:i + batch]))["image"].float()
+                          for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch: int = 64) -> torch.Tensor:
+        """(N, D) l2-normalised text features of the retrieval dual encoder."""
+        self.require_task("retrieval")
+        out = []
+        for i in range(0, len(texts), batch):
+            ids, pad = self.texts(texts[i:i + batch])
+            out.append(self.model(text=ids, padding_mask=pad)["text"].float())
+        return torch.cat(out)
+
+    def rank_images(self, text: str, images: Sequence[ImageInput]) -> list[dict]:
+        """``images`` by cosine similarity to ``text``, best first."""
+        if not images:
+            raise UserError("no images to rank")
+        scores = (self.embed_images(images) @ self.embed_texts([text])[0]).tolist()
+        return sorted(({"image": _name(x), "score": s} for x, s in zip(images, scores)), key=lambda r: -r["score"])
+
+    def rank_texts(self, image: ImageInput, texts: Sequence[str]) -> list[dict]:
+        """``texts`` by cosine similarity to ``image``, best first."""
+        if not texts:
+            raise UserError("no texts to rank")
+        scores = (self.embed_texts(texts) @ self.embed_images([image])[0]).tolist()
+        return sorted(({"text": t, "score": s} for t, s in zip(texts, scores)), key=lambda r: -r["score"])
+
+    @torch.no_grad()
+    def nlvr2(self, image: ImageInput, image2: ImageInput, text: str) -> dict:
+        """Is ``text`` true of the pair? ``score``: the probability of true."""
+        self.require_task("nlvr2")
+        ids, pad = self.texts([text], "statement")
+        logits = self.model(image=self.images([image]), image2=self.images([image2]), text=ids, padding_mask=pad)
+        p_true = float(logits[0].float().softmax(-1)[1])
+        return {"answer": p_true > 0.5, "score": p_true}
+
+    def _need_labels(self) -> None:
+        if not self.labels:
+            raise BadFileError(os.path.join(self.saved.directory, "config.json"),
+                               "has no answer list (a best/ folder written by an older beit3: evaluate it "
+                               "with `beit3 evaluate`, or save it again with labels=)")
+
+
+def load_predictor(directory: str, device: Union[str, torch.device] = "cpu") -> Predictor:
+    """A :class:`Predictor` for the model saved in ``directory`` (or a fine-tuning run's ``best/``)."""
+    return Predictor(load_pretrained(directory), device)
+
+
+def _pil(x: ImageInput) -> Image.Image:
+    if isinstance(x, Image.Image):
+        return x.convert("RGB")
+    if os.path.isdir(x):
+        raise UserError(f"image {x} is a folder; give one image file")
+    return load_image(x)
+
+
+def _name(x: ImageInput) -> Any:
+    return os.fspath(x) if isinstance(x, (str, os.PathLike)) else repr(x)
