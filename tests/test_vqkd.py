@@ -277,7 +277,7 @@ def test_training_lowers_the_loss_and_uses_the_codebook(hog_run):
     assert last["perplexity"] > 64, last  # and not concentrated on a few of them
     assert any("skipping undecodable image" in w and "broken.png" in w for w in warnings)
     assert any("skipped 1 undecodable image" in w for w in warnings)
-    assert (out / "tb").is_dir() and (out / "train_args.json").is_file()
+    assert (out / "tensorboard").is_dir() and (out / "run_config.json").is_file()
 
 
 def test_trained_tokens_are_stable_long_and_on_the_grid(hog_run, image_dir):

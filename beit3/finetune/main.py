@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "and skipped; beyond it the run stops")
     ap.add_argument("--vqa-annotations", help="VQA v2 annotation JSON of the val questions: also report the "
                     "official accuracy with answer normalisation")
+    ap.add_argument("--max-bad-steps", type=int, default=5,
+                    help="stop after this many non-finite steps in a row (each is skipped and counted)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--save-every", type=int, default=0, help="optimizer steps between resumable checkpoints "
                     "(0: at the end of every epoch only)")
@@ -90,6 +92,8 @@ def check_paths(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {path!r} does not exist")
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
         raise ConfigError(f"--resume {args.resume!r}: no such checkpoint directory")
+    if args.max_bad_steps < 1:
+        raise ConfigError(f"--max-bad-steps must be >= 1, got {args.max_bad_steps}")
     if not 0 <= args.max_bad_fraction < 1:
         raise ConfigError(f"--max-bad-fraction must be in [0, 1), got {args.max_bad_fraction}")
 
@@ -115,6 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"beit3 finetune: error: {e}", file=sys.stderr)
         return 2
     from ..eval.report import print_results_table
+    from ..train.trainer import NonFiniteLossError
     from .trainer import FinetuneRun, RunOptions
 
     options = RunOptions(
@@ -123,12 +128,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         log_every=args.log_every, save_every=args.save_every, keep_last=args.keep_last,
         eval_every=args.eval_every, num_workers=args.num_workers if args.num_workers is not None else
         (0 if device == "cpu" else 6), tensorboard=not args.no_tensorboard,
-        vqa_annotations=args.vqa_annotations, dist_timeout=args.dist_timeout, max_bad_fraction=args.max_bad_fraction)
+        vqa_annotations=args.vqa_annotations, dist_timeout=args.dist_timeout, max_bad_fraction=args.max_bad_fraction,
+        max_bad_steps=args.max_bad_steps)
     os.makedirs(options.output, exist_ok=True)
     run = FinetuneRun(cfg, options)
     try:
         best = run.train()
-    except (UserError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (UserError, ValueError, FileNotFoundError, NonFiniteLossError) as e:
         print(f"beit3 finetune: error: {e}", file=sys.stderr)
         return 1
     if run.dist.is_main and best:

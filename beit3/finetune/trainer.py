@@ -31,14 +31,12 @@ from ..data.text_tokenizer import TextTokenizer
 from ..eval.distributed import gather_features
 from ..files import commit_dir, file_sizes, is_write_error, recover_dir, staging_dir, write_error
 from ..pretrained import TOKENIZER_FILE, saved_config, write_files
-from ..train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..train.distributed import DistInfo, all_reduce_flag, barrier, init_distributed
-from ..train.ds_config import precision
+from ..train.checkpoint import latest_checkpoint
+from ..train.distributed import all_reduce_flag, barrier
 from ..train.engine import OptimConfig, build_engine
-from ..train.trainer import git_commit, seed_everything
-from ..train.metrics_log import MetricsLogger
 from ..train.optim import param_groups
-from ..train.run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
+from ..train.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
+from ..train.trainer import Trainer, compute_dtype, seed_everything, to_device
 from .heads import TaskModel, unreached_parameters
 from .init import META_FILE, InitWeights, apply_init, load_init
 from .recipes import FinetuneConfig
@@ -66,6 +64,7 @@ class RunOptions:
     vqa_annotations: Optional[str] = None  # VQA v2 annotation file of the val split (official accuracy)
     dist_timeout: float = 1800.0
     max_bad_fraction: float = 0.01  # of the training images that may be missing or undecodable (skipped)
+    max_bad_steps: int = 5  # non-finite steps in a row that stop the run (beit3.train.trainer.NonFiniteSteps)
 
 
 # -- the default data -------------------------------------------------------------------------------
@@ -126,18 +125,6 @@ def optimizer_setup(model: TaskModel, cfg: FinetuneConfig, total_steps: int, war
 
 
 # -- data --------------------------------------------------------------------------------------------
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to ``device``; images (keys ``image*``) to the engine's dtype, labels stay fp32."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if k.startswith("image") and v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
-
-
 def collate(items: list[dict]) -> dict:
     """``default_collate``, then the text cut to its longest caption: the index readers pad every
     text to max_text_len, and attention over padding is wasted work."""
@@ -239,7 +226,10 @@ def save_weights(directory: str, state_dict: dict, meta: dict, config: Optional[
 
 
 # -- the run -----------------------------------------------------------------------------------------
-class FinetuneRun:
+class FinetuneRun(Trainer):
+    """One task's fine-tuning (``FinetuneConfig``, the task's head, data and metric) in the Trainer's
+    run folder; ``best/`` holds the best validated model as a saved model."""
+
     def __init__(self, cfg: FinetuneConfig, options: RunOptions):
         self.cfg, self.opt = cfg, options
         self.best: Optional[float] = None
@@ -248,11 +238,9 @@ class FinetuneRun:
     # building
     def build(self) -> None:
         o, c = self.opt, self.cfg
-        self.dist: DistInfo = init_distributed(o.dist_timeout, o.device)
+        self.open_run(o.output, o.device, o.dist_timeout, 1, tensorboard=o.tensorboard, desc=c.task,
+                      max_bad_steps=o.max_bad_steps, keep_last=o.keep_last)
         cpu_flush_denormal(self.dist.device)
-        self.lock = lock_output(o.output, self.dist)
-        self.resume_path, self.resume_meta = self.check_resume()
-        self.logger = MetricsLogger(o.output, self.dist.is_main, 1, tensorboard=o.tensorboard, desc=c.task)
         if self.dist.is_main:  # holding the folder's lock: nobody else is replacing best/
             recovered = recover_dir(os.path.join(o.output, "best"))
             if recovered:
@@ -274,7 +262,7 @@ class FinetuneRun:
         self.ema = self.build_ema()
         opt, groups = optimizer_setup(self.model, c, self.total_steps, self.warmup_steps)
         self.engine = build_engine(self.model, self.opt.ds_config, opt, groups)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(o.ds_config), torch.float32)
+        self.dtype = compute_dtype(o.ds_config)
         seed_everything(c.seed + self.dist.rank)  # augmentations differ per rank
 
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
@@ -357,14 +345,11 @@ class FinetuneRun:
         return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
 
     def write_run_info(self) -> None:
-        if not self.dist.is_main:
-            return
-        info = {"finetune": self.cfg.to_dict(), "options": {k: v for k, v in vars(self.opt).items() if k != "ds_config"},
-                "deepspeed": self.opt.ds_config, "model": self.model.cfg.to_dict(), "head_args": self.model.head_args,
-                "world_size": self.dist.world_size, "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "train_samples": len(self.train_set), "val_samples": len(self.val_set),
-                "git_commit": git_commit(), "torch": torch.__version__}
-        write_run_config(self.opt.output, info)
+        self.write_run_config({
+            "finetune": self.cfg.to_dict(), "options": {k: v for k, v in vars(self.opt).items() if k != "ds_config"},
+            "deepspeed": self.opt.ds_config, "model": self.model.cfg.to_dict(), "head_args": self.model.head_args,
+            "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+            "train_samples": len(self.train_set), "val_samples": len(self.val_set)})
 
     def meta(self) -> dict:
         return {"task": self.cfg.task, "dataset": self.cfg.dataset, "model": self.model.cfg.to_dict(),
@@ -374,28 +359,25 @@ class FinetuneRun:
     # training
     def train(self) -> dict:
         """Train; returns the best validation metrics."""
-        self.lock = self.logger = None
-        try:
-            self.build()
-            step, epoch, skip = self.maybe_resume()
-            self.write_run_info()  # only now: every check on the folder, the checkpoint and the data passed
-            self.logger.write(f"fine-tuning {self.cfg.task} for {self.total_steps} steps "
-                              f"({self.steps_per_epoch}/epoch) on {self.dist.world_size} x "
-                              f"{self.dist.device.type}; output {self.opt.output}")
-            self.logger.start_at(step)
-            while step < self.total_steps:
-                step, micro = self.train_epoch(epoch, step, skip)
-                complete = micro >= self.micro_per_epoch
-                epoch, skip = (epoch + 1, 0) if complete else (epoch, micro)
-                if step >= self.total_steps or (complete and epoch % self.opt.eval_every == 0):
-                    self.validate(step, epoch)
-                self.save(step, epoch, skip)
-        finally:
-            if self.logger is not None:
-                self.logger.close()
-            if self.lock is not None:
-                self.lock.release()
+        self.run(self.train_body)
         return self.best_metrics
+
+    def train_body(self) -> None:
+        """Build, resume, then epochs of steps with validation and a checkpoint after each."""
+        self.build()
+        step, epoch, skip = self.maybe_resume()
+        self.write_run_info()  # only now: every check on the folder, the checkpoint and the data passed
+        self.logger.write(f"fine-tuning {self.cfg.task} for {self.total_steps} steps "
+                          f"({self.steps_per_epoch}/epoch) on {self.dist.world_size} x "
+                          f"{self.dist.device.type}; output {self.opt.output}")
+        self.logger.start_at(step)
+        while step < self.total_steps:
+            step, micro = self.train_epoch(epoch, step, skip)
+            complete = micro >= self.micro_per_epoch
+            epoch, skip = (epoch + 1, 0) if complete else (epoch, micro)
+            if step >= self.total_steps or (complete and epoch % self.opt.eval_every == 0):
+                self.validate(step, epoch)
+            self.save(step, epoch, skip)
 
     def train_epoch(self, epoch: int, step: int, skip: int) -> tuple[int, int]:
         """Micro-batches ``skip``.. of ``epoch`` until the epoch or the schedule ends; returns the
@@ -412,21 +394,26 @@ class FinetuneRun:
         window = {"t": time.perf_counter(), "samples": 0, "logs": []}
         self.engine.train()
         done = skip
+        if skip == 0:
+            self.accumulated = 0  # finite micro-batches of the step being formed
         for micro, batch in enumerate(loader, start=skip):
             self.unreadable.record(batch.pop(SKIPPED_KEY))
             if all_reduce_flag(self.unreadable.too_many, self.dist.device):
                 raise self.unreadable.error(f"stopped at step {step} (epoch {epoch}); last checkpoint: "
                                             f"{latest_checkpoint(self.ckpt_dir)}")
             loss, logs = self.task.train_step(eng, to_device(batch, self.dist.device, self.dtype), step)
+            done = micro + 1
             if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):
-                raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch}); lower --lr or "
-                                         f"check the data; last checkpoint: {latest_checkpoint(self.ckpt_dir)}")
+                # No backward and no engine step: the step forms from the next finite micro-batches.
+                self.non_finite.skipped(step + 1)
+                continue
+            self.non_finite.finite()
             eng.backward(loss)
             eng.step()
-            done = micro + 1
             window["samples"] += c.batch_size
             window["logs"].append({"loss": loss.detach(), **logs})
-            if (micro + 1) % ga:
+            self.accumulated += 1
+            if self.accumulated % ga:
                 continue
             step += 1
             self.after_step(step, window)
@@ -447,23 +434,12 @@ class FinetuneRun:
         mean = self.mean_over_ranks(window["logs"])
         out = {"loss": mean["loss"], **{f"train/{k}": v for k, v in mean.items() if k != "loss"}}
         out.update({"lr": max(self.engine.get_lr()), "samples_per_s": window["samples"] * self.dist.world_size / dt,
-                    "skipped_samples": self.unreadable.count})
+                    "skipped_samples": self.unreadable.count, "skipped_steps": self.non_finite.total})
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             out["grad_norm"] = float(gn)
         self.logger.log(step, out)
         window.update(t=time.perf_counter(), samples=0, logs=[])
-
-    def mean_over_ranks(self, logs: list[dict]) -> dict[str, float]:
-        """Each value's mean over the window's micro-batches and over the ranks: the loss of the
-        steps' global batches (micro-batches are equal), not rank 0's share of it."""
-        keys = sorted({k for m in logs for k in m})
-        mean = torch.stack([torch.stack([m[k].float().cpu() for m in logs if k in m]).mean() for k in keys])
-        if self.dist.world_size > 1:  # every rank logs at the same steps with the same keys
-            mean = mean.to(self.dist.device)
-            torch.distributed.all_reduce(mean)
-            mean = mean.cpu() / self.dist.world_size
-        return dict(zip(keys, mean.tolist()))
 
     # validation and checkpoints
     def validate(self, step: int, epoch: int) -> dict:
@@ -496,31 +472,22 @@ class FinetuneRun:
                 save_weights(os.path.join(self.opt.output, "best"), sd, meta, config, self.opt.spm)
         on_every_rank(self.dist, write)  # a failed write (a full disk) on rank 0 stops every rank
 
-    @property
-    def ckpt_dir(self) -> str:
-        return os.path.join(self.opt.output, "checkpoints")
-
     def save(self, step: int, epoch: int, micro: int) -> None:
         """Resumable checkpoint at micro-batch ``micro`` of ``epoch`` (every rank keeps its EMA copy)."""
         state = {"epoch": epoch, "micro": micro, "best": self.best, "best_metrics": self.best_metrics,
                  "ema": self.ema.state_dict() if self.ema is not None else None}
-        save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, self.meta(), keep_last=self.opt.keep_last)
+        self.save_state(step, state, self.meta())
 
     def maybe_resume(self) -> tuple[int, int, int]:
         """(step, epoch, micro-batches of that epoch already done)."""
-        self.best_metrics = {}
-        path = self.resume_path
-        if path is None:
-            if self.opt.resume == "auto":
-                self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
+        self.best_metrics, self.accumulated = {}, 0
+        meta, state = self.load_state(self.opt.allow_pickle, self.opt.resume)
+        if meta is None:
             return 0, 0, 0
-        meta, state = on_every_rank(self.dist, lambda: load_checkpoint(self.engine, path, self.dist.rank,
-                                                                         self.opt.allow_pickle))
         if meta.get("world_size") != self.dist.world_size:
-            raise ValueError(f"{path} was written by {meta.get('world_size')} ranks; resume on as many "
+            raise ValueError(f"{self.resume_path} was written by {meta.get('world_size')} ranks; resume on as many "
                              f"(the data order is per rank)")
         self.best, self.best_metrics = state.get("best"), state.get("best_metrics") or {}
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.logger.write(f"resumed from {path} at step {meta['step']}")
         return int(meta["step"]), int(state["epoch"]), int(state["micro"])

@@ -1,8 +1,8 @@
 """Train a VQ-KD tokenizer on a folder of images (``beit3 train-tokenizer``).
 
 One process, one device. The run directory gets ``tokenizer.pth`` + ``tokenizer_config.json``
-(what ``load_trained_tokenizer`` reads), ``train_args.json``, ``metrics.jsonl`` (one line after
-step 1 and every ``log_every`` steps) and TensorBoard scalars under ``tb/``.
+(what ``load_trained_tokenizer`` reads), and the run files every beit3 job writes: ``run_config.json``,
+``metrics.jsonl`` (one line after step 1 and every ``log_every`` steps) and ``tensorboard/``.
 """
 from __future__ import annotations
 
@@ -194,14 +194,14 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
     scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=lr / 10, warmup_t=warmup,
                                   warmup_lr_init=lr / 100, t_in_epochs=False)
-    (out_dir / "train_args.json").write_text(json.dumps(dict(
+    (out_dir / "run_config.json").write_text(json.dumps(dict(
         images=str(images_source), teacher=type(teacher).__name__, teacher_dim=teacher.dim, steps=steps,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup, seed=seed,
         min_crop_scale=min_crop_scale, config=config.to_dict()), indent=2))
 
     usage, window, bad_files = CodeUsage(config.num_codes, usage_window), _Window(), set()
     batches = _batches(loader, bad_files, len(dataset))
-    with SummaryWriter(str(out_dir / "tb")) as writer, open(out_dir / "metrics.jsonl", "w") as log_file, \
+    with SummaryWriter(str(out_dir / "tensorboard")) as writer, open(out_dir / "metrics.jsonl", "w") as log_file, \
             tqdm(total=steps, desc="vq-kd", disable=None) as bar:
         for step in range(1, steps + 1):
             scheduler.step_update(step - 1)

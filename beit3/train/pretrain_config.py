@@ -156,7 +156,7 @@ class PretrainConfig:
     def check(self, world_size: int) -> dict:
         """Every check that needs no model (on a resolved config); returns the DeepSpeed config."""
         from ..files import check_output_dir
-        for name in ("steps", "save_every", "log_every"):
+        for name in ("steps", "save_every", "log_every", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("batch_images", "batch_texts", "batch_pairs"):

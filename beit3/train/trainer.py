@@ -51,14 +51,16 @@ def git_commit() -> Optional[str]:
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a nested batch to ``device``; floating tensors (images) to the engine's dtype."""
+    """Move a (nested) batch to ``device``; images (floating tensors under keys ``image*``) to the
+    engine's dtype. Everything else keeps its dtype: ids, masks, and fp32 labels and soft targets
+    (VQA scores, mixup targets) whose precision the loss needs."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, dict):
             out[k] = to_device(v, device, dtype)
         elif isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
-            out[k] = v.to(dtype) if v.is_floating_point() else v
+            out[k] = v.to(dtype) if k.startswith("image") and v.is_floating_point() else v
         else:
             out[k] = v
     return out
