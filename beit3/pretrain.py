@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds before the first retry, doubled for each further one")
     src.add_argument("--max-bad-shard-fraction", type=float, default=0.1,
                      help="stop when a reader has given up on more than this share of a source's shards")
+    ap.add_argument("--data-streams", type=int, default=None,
+                    help="readers of the data stream over all ranks (default: ranks x max(1, --num-workers)); "
+                         "fixed for the run: a resume on another number of ranks keeps the exact stream, reading "
+                         "without waste when this is a multiple of its ranks (x workers)")
     ap.add_argument("--spm", help="SentencePiece model (default: the synthetic world's)")
     ap.add_argument("--tokenizer", help="VQ-KD: a train-tokenizer output dir, or an official beit2 "
                                         "checkpoint (with --tokenizer-preset)")
@@ -55,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-texts", type=int, default=None)
     ap.add_argument("--batch-pairs", type=int, default=None)
     ap.add_argument("--grad-accum", type=int, default=None)
+    ap.add_argument("--micro-batches-per-step", type=int, default=None,
+                    help="micro-batches per optimizer step over all ranks (ranks x grad-accum): the gradient "
+                         "accumulation follows the number of ranks, so a run resumed or re-formed on fewer or more "
+                         "ranks keeps its global batch")
     ap.add_argument("--max-text-len", type=int, default=None)
     ap.add_argument("--text-padding", choices=["longest", "max"], default="longest",
                     help="pad each micro-batch's texts to its longest text rounded up to 8 (default: no "
@@ -130,7 +138,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> dict:
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check_checkpoint_args(args)
+    if args.data_streams is not None and args.data_streams < 1:
+        raise ConfigError(f"--data-streams must be >= 1, got {args.data_streams}")
     micro = args.batch_images + args.batch_texts + args.batch_pairs
+    accumulation_for_world(args, world_size)
     if micro == 0:
         raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")
     sources = has_sources(args)
@@ -155,6 +166,19 @@ def check_args(args: argparse.Namespace, world_size: int) -> dict:
     if args.data != "synthetic":
         check_data_sources(args, world_size)
     return ds_config
+
+
+def accumulation_for_world(args: argparse.Namespace, world_size: int) -> None:
+    """``--micro-batches-per-step`` N: ``grad_accum`` = N / ranks."""
+    n = args.micro_batches_per_step
+    if n is None:
+        return
+    if n < 1 or n % world_size:
+        raise ConfigError(f"--micro-batches-per-step {n} is not a positive multiple of the {world_size} ranks")
+    if args.grad_accum is not None and args.grad_accum != n // world_size:
+        raise ConfigError(f"--grad-accum {args.grad_accum} but --micro-batches-per-step {n} on {world_size} ranks "
+                          f"means {n // world_size}: give one of them")
+    args.grad_accum = n // world_size
 
 
 def check_data_sources(args: argparse.Namespace, world_size: int) -> None:

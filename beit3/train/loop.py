@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import BEiT3Config
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import data_states, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, all_reduce_flag, init_distributed
 from .run_dir import check_resume, check_same_run, find_checkpoint, lock_output, on_every_rank, write_run_config
 from .ds_config import precision
@@ -25,6 +25,7 @@ from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
 from .metrics_log import MetricsLogger
 from .objective import MaskedDataModeling, prepare_batch
 from .engine import OptimConfig, build_engine
+from .universal import ensure_universal, repair_universal_optimizer, universal_dir, use_universal
 
 log = logging.getLogger("beit3.pretrain")
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
@@ -108,8 +109,9 @@ class PretrainRun:
         self.dist: DistInfo = init_distributed(a.dist_timeout, self.device_kind)
         self.lock = lock_output(a.output, self.dist)
         self.resume_path, self.resume_meta = self.check_resume()
-        seed_everything(a.seed)
         self.logger = MetricsLogger(a.output, self.dist.is_main, a.steps, tensorboard=not a.no_tensorboard)
+        self.elastic = self.prepare_elastic_resume()
+        seed_everything(a.seed)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
         cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
                                       vocab_size=self.text_tokenizer.vocab_size)
@@ -138,6 +140,18 @@ class PretrainRun:
         del model["vocab_size"]
         identity = {"preset": a.preset, "layout": a.layout, "patch_aggregation": a.patch_aggregation, "model": model}
         return path, check_resume(path, self.dist, identity, a.allow_pickle)
+
+    def prepare_elastic_resume(self) -> bool:
+        """A checkpoint written by another number of ranks is resumed from DeepSpeed's universal
+        form of it: converted (once, by rank 0) before the engine is built to load it."""
+        if self.resume_meta is None or self.resume_meta.get("world_size", 1) == self.dist.world_size:
+            return False
+        self.logger.write(f"checkpoint {self.resume_path} was written by {self.resume_meta.get('world_size', 1)} "
+                          f"ranks, resuming on {self.dist.world_size}: loading its universal form")
+        on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write)
+                      if self.dist.is_main else None)
+        use_universal(self.ds_config)
+        return True
 
     def build_tokenizers_and_data(self):
         from ..data.text_tokenizer import TextTokenizer
@@ -174,7 +188,7 @@ class PretrainRun:
         cfg.shards_dir = shards
         # The command line opened every source's first shard before anything was built (check_args).
         loader = PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size,
-                                check=False)
+                                check=False, streams=self.args.data_streams)
         self.logger.write(loader.summary())
         return loader
 
@@ -304,13 +318,18 @@ class PretrainRun:
             if a.resume == "auto":
                 self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
             return 0
+        tag_dir = universal_dir(path) if self.elastic else None
         meta, state = on_every_rank(self.dist, lambda: load_checkpoint(self.engine, path, self.dist.rank,
-                                                                         a.allow_pickle))
-        if meta.get("world_size") != self.dist.world_size:
-            self.logger.write(f"warning: checkpoint written by {meta.get('world_size')} ranks, resuming on "
-                              f"{self.dist.world_size}: the data stream restarts its epoch")
-        elif state.get("data") is not None and hasattr(self.data, "load_state_dict"):
-            self.data.load_state_dict(state["data"])
+                                                                         a.allow_pickle, tag_dir))
+        if self.elastic:
+            repair_universal_optimizer(self.engine, tag_dir)
+        if hasattr(self.data, "load_state_dict"):
+            if self.elastic:  # the stream's readers are spread over every rank's state
+                states = on_every_rank(self.dist, lambda: data_states(path, a.allow_pickle))
+                if all(s is not None for s in states):
+                    self.data.load_state_dict(states)
+            elif state.get("data") is not None:
+                self.data.load_state_dict(state["data"])
         self.logger.write(f"resumed from {path} at step {meta['step']}")
         return int(meta["step"])
 
