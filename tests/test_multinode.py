@@ -10,6 +10,7 @@ world size regroups the gradient sums, so the comparison allows 1e-4 relative.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,3 +194,71 @@ def test_deepspeeds_zero_to_fp32_reads_our_checkpoints(reference, tmp_path):
     assert got.keys() == expected.keys() and len(got) > 50
     for k in expected:
         assert got[k].equal(expected[k]), k
+
+
+# ---------------------------------------------------------------------------- losing a node
+def _kill_node(proc: subprocess.Popen) -> None:
+    """A node lost at once: its launcher and every rank it started (torchrun gives each rank a
+    session of its own, so the launcher's process group alone would leave them running)."""
+    import psutil
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    _stop(proc)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_for_step(out, step: int, procs, deadline: float) -> None:
+    path = os.path.join(out, "metrics.jsonl")
+    while time.monotonic() < deadline:
+        if os.path.isfile(path) and any(m["step"] >= step for m in _metrics(out)):
+            return
+        assert all(p.poll() is None for p in procs), "a node ended before the kill"
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within the time limit")
+
+
+def test_elastic_job_survives_a_lost_node(small_world, tmp_path):
+    """torchrun --nnodes 1:2 with a c10d rendezvous: node 1's launcher and rank are killed mid-run;
+    node 0's agent restarts its rank, the job re-forms on 1 rank, resumes from the last complete
+    checkpoint (converted for the new world size, accumulating 2 micro-batches to keep the global
+    batch) and finishes. No step before that checkpoint is lost, none after it is skipped."""
+    out, port, steps = tmp_path / "run", free_port(), 16
+    flags = _flags(small_world, out, "--steps", str(steps), "--save-every", "4", "--resume", "auto")
+    logs = [open(tmp_path / f"node-{i}.log", "w") for i in range(2)]
+    procs = []
+    try:
+        for i in range(2):  # node 0 hosts the rendezvous store, so it is the one to survive
+            rdzv = f"is_host={1 - i},join_timeout=120,last_call_timeout=3,read_timeout=60"
+            cmd = _torchrun("--nnodes", "1:2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost-node", "--rdzv-conf", rdzv,
+                            "--max-restarts", "3", "--monitor-interval", "1") + flags
+            procs.append(_start(cmd, logs[i], _env()))
+        deadline = time.monotonic() + TIMEOUT
+        _wait_for_step(out, 6, procs, deadline)
+        _kill_node(procs[1])
+        kept = [s for s, _ in complete_checkpoints(str(out / "checkpoints"))][-1]
+        code = procs[0].wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            _kill_node(p)
+        for log in logs:
+            log.close()
+    log = (tmp_path / "node-0.log").read_text()
+    assert code == 0, log[-4000:]
+    assert "written by 2 ranks, resuming on 1" in log, log[-4000:]
+    # The checkpoint the job came back from: the newest complete one when the node died (or one
+    # completed in that instant, if the lost node had passed the save's last barrier).
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    metrics = [m["step"] for m in _metrics(out)]
+    cut = next(i for i in range(1, len(metrics)) if metrics[i] <= metrics[i - 1])
+    before, after = metrics[:cut], metrics[cut:]
+    assert before == list(range(1, len(before) + 1)) and len(before) >= 6
+    assert kept <= resumed <= len(before) and resumed % 4 == 0
+    assert after == list(range(resumed + 1, steps + 1))  # nothing lost beyond the checkpoint, nothing skipped
+    assert complete_checkpoints(str(out / "checkpoints"))[-1][0] == steps
