@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -254,3 +255,11 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
         raise BadFileError(path, f"expected a JSON {'object' if kind is dict else kind.__name__}, "
                                  f"got {type(value).__name__}")
     return value
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -45,6 +45,15 @@ def pretrain_data_config(args: argparse.Namespace, **model_sizes):
         retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction, **model_sizes)
 
 
+def tokenizer_digests(spm: str, vqkd: str) -> dict:
+    """What identifies the two tokenizers a run was trained with: their files' contents (not their
+    paths: a moved copy is the same tokenizer; a retrained one of the same size is not)."""
+    from ..files import sha256_of
+    from ..tokenizer.vqkd import WEIGHTS_NAME
+    weights = os.path.join(vqkd, WEIGHTS_NAME) if os.path.isdir(vqkd) else vqkd
+    return {"text_tokenizer_sha256": sha256_of(spm)[:16], "visual_tokenizer_sha256": sha256_of(weights)[:16]}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -120,7 +129,8 @@ class PretrainRun:
                              f"{self.visual_tokenizer.grid_size} != model patch grid {cfg.grid_size}x{cfg.grid_size}")
         self.cfg = cfg
         if self.resume_meta is not None:  # what the tokenizers decide: the vocabulary, the MIM classes
-            identity = {"model": cfg.to_dict(), "num_visual_tokens": self.visual_tokenizer.num_tokens}
+            identity = {"model": cfg.to_dict(), "num_visual_tokens": self.visual_tokenizer.num_tokens,
+                        **self.tokenizer_digests}
             on_every_rank(self.dist, lambda: check_same_run(self.resume_path, self.resume_meta, identity))
         model = MaskedDataModeling(cfg, num_visual_tokens=self.visual_tokenizer.num_tokens,
                                    patch_aggregation=a.patch_aggregation)
@@ -163,6 +173,7 @@ class PretrainRun:
             assets = demo_assets(seed=0, is_main=self.dist.is_main, log=self.logger.write)
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
+        self.tokenizer_digests = tokenizer_digests(spm, tok)
         if a.tokenizer_preset:
             vcfg = VQKDConfig.from_preset(a.tokenizer_preset)
             grid = BEiT3Config.from_preset(a.preset).grid_size
@@ -308,7 +319,8 @@ class PretrainRun:
         state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
         meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
                 "patch_aggregation": self.args.patch_aggregation,
-                "num_visual_tokens": self.visual_tokenizer.num_tokens, "world_size": self.dist.world_size}
+                "num_visual_tokens": self.visual_tokenizer.num_tokens, "world_size": self.dist.world_size,
+                **self.tokenizer_digests}
         return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta,
                                keep_last=self.args.keep_last)
 
