@@ -190,7 +190,7 @@ def check_data_sources(args: argparse.Namespace, world_size: int) -> None:
     cfg = pretrain_data_config(args)
     try:
         cfg.validate()
-        sources = resolve_sources(cfg, world_size * cfg.readers_per_rank)
+        sources = resolve_sources(cfg, args.data_streams or world_size * cfg.readers_per_rank)
         check_sources(sources, cfg.retry())
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
