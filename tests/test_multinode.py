@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -149,13 +150,17 @@ def test_resume_on_fewer_ranks(small_world, reference, tmp_path, monkeypatch):
     """2 ranks -> 1 rank accumulating 2 micro-batches: the run goes on with the same losses."""
     out = tmp_path / "run"
     ckpt = _from_step_3(reference[0], out)
+    # What a conversion killed halfway leaves: neither refused as a damaged checkpoint nor kept.
+    stale = os.path.join(ckpt, f".universal.tmp-{socket.gethostname()}-4194303", "zero", "w")
+    os.makedirs(stale)
+    open(os.path.join(stale, "fp32.pt"), "wb").write(b"half a file")
     cmd = [sys.executable, "-m", "beit3.pretrain"] + _flags(small_world, out, "--resume", "auto")
     _run_nodes(tmp_path, "one", [cmd], [_env()])
     _assert_losses(out, reference[1], [4, 5, 6])
     log = (tmp_path / "one-0.log").read_text()
     assert "written by 2 ranks, resuming on 1" in log and "converting" in log
     assert os.path.isdir(os.path.join(ckpt, "universal", "zero"))
-    assert not [n for n in os.listdir(ckpt) if n.startswith("universal.tmp")]
+    assert [n for n in os.listdir(ckpt) if "universal" in n] == ["universal"]  # no temporary left
 
     # Cached: a second resume from this checkpoint (say, the resumed job died before its first
     # save) does not convert again.

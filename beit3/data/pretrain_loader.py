@@ -574,8 +574,8 @@ class PretrainLoader:
                 if len(src.shards) < self.streams:
                     raise DataSourceError(
                         f"{kind} source {src.pattern!r} has {len(src.shards)} shards for {self.streams} readers "
-                        f"({self.world_size} ranks x {self.cfg.readers_per_rank} workers); every reader needs its "
-                        "own shard: write smaller shards (beit3 data shards --shard-size) or use fewer workers")
+                        f"(--data-streams; by default ranks x workers); every reader needs its own shard: write "
+                        "smaller shards (beit3 data shards --shard-size) or use fewer readers")
 
     @property
     def shards(self) -> dict[str, list[str]]:

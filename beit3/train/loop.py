@@ -158,7 +158,8 @@ class PretrainRun:
             return False
         self.logger.write(f"checkpoint {self.resume_path} was written by {self.resume_meta.get('world_size', 1)} "
                           f"ranks, resuming on {self.dist.world_size}: loading its universal form")
-        on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write)
+        # The other ranks wait in the next collective, so the conversion gets the same time limit.
+        on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write, self.args.dist_timeout)
                       if self.dist.is_main else None)
         use_universal(self.ds_config)
         return True

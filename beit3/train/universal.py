@@ -16,20 +16,20 @@ and norms would decay like the weights, or the reverse), and it gives every part
 correction runs ahead. ``repair_universal_optimizer`` puts each group's own hyperparameters back,
 from the same converted file, and gives each partition its own step counter.
 
-The conversion writes into a temporary folder and renames it into place when it finished: a
-``universal/`` folder is always whole, and a kill mid-way leaves only a temporary folder, removed
-by the next attempt. The checkpoint's own files are only read.
+The conversion writes into a hidden temporary folder and renames it into place when it finished:
+a ``universal/`` folder is always whole, and a kill mid-way leaves only the temporary, which the
+checkpoint's file checks do not look into and the next attempt removes. The checkpoint's own files
+are only read.
 """
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import subprocess
 import sys
 
 import torch
 
+from ..files import atomic_file
 from .checkpoint import CheckpointError
 
 UNIVERSAL = "universal"  # the converted copy's folder inside a checkpoint, and its DeepSpeed tag
@@ -44,37 +44,38 @@ def use_universal(ds_config: dict) -> None:
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
 
-def ensure_universal(path: str, log=print, timeout_s: float = 3600.0) -> str:
+def ensure_universal(path: str, log=print, timeout_s: float = 1800.0) -> str:
     """The universal copy of checkpoint ``path``, converted now unless cached. One process only
     (rank 0); the others wait at a barrier."""
     final = universal_dir(path)
     if os.path.isdir(final):
         return final
-    for stale in glob.glob(glob.escape(final) + ".tmp-*"):  # a conversion that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = f"{final}.tmp-{os.getpid()}"
     log(f"converting {path} to a universal checkpoint for another world size (DeepSpeed's ds_to_universal; "
         f"once, kept in {final})")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-           "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    try:
-        # A subprocess: the converter forks worker pools, which a process holding a gloo group and
-        # an engine should not do.
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"converting {path} to a universal checkpoint took over {timeout_s:g}s") from None
-    if done.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise CheckpointError(f"DeepSpeed's ds_to_universal could not convert {path} for another world size "
-                              f"(exit code {done.returncode}): {tail[0]}")
+    # Written as a hidden temporary beside its final name (which a checkpoint's file checks skip),
+    # renamed when whole; a killed conversion's temporary is removed by the next one.
+    with atomic_file(final) as tmp:
+        _convert(path, tmp, timeout_s)
     # The converter points a ``latest_universal`` file beside its output at the temporary name.
     stray = os.path.join(path, "latest_universal")
     if os.path.isfile(stray):
         os.remove(stray)
-    os.rename(tmp, final)
     return final
+
+
+def _convert(path: str, out: str, timeout_s: float) -> None:
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
+           "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    try:
+        # A subprocess: the converter forks worker pools, which a process holding a process group
+        # and an engine should not do.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise CheckpointError(f"converting {path} to a universal checkpoint took over {timeout_s:g}s") from None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise CheckpointError(f"DeepSpeed's ds_to_universal could not convert {path} for another world size "
+                              f"(exit code {done.returncode}): {tail[0]}")
 
 
 def repair_universal_optimizer(engine, folder: str) -> None:
