@@ -191,7 +191,6 @@ def test_resuming_with_other_settings_is_refused_before_building(pretrained, ass
 HOLD_LOCK = textwrap.dedent("""
     import sys
     from beit3.train.run_dir import OutputLock
-from beit3.tokenizer.vqkd import VQKD, VQKDConfig, save_trained
     lock = OutputLock(sys.argv[1])
     print("locked", flush=True)
     sys.stdin.read()
