@@ -201,6 +201,24 @@ def test_deepspeeds_zero_to_fp32_reads_our_checkpoints(reference, tmp_path):
         assert got[k].equal(expected[k]), k
 
 
+def test_latest_names_only_a_complete_checkpoint(tmp_path):
+    """DeepSpeed's ``latest`` follows the COMPLETE markers: a step being rewritten (marker removed)
+    is not named, and with no complete checkpoint there is no ``latest``."""
+    from beit3.train.checkpoint import LATEST, MARKER, point_latest
+
+    for step in (1, 2):
+        os.makedirs(tmp_path / f"step_0000000{step}")
+        (tmp_path / f"step_0000000{step}" / MARKER).write_text("{}")
+    point_latest(str(tmp_path))
+    assert (tmp_path / LATEST).read_text() == "step_00000002"
+    os.remove(tmp_path / "step_00000002" / MARKER)
+    point_latest(str(tmp_path))
+    assert (tmp_path / LATEST).read_text() == "step_00000001"
+    os.remove(tmp_path / "step_00000001" / MARKER)
+    point_latest(str(tmp_path))
+    assert not (tmp_path / LATEST).exists()
+
+
 # ---------------------------------------------------------------------------- losing a node
 def _kill_node(proc: subprocess.Popen) -> None:
     """A node lost at once: its launcher and every rank it started (torchrun gives each rank a
