@@ -162,6 +162,12 @@ class PretrainRun:
         on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write, self.args.dist_timeout)
                       if self.dist.is_main else None)
         use_universal(self.ds_config)
+        then = self.resume_meta.get("micro_batches_per_step")
+        now = self.dist.world_size * self.ds_config["gradient_accumulation_steps"]
+        if then is not None and then != now:
+            self.logger.write(f"warning: {then} micro-batches per step in the checkpoint, {now} now: the data "
+                              f"stream goes on in order but steps group it differently; --micro-batches-per-step "
+                              f"{then} keeps the global batch")
         return True
 
     def build_tokenizers_and_data(self):
@@ -321,6 +327,7 @@ class PretrainRun:
         meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
                 "patch_aggregation": self.args.patch_aggregation,
                 "num_visual_tokens": self.visual_tokenizer.num_tokens, "world_size": self.dist.world_size,
+                "micro_batches_per_step": self.dist.world_size * self.engine.gradient_accumulation_steps(),
                 **self.tokenizer_digests}
         return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta,
                                keep_last=self.args.keep_last)
