@@ -30,9 +30,8 @@ Samples are shuffled inside each shard with a ``shuffle_buffer`` seeded by (seed
 shard). Epochs repeat forever, reshuffled. Augmentation and masking are seeded per (seed, reader,
 reader's batch), inside ``torch.random.fork_rng`` so the training process's RNG is untouched.
 
-A rank runs the readers its micro-batches come from. When ``streams`` is a multiple of the world
-size (and, with workers, equals world size x ``num_workers``) each reader lives in one process and
-produces only what it trains on. Otherwise (say a run started on 1 rank continues on 2) a reader's
+A rank runs the readers its micro-batches come from. When ``streams`` is a multiple of world size x
+``max(1, num_workers)``, each reader lives in one process and produces only what it trains on. Otherwise (say a run started on 1 rank continues on 2) a reader's
 batches go to several ranks or workers, and each of them reads the reader's stream and keeps its
 share: exact, at the cost of reading (and decoding) that reader's data more than once; the loader
 logs the factor. Start a run with ``streams`` a multiple of the largest world size it may use.
