@@ -239,7 +239,7 @@ def _assert_same_samples(a: list[dict], b: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("before,after,workers", [(2, 1, 0), (1, 2, 0), (2, 1, 1)])
-def test_the_stream_continues_exactly_on_another_world_size(world, before, after, workers):
+def test_the_stream_continues_exactly_on_another_world_size(world, before, after, workers, caplog):
     """The global stream does not depend on how it is split: resumed on another number of ranks it
     goes on with the very batches an uninterrupted run gets (1 -> 2: both ranks share the one
     reader, each keeping its half)."""
@@ -250,9 +250,11 @@ def test_the_stream_continues_exactly_on_another_world_size(world, before, after
     done = _interleave([_take(loader, 4 // before) for loader in first])
     states = json.loads(json.dumps([loader.state_dict() for loader in first]))
     resumed = [PretrainLoader(cfg, spm, rank=r, world_size=after) for r in range(after)]
-    for loader in resumed:
-        loader.load_state_dict(states)
-        assert loader.streams == streams
+    with caplog.at_level(logging.WARNING):
+        for loader in resumed:
+            loader.load_state_dict(states)
+            assert loader.streams == streams
+    assert ("reads 2x the data it trains on" in caplog.text) == (after > streams)
     _assert_same_samples(done + _interleave([_take(loader, 4 // after) for loader in resumed]), reference)
     if before > 1:  # one rank's state cannot carry the others' readers
         with pytest.raises(ValueError, match="pass every rank's state"):

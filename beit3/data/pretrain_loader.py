@@ -562,6 +562,7 @@ class PretrainLoader:
         self.streams = streams or world_size * cfg.readers_per_rank
         self.sources = resolve_sources(cfg, self.streams)
         self._check_shard_counts()
+        self._warn_if_shared()
         self.source_lines = (check_sources(self.sources, cfg.retry()) if check else
                              [src.describe() for group in self.sources.values() for src in group])
         self._consumed = 0  # micro-batches this rank yielded (global ones: rank + world_size * i)
@@ -652,9 +653,12 @@ class PretrainLoader:
         self.streams = streams
         self.sources = resolve_sources(self.cfg, streams)
         self._check_shard_counts()
+        self._warn_if_shared()
+
+    def _warn_if_shared(self) -> None:
         if self.read_factor > 1:
             log.warning("%d readers over %d ranks x %d workers: each process reads %.3gx the data it trains on "
-                        "(exact, but slower; see beit3.data.pretrain_loader)", streams, self.world_size,
+                        "(exact, but slower; see beit3.data.pretrain_loader)", self.streams, self.world_size,
                         self.cfg.readers_per_rank, self.read_factor)
 
     def _check_complete(self, merged: dict[int, dict], done: int) -> None:
