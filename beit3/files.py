@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -288,3 +289,11 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
 def cache_root() -> str:
     """Where downloads and the demo's built assets are cached: ``$BEIT3_CACHE``, else ~/.cache/beit3."""
     return os.environ.get("BEIT3_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beit3"))
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -16,7 +16,6 @@ printed so that it can be pinned (``sha256=`` or ``BEIT3_SHA256_<NAME>``).
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import sys
 import urllib.error
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import UserError
+from .files import sha256_of
 
 OFFICIAL = "https://conversationhub.blob.core.windows.net/beit-share-public/beit3"
 CHUNK = 1 << 20
@@ -123,14 +123,6 @@ def _source_url(m: ModelInfo, mirror: Optional[str]) -> str:
 
 def _pinned(m: ModelInfo, sha256: Optional[str]) -> Optional[str]:
     return sha256 or os.environ.get(f"BEIT3_SHA256_{m.name.upper().replace('.', '_')}") or m.sha256
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(name: str, mirror: Optional[str] = None, sha256: Optional[str] = None,

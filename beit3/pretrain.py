@@ -70,7 +70,7 @@ def check_data_sources(cfg: PretrainConfig, world_size: int) -> None:
     data = pretrain_data_config(cfg)
     try:
         data.validate()
-        sources = resolve_sources(data, world_size * data.readers_per_rank)
+        sources = resolve_sources(data, cfg.data_streams or world_size * data.readers_per_rank)
         check_sources(sources, data.retry())
     except DataSourceError as e:
         raise ConfigError(str(e)) from None

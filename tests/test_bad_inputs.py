@@ -21,6 +21,7 @@ from pretrain_fixtures import IndexedBatches, make_assets, run_args
 from PIL import Image
 
 from beit3.data.downstream.datasets import CIFARDataset
+from beit3.data.text_tokenizer import train_spm
 from beit3.errors import BadFileError, OutputError
 from beit3.export import main as export_main
 from beit3.finetune.main import main as finetune_main
@@ -29,6 +30,7 @@ from beit3.pretrain import check_args, run_with_errors
 from beit3.train.checkpoint import MARKER, latest_checkpoint
 from beit3.train.loop import PretrainRun
 from beit3.train.run_dir import OutputLock
+from beit3.tokenizer.vqkd import VQKD, VQKDConfig, save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -164,7 +166,26 @@ def test_resuming_with_other_settings_is_refused_before_building(pretrained, ass
     assert pretrain(out, assets, "--resume", "auto", "--preset", "base") == 1
     error_line(capsys.readouterr().err, "beit3 pretrain", "preset 'tiny' in the checkpoint, 'base' now",
                "model.embed_dim 192 in the checkpoint, 768 now")
+    # Another visual tokenizer (its codebook is the MIM head's classes) or text tokenizer (vocabulary).
+    other_vqkd = str(tmp_path / "vqkd32")
+    save_trained(VQKD(VQKDConfig.from_preset("tiny", num_codes=32)), other_vqkd)
+    assert pretrain(out, (assets[0], other_vqkd), "--resume", "auto") == 1
+    error_line(capsys.readouterr().err, "beit3 pretrain", "num_visual_tokens 64 in the checkpoint, 32 now",
+               "visual_tokenizer_sha256")
+    # A retrained tokenizer of the same size: told apart by its content.
+    save_trained(VQKD(VQKDConfig.from_preset("tiny", num_codes=64)), other_vqkd)
+    assert pretrain(out, (assets[0], other_vqkd), "--resume", "auto") == 1
+    line = error_line(capsys.readouterr().err, "beit3 pretrain", "visual_tokenizer_sha256 '")
+    assert "num_visual_tokens" not in line
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"two green triangles above {i} small circles\n" for i in range(300)))
+    other_spm = train_spm([str(corpus)], str(tmp_path / "spm"), vocab_size=40)
+    assert pretrain(out, (other_spm, assets[1]), "--resume", "auto") == 1
+    error_line(capsys.readouterr().err, "beit3 pretrain", "text_tokenizer_sha256 '")
+    shutil.copy(assets[0], tmp_path / "moved.model")  # the same tokenizer elsewhere is the same tokenizer
     assert snapshot(out) == before
+    monkeypatch.undo()
+    assert pretrain(out, (str(tmp_path / "moved.model"), assets[1]), "--resume", "auto", steps=3) == 0
 
 
 HOLD_LOCK = textwrap.dedent("""

@@ -223,6 +223,44 @@ def test_resume_continues_the_stream_exactly(world, workers):
         assert texts[0::2] != texts[1::2]
 
 
+def _interleave(per_rank: list[list[dict]]) -> list[dict]:
+    """Rank r's i-th batch is global micro-batch r + world * i."""
+    return [b for group in zip(*per_rank) for b in group]
+
+
+def _assert_same_samples(a: list[dict], b: list[dict]) -> None:
+    """Same samples, augmentation and masks (the per-process stats differ by design)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["stats"]["keys"] == y["stats"]["keys"]
+        for part in PARTS:
+            for k in x.get(part, {}):
+                assert torch.equal(x[part][k], y[part][k]), (part, k)
+
+
+@pytest.mark.parametrize("before,after,workers", [(2, 1, 0), (1, 2, 0), (2, 1, 1)])
+def test_the_stream_continues_exactly_on_another_world_size(world, before, after, workers, caplog):
+    """The global stream does not depend on how it is split: resumed on another number of ranks it
+    goes on with the very batches an uninterrupted run gets (1 -> 2: both ranks share the one
+    reader, each keeping its half)."""
+    spm, cfg = world / "spm/synthetic.model", _cfg(world / "shards", num_workers=workers)
+    streams = before * max(1, workers)
+    reference = _take(PretrainLoader(cfg, spm, streams=streams), 8)
+    first = [PretrainLoader(cfg, spm, rank=r, world_size=before) for r in range(before)]
+    done = _interleave([_take(loader, 4 // before) for loader in first])
+    states = json.loads(json.dumps([loader.state_dict() for loader in first]))
+    resumed = [PretrainLoader(cfg, spm, rank=r, world_size=after) for r in range(after)]
+    with caplog.at_level(logging.WARNING):
+        for loader in resumed:
+            loader.load_state_dict(states)
+            assert loader.streams == streams
+    assert ("reads 2x the data it trains on" in caplog.text) == (after > streams)
+    _assert_same_samples(done + _interleave([_take(loader, 4 // after) for loader in resumed]), reference)
+    if before > 1:  # one rank's state cannot carry the others' readers
+        with pytest.raises(ValueError, match="pass every rank's state"):
+            PretrainLoader(cfg, spm, rank=0, world_size=after).load_state_dict(states[-1:])
+
+
 # --------------------------------------------------------------------------- epochs and bad data
 @pytest.fixture
 def tiny(tmp_path, world):

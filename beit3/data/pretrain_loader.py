@@ -18,19 +18,31 @@ loss: masking is drawn at ``max_text_len`` and only all-padding columns are cut.
 50% of pair-text tokens are masked (BERT 80/10/10), images get exactly ``num_masking_patches``
 block-wise masked patches.
 
-Readers: each rank runs ``max(1, num_workers)`` readers (dataloader workers), and every reader owns
-its own shards of each kind: in epoch e the shards are permuted by (seed, kind, e) and reader r of R
-takes every R-th one, so ranks and workers never read the same shard in the same epoch. Samples are
-shuffled inside each shard with a ``shuffle_buffer`` seeded by (seed, kind, epoch, shard). Epochs
-repeat forever, reshuffled.
+The stream is defined globally, not per rank, so that a run can continue on another number of
+ranks with exactly the batches it would have seen. It is made of ``streams`` readers (``world_size x
+max(1, num_workers)`` when the run starts; kept for the run's life, in the loader state). Global
+micro-batch g is batch ``g // streams`` of reader ``g % streams``, and rank r of W takes global
+micro-batches r, r + W, r + 2W, ...: with gradient accumulation, step s of any world size with the
+same global batch (W x accumulation micro-batches) trains on global micro-batches s*N .. s*N + N - 1.
+Every reader owns its own shards of each kind: in epoch e the shards are permuted by (seed, kind, e)
+and reader l of L takes every L-th one, so readers never read the same shard in the same epoch.
+Samples are shuffled inside each shard with a ``shuffle_buffer`` seeded by (seed, kind, epoch,
+shard). Epochs repeat forever, reshuffled. Augmentation and masking are seeded per (seed, reader,
+reader's batch), inside ``torch.random.fork_rng`` so the training process's RNG is untouched.
+
+A rank runs the readers its micro-batches come from. When ``streams`` is a multiple of world size x
+``max(1, num_workers)``, each reader lives in one process and produces only what it trains on. Otherwise (say a run started on 1 rank continues on 2) a reader's
+batches go to several ranks or workers, and each of them reads the reader's stream and keeps its
+share: exact, at the cost of reading (and decoding) that reader's data more than once; the loader
+logs the factor. Start a run with ``streams`` a multiple of the largest world size it may use.
 
 Stream position (``state_dict``/``load_state_dict``): per reader (epoch, shard, samples taken) for
-each kind and its batch count. A restored loader re-reads only the current shard up to that point
-(bytes, no decoding) and rotates its workers so that batch K+1 comes next; the batches after a
-restore are exactly those of an uninterrupted run, for any ``num_workers``, provided seed, shards,
-world size and ``num_workers`` are unchanged (otherwise the stream restarts at a new epoch, with a
-warning). Augmentation and masking are seeded per (seed, rank, reader, batch), inside
-``torch.random.fork_rng`` so the training process's RNG is untouched.
+each kind and its batch count, and the micro-batches the rank consumed. ``load_state_dict`` takes
+one rank's state (same world size) or every rank's (any world size: they are merged, the newest
+copy of each reader kept). A restored reader re-reads only the current shard up to that point
+(bytes, no decoding); the batches after a restore are exactly those of an uninterrupted run, for
+any ``num_workers`` and world size, provided seed, shards and ``streams`` are unchanged (otherwise
+the stream restarts at a new epoch, with a warning).
 
 Sources (``beit3.data.sources``): each kind reads a shards folder's ``{kind}-*.tar`` or its own
 sources, ``PATTERN[::WEIGHT]`` each: local or remote (http(s), ``pipe:``) webdataset shards as
@@ -55,6 +67,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 from bisect import bisect
@@ -78,7 +91,7 @@ from .transforms import BEIT_MIN_CROP_SCALE, VL_CROP_SCALE, PretrainImageTransfo
 log = logging.getLogger(__name__)
 
 KINDS = ("images", "texts", "pairs")
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: the stream is global (readers by global id, micro-batches consumed)
 TEXT_PADDING = ("longest", "max")
 IMAGE_DECODERS = ("pil", "torchvision")
 MAX_EMPTY_EPOCHS = 1000  # a reader that finds nothing usable for this long stops instead of hanging
@@ -355,18 +368,16 @@ def _seed(*key: int) -> int:
 
 
 class ReaderBatches:
-    """The batches of one reader (logical dataloader worker ``worker`` of rank ``rank``)."""
+    """The batches of reader ``reader`` of ``num_readers`` (the global stream's readers)."""
 
     def __init__(self, cfg: PretrainDataConfig, sources: dict[str, list[Source]], tokenizer_path: str,
-                 rank: int, world_size: int, worker: int, state: dict | None):
+                 reader: int, num_readers: int, state: dict | None):
         state = state or {}
-        per_rank = cfg.readers_per_rank
-        self.cfg, self.rank, self.worker = cfg, rank, worker
-        self.reader = rank * per_rank + worker
+        self.cfg, self.reader = cfg, reader
         self.batches = state.get("batches", 0)
         self.skips = SkipLog(state.get("skipped"), cfg.warnings_per_shard, state.get("failed"))
         positions, self.draws = state.get("streams", {}), dict(state.get("draws", {}))
-        self.streams = {kind: [ShardStream(kind, src.shards, self.reader, world_size * per_rank, cfg.seed,
+        self.streams = {kind: [ShardStream(kind, src.shards, reader, num_readers, cfg.seed,
                                            cfg.shuffle_buffer, self.skips, _position(positions, kind, i), cfg.retry(),
                                            src, cfg.max_bad_shard_fraction * len(src.shards))
                                for i, src in enumerate(group)]
@@ -384,7 +395,7 @@ class ReaderBatches:
                                               cfg.color_jitter, cfg.pair_hflip)
 
     def state(self) -> dict:
-        return {"worker": self.worker, "batches": self.batches, "skipped": dict(self.skips.counts),
+        return {"reader": self.reader, "batches": self.batches, "skipped": dict(self.skips.counts),
                 "failed": dict(self.skips.failed), "draws": dict(self.draws),
                 "streams": {kind: [list(s.position) for s in group] for kind, group in self.streams.items()}}
 
@@ -416,7 +427,7 @@ class ReaderBatches:
 
     def next_batch(self) -> dict:
         cfg = self.cfg
-        key = (cfg.seed, self.rank, self.worker, self.batches)
+        key = (cfg.seed, self.reader, self.batches)
         rng, gen = np.random.default_rng(_seed(*key, 1)), torch.Generator().manual_seed(_seed(*key, 2))
         batch, keys = {}, {}
         with torch.random.fork_rng(devices=[]):
@@ -433,6 +444,12 @@ class ReaderBatches:
         self.batches += 1
         batch["_keys"], batch["_state"] = keys, self.state()
         return batch
+
+    def skip_to(self, batch: int) -> None:
+        """Produce and drop batches until ``batch`` is next: the ones another rank or worker trains
+        on. Decoded, not just read, since a bad sample moves the stream on by more than one."""
+        while self.batches < batch:
+            self.next_batch()
 
     def image_part(self, images: list, rng: np.random.Generator,
                    transform: PretrainImageTransform | None = None) -> dict:
@@ -476,25 +493,44 @@ def _position(positions: dict, kind: str, i: int) -> Sequence[int]:
 
 
 class MixedBatches(IterableDataset):
-    """Endless batches of this process's readers; in a DataLoader each worker is one reader.
+    """Endless batches of one rank: its local micro-batch i is global micro-batch
+    ``rank + world_size * i``, i.e. batch ``g // streams`` of reader ``g % streams``.
 
-    Physical worker j plays reader (j + offset) % R: after a restore at batch K the DataLoader's
-    round-robin starts with the reader that owed batch K.
+    In a DataLoader, physical worker p of P produces local batches ``first + p``, ``first + p + P``,
+    ... (the DataLoader takes them round-robin), running each reader those come from.
     """
 
     def __init__(self, cfg: PretrainDataConfig, sources: dict[str, list[Source]], tokenizer_path: str,
-                 rank: int, world_size: int, states: list[dict | None], offset: int):
+                 rank: int, world_size: int, streams: int, states: dict[int, dict], first: int):
         self.cfg, self.sources, self.tokenizer_path = cfg, sources, tokenizer_path
-        self.rank, self.world_size, self.states, self.offset = rank, world_size, states, offset
+        self.rank, self.world_size, self.streams, self.states, self.first = rank, world_size, streams, states, first
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        worker = (physical + self.offset) % self.cfg.readers_per_rank
-        reader = ReaderBatches(self.cfg, self.sources, self.tokenizer_path, self.rank, self.world_size,
-                               worker, self.states[worker])
+        physical, stride = (info.id, info.num_workers) if info is not None else (0, 1)
+        readers: dict[int, ReaderBatches] = {}
+        i = self.first + physical
         while True:
-            yield reader.next_batch()
+            reader, batch = divmod_stream(self.rank + self.world_size * i, self.streams)
+            if reader not in readers:
+                readers[reader] = ReaderBatches(self.cfg, self.sources, self.tokenizer_path, reader, self.streams,
+                                                self.states.get(reader))
+            readers[reader].skip_to(batch)
+            yield readers[reader].next_batch()
+            i += stride
+
+
+def divmod_stream(g: int, streams: int) -> tuple[int, int]:
+    """(reader, batch of that reader) of global micro-batch ``g``."""
+    return g % streams, g // streams
+
+
+def read_factor(world_size: int, streams: int, workers: int) -> float:
+    """Batches a rank's processes produce per batch they train on (1.0: no reader is shared)."""
+    # A process sees every stride-th global micro-batch; two of one reader that it sees are
+    # lcm(stride, streams) apart, i.e. lcm / streams of that reader's batches.
+    stride = world_size * max(1, workers)
+    return stride / math.gcd(stride, streams)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -508,10 +544,12 @@ class PretrainLoader:
     """Iterable of mixed pretraining batches for one rank, with a resumable stream position.
 
     ``text_tokenizer``: a :class:`TextTokenizer` or the path of its sentencepiece model.
+    ``streams``: readers of the global stream (default ``world_size x max(1, num_workers)``); a
+    restored state brings its own.
     """
 
     def __init__(self, cfg: PretrainDataConfig, text_tokenizer: TextTokenizer | str, rank: int = 0,
-                 world_size: int = 1, check: bool = True):
+                 world_size: int = 1, check: bool = True, streams: int | None = None):
         """``check``: open every source's first shard now (False when the caller just did, as
         ``beit3 pretrain`` does before anything is built)."""
         cfg.validate()
@@ -521,80 +559,135 @@ class PretrainLoader:
         self.tokenizer_path = text_tokenizer.model_file if isinstance(text_tokenizer, TextTokenizer) \
             else os.fspath(text_tokenizer)
         TextTokenizer(self.tokenizer_path)  # fail now, not in a worker
-        readers = world_size * cfg.readers_per_rank
-        self.sources = resolve_sources(cfg, readers)
-        for kind, group in self.sources.items():
-            for src in group:
-                if len(src.shards) < readers:
-                    raise DataSourceError(
-                        f"{kind} source {src.pattern!r} has {len(src.shards)} shards for {readers} readers "
-                        f"({world_size} ranks x {cfg.readers_per_rank} workers); every reader needs its own "
-                        "shard: write smaller shards (beit3 data shards --shard-size) or use fewer workers")
+        self.streams = streams or world_size * cfg.readers_per_rank
+        self.sources = resolve_sources(cfg, self.streams)
+        self._check_shard_counts()
+        self._warn_if_shared()
         self.source_lines = (check_sources(self.sources, cfg.retry()) if check else
                              [src.describe() for group in self.sources.values() for src in group])
-        self._batches = 0
-        self._states: list[dict | None] = [None] * cfg.readers_per_rank
+        self._consumed = 0  # micro-batches this rank yielded (global ones: rank + world_size * i)
+        self._states: dict[int, dict] = {}  # reader -> its state after its newest batch yielded here
+
+    def _check_shard_counts(self) -> None:
+        for kind, group in self.sources.items():
+            for src in group:
+                if len(src.shards) < self.streams:
+                    raise DataSourceError(
+                        f"{kind} source {src.pattern!r} has {len(src.shards)} shards for {self.streams} readers "
+                        f"(--data-streams; by default ranks x workers); every reader needs its own shard: write "
+                        "smaller shards (beit3 data shards --shard-size) or use fewer readers")
 
     @property
     def shards(self) -> dict[str, list[str]]:
         """``{kind: shard names}`` over all of a kind's sources."""
         return {k: [s.name for src in g for s in src.shards] for k, g in self.sources.items()}
 
+    @property
+    def read_factor(self) -> float:
+        return read_factor(self.world_size, self.streams, self.cfg.num_workers)
+
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
-        data = MixedBatches(cfg, self.sources, self.tokenizer_path, self.rank, self.world_size,
-                            copy.deepcopy(self._states), self._batches % cfg.readers_per_rank)
+        data = MixedBatches(cfg, self.sources, self.tokenizer_path, self.rank, self.world_size, self.streams,
+                            copy.deepcopy(self._states), self._consumed)
         if cfg.num_workers > 0:
             data = DataLoader(data, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                               prefetch_factor=cfg.prefetch_factor)
         for batch in data:
             state = batch.pop("_state")
-            self._states[state["worker"]] = state
-            self._batches += 1
+            self._states[state["reader"]] = state
+            self._consumed += 1
             batch["stats"] = self._stats(batch.pop("_keys"))
             yield batch
 
     def _stats(self, keys: dict[str, list[str]]) -> dict:
         per_shard = Counter()
-        for state in filter(None, self._states):
+        for state in self._states.values():
             per_shard.update(state["skipped"])
-        epochs = {kind: max(p[0] for s in filter(None, self._states) for p in s["streams"][kind])
+        epochs = {kind: max(p[0] for s in self._states.values() for p in s["streams"][kind])
                   for kind in self.sources}
         return {"skipped": sum(per_shard.values()), "skipped_per_shard": dict(per_shard), "keys": keys,
                 "epochs": epochs}
 
     # -- stream position ---------------------------------------------------------------------
     def _fingerprint(self) -> dict:
-        return {"rank": self.rank, "world_size": self.world_size, "readers_per_rank": self.cfg.readers_per_rank,
-                "seed": self.cfg.seed, "shards": {k: _sources_digest(g) for k, g in self.sources.items()}}
+        return {"streams": self.streams, "seed": self.cfg.seed,
+                "shards": {k: _sources_digest(g) for k, g in self.sources.items()}}
 
     def state_dict(self) -> dict:
         """Position after the batches yielded so far (not those prefetched by workers)."""
-        return {"version": STATE_VERSION, "batches": self._batches, "readers": copy.deepcopy(self._states),
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "consumed": self._consumed, "readers": {str(r): copy.deepcopy(s) for r, s in self._states.items()},
                 "fingerprint": self._fingerprint()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; takes effect at the next ``iter()``."""
-        if state.get("version") not in (1, STATE_VERSION):
-            raise ValueError(f"pretraining data state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mismatch = [k for k, v in self._fingerprint().items() if state["fingerprint"].get(k) != v]
+    def load_state_dict(self, state: dict | Sequence[dict]) -> None:
+        """Continue from one rank's state (same world size) or from every rank's (any world size);
+        takes effect at the next ``iter()``."""
+        states = [state] if isinstance(state, dict) else list(state)
+        if not states:
+            raise ValueError("no pretraining data state to load")
+        if states[0].get("version") not in (1, 2, STATE_VERSION):
+            raise ValueError(f"pretraining data state version {states[0].get('version')!r}, expected {STATE_VERSION}")
+        if states[0]["version"] == STATE_VERSION and states[0]["fingerprint"].get("streams") != self.streams:
+            self._adopt_streams(states[0]["fingerprint"]["streams"])
+        saved = states[0]["fingerprint"]
+        mismatch = [k for k, v in self._fingerprint().items() if saved.get(k) != v]
+        if states[0]["version"] != STATE_VERSION:
+            mismatch = ["version"]
         if mismatch:
-            epoch = 1 + max((p[0] for s in filter(None, state["readers"]) for g in s["streams"].values()
-                             for p in (g if g and isinstance(g[0], list) else [g])), default=0)
-            log.warning("pretraining data state was saved with different %s; the stream restarts at epoch %d "
-                        "(reshuffled) instead of continuing exactly", ", ".join(mismatch), epoch)
-            self._batches = 0
-            self._states = [{"worker": w, "batches": 0, "skipped": {},
-                             "streams": {k: [[epoch, 0, 0] for _ in g] for k, g in self.sources.items()}}
-                            for w in range(self.cfg.readers_per_rank)]
-            return
-        self._batches = int(state["batches"])
-        self._states = copy.deepcopy(state["readers"])
+            return self._restart(states, mismatch)
+        done = states[0]["world_size"] * states[0]["consumed"]  # ranks step together
+        if done % self.world_size:
+            raise ValueError(f"the data state is at global micro-batch {done}, which {self.world_size} ranks cannot "
+                             f"split evenly: keep the global batch (ranks x grad-accum) of the run")
+        merged: dict[int, dict] = {}
+        for s in states:
+            for reader, rs in s["readers"].items():
+                if int(reader) not in merged or rs["batches"] > merged[int(reader)]["batches"]:
+                    merged[int(reader)] = rs
+        self._check_complete(merged, done)
+        self._consumed, self._states = done // self.world_size, merged
+
+    def _adopt_streams(self, streams: int) -> None:
+        """The run's stream keeps its number of readers on any world size."""
+        self.streams = streams
+        self.sources = resolve_sources(self.cfg, streams)
+        self._check_shard_counts()
+        self._warn_if_shared()
+
+    def _warn_if_shared(self) -> None:
+        if self.read_factor > 1:
+            log.warning("%d readers over %d ranks x %d workers: each process reads %.3gx the data it trains on "
+                        "(exact, but slower; see beit3.data.pretrain_loader)", self.streams, self.world_size,
+                        self.cfg.readers_per_rank, self.read_factor)
+
+    def _check_complete(self, merged: dict[int, dict], done: int) -> None:
+        """Every reader's state must be at the batch the stream has reached: a missing rank's
+        state would silently replay its readers' batches."""
+        for reader in range(self.streams):
+            owed = len(range(reader, done, self.streams))  # its batches among the first ``done``
+            have = merged.get(reader, {}).get("batches", 0)
+            if have < owed:
+                raise ValueError(f"pretraining data state: reader {reader} is at batch {have}, the stream at its "
+                                 f"batch {owed}; pass every rank's state when the world size changes")
+
+    def _restart(self, states: list[dict], mismatch: list[str]) -> None:
+        def positions(s):
+            readers = s.get("readers") or []
+            readers = readers.values() if isinstance(readers, dict) else filter(None, readers)
+            return [p for r in readers for g in r["streams"].values() for p in (g if g and isinstance(g[0], list) else [g])]
+        epoch = 1 + max((p[0] for s in states for p in positions(s)), default=0)
+        log.warning("pretraining data state was saved with different %s; the stream restarts at epoch %d "
+                    "(reshuffled) instead of continuing exactly", ", ".join(mismatch), epoch)
+        self._consumed = 0
+        self._states = {r: {"reader": r, "batches": 0, "skipped": {},
+                            "streams": {k: [[epoch, 0, 0] for _ in g] for k, g in self.sources.items()}}
+                        for r in range(self.streams)}
 
     def summary(self) -> str:
         """What the loader reads, a line per source, for the run's log."""
         cfg = self.cfg
         head = (f"pretraining data: " + ", ".join(f"{kind} {cfg.batch_size(kind)}/step" for kind in self.sources)
-                + f"; rank {self.rank}/{self.world_size}, {cfg.readers_per_rank} readers per rank, "
+                + f"; rank {self.rank}/{self.world_size}, {self.streams} readers in all, "
                 f"{cfg.masked_patches()} of {cfg.grid ** 2} patches masked")
         return "\n".join([head] + [f"  {line}" for line in self.source_lines])

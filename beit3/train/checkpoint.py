@@ -5,7 +5,9 @@ written by every rank), one ``rank_<r>.pt`` per rank (data stream position and R
 differ per rank) and, last, a ``COMPLETE`` marker written atomically by rank 0 after every rank
 finished. ``--resume auto`` only considers directories with the marker, so a checkpoint that was
 being written when the process died is never picked. Older complete checkpoints are deleted only
-after a newer one is complete.
+after a newer one is complete. DeepSpeed's own ``latest`` file (its tag, which ``zero_to_fp32.py``
+and ``engine.load_checkpoint(dir)`` read when no tag is given) is replaced atomically after the
+marker, so it always names a complete checkpoint.
 
 The marker lists every file with its size. ``verify_checkpoint`` compares them before a resume (a
 lost rank file or a truncated optimizer file is an error naming it, not a resume that quietly
@@ -32,6 +34,7 @@ from ..files import atomic_file, atomic_write_bytes, file_sizes, read_json, size
 from .distributed import all_reduce_flag, barrier
 
 MARKER = "COMPLETE"
+LATEST = "latest"  # DeepSpeed's name: its tools read the newest tag from this file
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -118,6 +121,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
     path = os.path.join(ckpt_dir, tag)
     if rank == 0 and os.path.isfile(os.path.join(path, MARKER)):
         os.remove(os.path.join(path, MARKER))  # the same step saved again: unmarked while it is rewritten
+        point_latest(ckpt_dir)
     barrier()
     error = None
     try:
@@ -139,11 +143,22 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
         files = {name: size for name, size in file_sizes(path).items() if name != MARKER}
         info = {**meta, "step": step, "time": time.time(), "files": files}
         atomic_write_bytes(os.path.join(path, MARKER), json.dumps(info, indent=1).encode())
+        point_latest(ckpt_dir)
         for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             os.remove(os.path.join(old, MARKER))  # first un-mark it, so a kill mid-delete leaves no half checkpoint
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return path
+
+
+def point_latest(ckpt_dir: str) -> None:
+    """DeepSpeed's ``latest`` names the newest complete checkpoint (removed when there is none)."""
+    newest = latest_checkpoint(ckpt_dir)
+    latest = os.path.join(ckpt_dir, LATEST)
+    if newest is not None:
+        atomic_write_bytes(latest, os.path.basename(newest).encode())
+    elif os.path.isfile(latest):
+        os.remove(latest)
 
 
 def rank_file(rank: int) -> str:
@@ -186,11 +201,13 @@ def _load_rank_state(path: str, allow_pickle: bool, mmap: bool = False) -> dict:
     return state
 
 
-def load_checkpoint(engine, path: str, rank: int, allow_pickle: bool = False) -> tuple[dict, dict]:
+def load_checkpoint(engine, path: str, rank: int, allow_pickle: bool = False,
+                    tag_dir: Optional[str] = None) -> tuple[dict, dict]:
     """Load a checkpoint that ``verify_checkpoint`` accepted into ``engine``; returns (meta, this
-    rank's state), its RNG states applied."""
+    rank's state), its RNG states applied. ``tag_dir``: DeepSpeed's files from another folder (the
+    checkpoint's universal copy, for an engine built to load one)."""
     meta = read_marker(path)
-    ckpt_dir, tag = os.path.split(path.rstrip("/"))
+    ckpt_dir, tag = os.path.split((tag_dir or path).rstrip("/"))
     try:
         loaded, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
@@ -204,3 +221,10 @@ def load_checkpoint(engine, path: str, rank: int, allow_pickle: bool = False) ->
     state = _load_rank_state(own, allow_pickle)
     set_rng_state(state.pop("rng"))
     return meta, state
+
+
+def data_states(path: str, allow_pickle: bool = False) -> list:
+    """Every rank's data-stream state in checkpoint ``path`` (a stream split over another number
+    of ranks is rebuilt from all of them)."""
+    world = int(read_marker(path).get("world_size") or 1)
+    return [_load_rank_state(os.path.join(path, rank_file(r)), allow_pickle).get("data") for r in range(world)]

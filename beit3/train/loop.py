@@ -5,6 +5,7 @@ Kept apart from the command line (beit3/pretrain.py) so tests can drive a run wi
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -17,8 +18,10 @@ from .distributed import all_reduce_flag, barrier
 from .engine import OptimConfig, build_engine
 from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
 from .objective import MaskedDataModeling, prepare_batch
+from .checkpoint import data_states
 from .run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
 from .trainer import StopRequested, Trainer, compute_dtype, seed_everything, to_device
+from .universal import ensure_universal, repair_universal_optimizer, universal_dir, use_universal
 
 if TYPE_CHECKING:
     from .pretrain_config import PretrainConfig
@@ -41,6 +44,15 @@ def pretrain_data_config(args: PretrainConfig, **model_sizes):
         retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction, **model_sizes)
 
 
+def tokenizer_digests(spm: str, vqkd: str) -> dict:
+    """What identifies the two tokenizers a run was trained with: their files' contents (not their
+    paths: a moved copy is the same tokenizer; a retrained one of the same size is not)."""
+    from ..files import sha256_of
+    from ..tokenizer.vqkd import WEIGHTS_NAME
+    weights = os.path.join(vqkd, WEIGHTS_NAME) if os.path.isdir(vqkd) else vqkd
+    return {"text_tokenizer_sha256": sha256_of(spm)[:16], "visual_tokenizer_sha256": sha256_of(weights)[:16]}
+
+
 class PretrainRun(Trainer):
     """Masked data modeling: the model, the tokenizers and the mixed data of ``PretrainConfig``, in
     the Trainer's run folder."""
@@ -55,6 +67,7 @@ class PretrainRun(Trainer):
         a = self.args
         self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, tensorboard=a.tensorboard,
                       desc="pretrain", max_bad_steps=a.max_bad_steps, keep_last=a.keep_last)
+        self.elastic = self.prepare_elastic_resume()
         seed_everything(a.seed)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
         cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
@@ -65,7 +78,8 @@ class PretrainRun(Trainer):
                              f"{self.visual_tokenizer.grid_size} != model patch grid {cfg.grid_size}x{cfg.grid_size}")
         self.cfg = cfg
         if self.resume_meta is not None:  # what the tokenizers decide: the vocabulary, the MIM classes
-            identity = {"model": cfg.to_dict(), "num_visual_tokens": self.visual_tokenizer.num_tokens}
+            identity = {"model": cfg.to_dict(), "num_visual_tokens": self.visual_tokenizer.num_tokens,
+                        **self.tokenizer_digests}
             on_every_rank(self.dist, lambda: check_same_run(self.resume_path, self.resume_meta, identity))
         model = MaskedDataModeling(cfg, num_visual_tokens=self.visual_tokenizer.num_tokens,
                                    patch_aggregation=a.patch_aggregation)
@@ -87,6 +101,25 @@ class PretrainRun(Trainer):
         identity = {"preset": a.preset, "layout": a.layout, "patch_aggregation": a.patch_aggregation, "model": model}
         return path, check_resume(path, self.dist, identity, a.allow_pickle)
 
+    def prepare_elastic_resume(self) -> bool:
+        """A checkpoint written by another number of ranks is resumed from DeepSpeed's universal
+        form of it: converted (once, by rank 0) before the engine is built to load it."""
+        if self.resume_meta is None or self.resume_meta.get("world_size", 1) == self.dist.world_size:
+            return False
+        self.logger.write(f"checkpoint {self.resume_path} was written by {self.resume_meta.get('world_size', 1)} "
+                          f"ranks, resuming on {self.dist.world_size}: loading its universal form")
+        # The other ranks wait in the next collective, so the conversion gets the same time limit.
+        on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write, self.args.dist_timeout)
+                      if self.dist.is_main else None)
+        use_universal(self.ds_config)
+        then = self.resume_meta.get("micro_batches_per_step")
+        now = self.dist.world_size * self.ds_config["gradient_accumulation_steps"]
+        if then is not None and then != now:
+            self.logger.write(f"warning: {then} micro-batches per step in the checkpoint, {now} now: the data "
+                              f"stream goes on in order but steps group it differently; --micro-batches-per-step "
+                              f"{then} keeps the global batch")
+        return True
+
     def build_tokenizers_and_data(self):
         from ..data.text_tokenizer import TextTokenizer
         from ..tokenizer.vqkd import load_trained_tokenizer, load_vqkd, VQKDConfig
@@ -98,6 +131,7 @@ class PretrainRun(Trainer):
             barrier()
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
+        self.tokenizer_digests = tokenizer_digests(spm, tok)
         if a.tokenizer_preset:
             vcfg = VQKDConfig.from_preset(a.tokenizer_preset)
             grid = BEiT3Config.from_preset(a.preset).grid_size
@@ -123,7 +157,7 @@ class PretrainRun(Trainer):
         cfg.shards_dir = shards
         # The command line opened every source's first shard before anything was built (check_args).
         loader = PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size,
-                                check=False)
+                                check=False, streams=self.args.data_streams)
         self.logger.write(loader.summary())
         return loader
 
@@ -219,18 +253,26 @@ class PretrainRun(Trainer):
         state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
         meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
                 "patch_aggregation": self.args.patch_aggregation,
-                "num_visual_tokens": self.visual_tokenizer.num_tokens}
+                "num_visual_tokens": self.visual_tokenizer.num_tokens,
+                "micro_batches_per_step": self.dist.world_size * self.engine.gradient_accumulation_steps(),
+                **self.tokenizer_digests}
         return self.save_state(step, state, meta)
 
     def maybe_resume(self) -> int:
-        meta, state = self.load_state(self.args.allow_pickle, self.args.resume)
+        a = self.args
+        tag_dir = universal_dir(self.resume_path) if self.elastic else None
+        meta, state = self.load_state(a.allow_pickle, a.resume, tag_dir)
         if meta is None:
             return 0
-        if meta.get("world_size") != self.dist.world_size:
-            self.logger.write(f"warning: checkpoint written by {meta.get('world_size')} ranks, resuming on "
-                              f"{self.dist.world_size}: the data stream restarts its epoch")
-        elif state.get("data") is not None and hasattr(self.data, "load_state_dict"):
-            self.data.load_state_dict(state["data"])
+        if self.elastic:
+            repair_universal_optimizer(self.engine, tag_dir)
+        if hasattr(self.data, "load_state_dict"):
+            if self.elastic:  # the stream's readers are spread over every rank's state
+                states = on_every_rank(self.dist, lambda: data_states(self.resume_path, a.allow_pickle))
+                if all(s is not None for s in states):
+                    self.data.load_state_dict(states)
+            elif state.get("data") is not None:
+                self.data.load_state_dict(state["data"])
         return int(meta["step"])
 
     def log_window(self, step: int, w: dict, peak: float, grad_norm, skipped_steps: int) -> None:

@@ -50,6 +50,10 @@ class PretrainConfig:
     retry_backoff: float = _f(1.0, "seconds before the first retry, doubled for each further one")
     max_bad_shard_fraction: float = _f(0.1, "stop when a reader has given up on more than this share of a "
                                        "source's shards")
+    data_streams: Optional[int] = _f(None, "readers of the data stream over all ranks (default: ranks x max(1, "
+                                     "--num-workers)); fixed for the run: a resume on another number of ranks keeps "
+                                     "the exact stream, reading without waste when this is a multiple of its ranks "
+                                     "(x workers)")
     spm: Optional[str] = _f(None, "SentencePiece model (default: the synthetic world's)")
     tokenizer: Optional[str] = _f(None, "VQ-KD: a train-tokenizer output dir, or an official beit2 checkpoint "
                                   "(with --tokenizer-preset)")
@@ -72,6 +76,9 @@ class PretrainConfig:
     beta2: float = _f(0.98)
     grad_clip: Optional[float] = _f(None, "override the DeepSpeed config's gradient_clipping (3.0 in ours)")
     grad_accum: Optional[int] = _f(None, "gradient accumulation steps (default: the DeepSpeed config's)")
+    micro_batches_per_step: Optional[int] = _f(None, "micro-batches per optimizer step over all ranks (ranks x "
+                                               "grad-accum): the accumulation follows the number of ranks, so a run "
+                                               "resumed or re-formed on fewer or more ranks keeps its global batch")
     ds_config: Optional[str] = _f(None, "DeepSpeed JSON (default: ds_configs/zero3_bf16.json on GPU, "
                                   "cpu_zero3.json on CPU)", flags=("--deepspeed", "--ds-config"))
     checkpoint_every: Optional[int] = _f(None, "activation checkpointing every k-th layer (0 = off; default 1 on "
@@ -163,6 +170,8 @@ class PretrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         check_activation_checkpointing(self)
+        if self.data_streams is not None and self.data_streams < 1:
+            raise ConfigError(f"--data-streams must be >= 1, got {self.data_streams}")
         micro = self.batch_images + self.batch_texts + self.batch_pairs
         if micro == 0:
             raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")
@@ -170,7 +179,20 @@ class PretrainConfig:
         if self.resume not in (None, "auto") and not os.path.isdir(self.resume):
             raise ConfigError(f"--resume {self.resume!r}: no such checkpoint directory")
         check_output_dir(self.output)
-        return resolve_ds_config(self.ds_config, micro, self.grad_accum, world_size)
+        return resolve_ds_config(self.ds_config, micro, self.accumulation(world_size), world_size)
+
+    def accumulation(self, world_size: int) -> Optional[int]:
+        """Gradient accumulation steps on ``world_size`` ranks: ``--micro-batches-per-step`` N gives
+        N / ranks; else ``--grad-accum`` (None: the DeepSpeed config's)."""
+        n = self.micro_batches_per_step
+        if n is None:
+            return self.grad_accum
+        if n < 1 or n % world_size:
+            raise ConfigError(f"--micro-batches-per-step {n} is not a positive multiple of the {world_size} ranks")
+        if self.grad_accum is not None and self.grad_accum != n // world_size:
+            raise ConfigError(f"--grad-accum {self.grad_accum} but --micro-batches-per-step {n} on {world_size} "
+                              f"ranks means {n // world_size}: give one of them")
+        return n // world_size
 
     def _check_data(self) -> None:
         sources = self.has_sources()

@@ -166,16 +166,18 @@ class Trainer:
         meta = {**meta, "world_size": self.dist.world_size}
         return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta, keep_last=self.keep_last)
 
-    def load_state(self, allow_pickle: bool, resume: Optional[str]) -> tuple[Optional[dict], Optional[dict]]:
-        """(meta, this rank's state) of the checkpoint ``check_resume`` chose, loaded into the engine;
-        (None, None) for a fresh start."""
+    def load_state(self, allow_pickle: bool, resume: Optional[str],
+                   tag_dir: Optional[str] = None) -> tuple[Optional[dict], Optional[dict]]:
+        """(meta, this rank's state) of the checkpoint ``check_resume`` chose, loaded into the engine
+        (from ``tag_dir``, its universal form, when the world size changed); (None, None) for a fresh
+        start."""
         path = self.resume_path
         if path is None:
             if resume == "auto":
                 self.logger.write(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting fresh")
             return None, None
         meta, state = on_every_rank(self.dist, lambda: load_checkpoint(self.engine, path, self.dist.rank,
-                                                                         allow_pickle))
+                                                                         allow_pickle, tag_dir))
         self.logger.write(f"resumed from {path} at step {meta['step']}")
         return meta, state
 
