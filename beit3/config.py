@@ -42,12 +42,18 @@ def check_text_vocab(tokenizer_ids: int, rows: int, source: str = "the model") -
                       UserWarning, stacklevel=2)
 
 
-def checked_from_dict(cls, d):
-    """``cls(**d)`` for a dataclass, naming the unknown keys (a config file from another version)."""
+def check_fields(cls, keys) -> None:
+    """Raise naming the keys that are not fields of the dataclass ``cls`` (a config file from another
+    version, a misspelt override): the one unknown-field check of every config."""
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(set(keys) - known)
     if unknown:
         raise TypeError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
+
+
+def checked_from_dict(cls, d):
+    """``cls(**d)`` for a dataclass, naming the unknown keys."""
+    check_fields(cls, d)
     return cls(**d)
 
 
@@ -132,10 +138,7 @@ class BEiT3Config:
     def from_preset(cls, name: str, layout: str = "paper", **overrides) -> "BEiT3Config":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(f"BEiT3Config has no field(s) {unknown}; known fields: {sorted(fields)}")
+        check_fields(cls, overrides)
         return cls(**{**PRESETS[name], "layout": layout, "preset": name, **overrides})
 
     @classmethod

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import check_fields
+
 TASKS = ("vqa", "retrieval", "captioning", "classification", "nlvr2")
 DATASETS = {
     "vqa": ("vqav2",),
@@ -114,9 +116,7 @@ class FinetuneConfig:
         return self.eval_batch_size or max(1, int(self.batch_size * 1.5))
 
     def replace(self, **changes) -> "FinetuneConfig":
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise TypeError(f"FinetuneConfig has no field(s) {unknown}")
+        check_fields(FinetuneConfig, changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -208,8 +208,5 @@ def get_recipe(name: str, **overrides) -> FinetuneConfig:
     if name not in RECIPES:
         lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
         raise ValueError(f"unknown recipe {name!r}; choices:\n" + "\n".join(lines))
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"FinetuneConfig has no field(s) {unknown}")
+    check_fields(FinetuneConfig, overrides)
     return FinetuneConfig(**{**RECIPES[name], **overrides})

@@ -82,7 +82,7 @@ def repair_universal_optimizer(engine, folder: str) -> None:
     """After DeepSpeed loaded the universal checkpoint ``folder``: each optimizer param group's
     hyperparameters (weight decay, lr, lr scale, betas, ...) as the checkpoint saved them, and an
     Adam step counter of its own for each partition."""
-    from ..checkpoint.io import _deepspeed_safe_globals
+    from ..weights.io import _deepspeed_safe_globals
 
     base = getattr(engine.optimizer, "optimizer", None)
     if base is None:
