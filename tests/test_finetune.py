@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from beit3.finetune.main import main as finetune_main
-from beit3.finetune.trainer import epoch_batches, eval_shard
+from beit3.finetune.batches import epoch_batches, eval_shard
 
 from finetune_helpers import best_is_tracked as _best_is_tracked
 from finetune_helpers import evaluate as _evaluate

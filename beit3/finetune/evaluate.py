@@ -131,7 +131,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ..train.distributed import init_distributed
     from .init import load_init
     from .tasks import build_task
-    from .trainer import SYNTHETIC, cpu_flush_denormal, evaluate, synthetic_data
+    from .trainer import SYNTHETIC, cpu_flush_denormal, synthetic_data
+    from .validation import evaluate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

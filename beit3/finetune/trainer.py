@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader
 
 from ..config import BEiT3Config, check_text_vocab, text_table_rows
 from ..data.bad_images import SKIPPED_KEY, SkipUnreadable, UnreadableImages
 from ..data.index_check import check_dataset
 from ..data.text_tokenizer import TextTokenizer
-from ..eval.distributed import gather_features
 from ..files import commit_dir, file_sizes, is_write_error, recover_dir, staging_dir, write_error
 from ..pretrained import TOKENIZER_FILE, saved_config, write_files
 from ..train.checkpoint import latest_checkpoint
@@ -37,10 +36,12 @@ from ..train.engine import OptimConfig, build_engine
 from ..train.optim import param_groups
 from ..train.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
 from ..train.trainer import Trainer, compute_dtype, seed_everything, to_device
+from .batches import collate, epoch_batches
 from .heads import TaskModel, unreached_parameters
 from .init import META_FILE, InitWeights, apply_init, load_init
 from .recipes import FinetuneConfig
-from .tasks import Task, build_task
+from .tasks import build_task
+from .validation import evaluate, scalars
 
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
@@ -122,73 +123,6 @@ def optimizer_setup(model: TaskModel, cfg: FinetuneConfig, total_steps: int, war
     head = (lambda name: cfg.head_lr_scale if name.startswith("head.") else 1.0)  # unilm: get_is_head_flag_for_vit
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, lr_scale=head)
     return opt, groups
-
-
-# -- data --------------------------------------------------------------------------------------------
-def collate(items: list[dict]) -> dict:
-    """``default_collate``, then the text cut to its longest caption: the index readers pad every
-    text to max_text_len, and attention over padding is wasted work."""
-    batch = default_collate(items)
-    if "padding_mask" in batch:
-        keep = int((~batch["padding_mask"]).sum(dim=1).max())
-        batch["text"], batch["padding_mask"] = batch["text"][:, :keep], batch["padding_mask"][:, :keep]
-    return batch
-
-
-def epoch_batches(n: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's micro-batches of an epoch: one permutation per (seed, epoch) cut into global
-    batches of ``world x batch``, of which rank r takes the r-th slice (the tail that does not
-    fill a global batch is dropped). A step thus sees the same samples on 2 ranks x b as on one
-    rank x 2b (or x b with 2 accumulation steps), and the contrastive loss the same negatives."""
-    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    step = world * batch
-    return [order[i + rank * batch:i + (rank + 1) * batch] for i in range(0, n // step * step, step)]
-
-
-def eval_shard(n: int, rank: int, world: int) -> list[int]:
-    """Contiguous, equal shards (the last padded by wrapping): every rank runs the same number of
-    batches, which ZeRO-3 needs, and the first n gathered rows are the dataset in order."""
-    per = math.ceil(n / world)
-    return [(rank * per + i) % n for i in range(per)]
-
-
-# -- evaluation --------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(task: Task, model, dataset: Dataset, batch_size: int, device: torch.device,
-             dtype: torch.dtype = torch.float32, num_workers: int = 0, output_dir: Optional[str] = None) -> dict:
-    """Run the task's eval passes over ``dataset`` on every rank, gather the rows, compute metrics
-    (on every rank, so that all of them agree on the best checkpoint)."""
-    with torch.random.fork_rng(devices=[]):  # the training stream's RNG is left as it was
-        return _evaluate(task, model, dataset, batch_size, device, dtype, num_workers, output_dir)
-
-
-def _evaluate(task: Task, model, dataset: Dataset, batch_size: int, device: torch.device, dtype: torch.dtype,
-              num_workers: int, output_dir: Optional[str]) -> dict:
-    was_training = model.training
-    model.eval()
-    rank, world = _rank_world()
-    rows = {}
-    for p in task.eval_passes(dataset):
-        loader = DataLoader(Subset(p.dataset, eval_shard(len(p.dataset), rank, world)), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=collate)
-        parts: dict[str, list] = {}
-        for batch in loader:
-            for k, v in p.run(model, to_device(batch, device, dtype)).items():
-                parts.setdefault(k, []).append(v.detach())
-        rows[p.name] = {k: gather_features(torch.cat(v))[:len(p.dataset)].cpu() for k, v in parts.items()}
-    model.train(was_training)
-    return task.metrics(rows, dataset, output_dir)
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def scalars(metrics: dict, prefix: str) -> dict:
-    return {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # -- weights of ours ---------------------------------------------------------------------------------

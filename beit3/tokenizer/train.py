@@ -22,10 +22,11 @@ from PIL import Image
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.tensorboard import SummaryWriter
 from torchvision import transforms as T
-from tqdm import tqdm
 
+from beit3.train.metrics_log import MetricsLogger
+from beit3.train.run_dir import write_run_config
+from beit3.train.trainer import git_commit
 from beit3.tokenizer.teachers import Teacher, build_teacher
 from beit3.tokenizer.vqkd import (VQKD, VQKD_PRESETS, VQKDConfig, VQKDOutput, load_trained_tokenizer,
                                   save_trained)
@@ -156,15 +157,9 @@ class _Window:
         self.n += 1
 
 
-def _log(step: int, window: _Window, usage: CodeUsage, lr: float, writer: SummaryWriter, log_file) -> dict:
-    rec = {"step": step, "rec_loss": window.rec / window.n, "quant_loss": window.quant / window.n,
-           "usage": usage.usage(), "perplexity": usage.perplexity(), "lr": lr}
-    for tag, key in (("loss/rec", "rec_loss"), ("loss/quant", "quant_loss"), ("codebook/usage", "usage"),
-                     ("codebook/perplexity", "perplexity"), ("lr", "lr")):
-        writer.add_scalar(tag, rec[key], step)
-    log_file.write(json.dumps(rec) + "\n")
-    log_file.flush()
-    return rec
+def _window_metrics(window: _Window, usage: CodeUsage, lr: float) -> dict:
+    return {"rec_loss": window.rec / window.n, "quant_loss": window.quant / window.n,
+            "usage": usage.usage(), "perplexity": usage.perplexity(), "lr": lr}
 
 
 def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teacher: Teacher, steps: int,
@@ -194,28 +189,31 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
     warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
     scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=lr / 10, warmup_t=warmup,
                                   warmup_lr_init=lr / 100, t_in_epochs=False)
-    (out_dir / "run_config.json").write_text(json.dumps(dict(
+    write_run_config(str(out_dir), dict(
         images=str(images_source), teacher=type(teacher).__name__, teacher_dim=teacher.dim, steps=steps,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup, seed=seed,
-        min_crop_scale=min_crop_scale, config=config.to_dict()), indent=2))
+        min_crop_scale=min_crop_scale, config=config.to_dict(), git_commit=git_commit(), torch=torch.__version__))
 
     usage, window, bad_files = CodeUsage(config.num_codes, usage_window), _Window(), set()
     batches = _batches(loader, bad_files, len(dataset))
-    with SummaryWriter(str(out_dir / "tensorboard")) as writer, open(out_dir / "metrics.jsonl", "w") as log_file, \
-            tqdm(total=steps, desc="vq-kd", disable=None) as bar:
+    # The run files of every beit3 job: metrics.jsonl, tensorboard/ and a progress bar.
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run's log, not appended to a previous one's
+    logger = MetricsLogger(str(out_dir), True, steps, desc="vq-kd")
+    try:
         for step in range(1, steps + 1):
             scheduler.step_update(step - 1)
             images = next(batches).to(device, non_blocking=True)
             out = train_step(model, teacher, images, optimizer)
             usage.update(out.indices)
             window.add(out)
+            logger.advance()
             if step == 1 or step % log_every == 0 or step == steps:  # step 1: the untrained model
-                rec = _log(step, window, usage, optimizer.param_groups[0]["lr"], writer, log_file)
-                bar.set_postfix(rec=f"{rec['rec_loss']:.4f}", usage=f"{rec['usage']:.2f}")
+                logger.log(step, _window_metrics(window, usage, optimizer.param_groups[0]["lr"]))
                 window = _Window()
             if save_every and step % save_every == 0:
                 save_trained(model, out_dir)
-            bar.update(1)
+    finally:
+        logger.close()
     if bad_files:
         warnings.warn(f"skipped {len(bad_files)} undecodable image(s) under {images_source}")
     return save_trained(model, out_dir)
