@@ -80,7 +80,7 @@ class PretrainConfig:
                                                "grad-accum): the accumulation follows the number of ranks, so a run "
                                                "resumed or re-formed on fewer or more ranks keeps its global batch")
     ds_config: Optional[str] = _f(None, "DeepSpeed JSON (default: ds_configs/zero3_bf16.json on GPU, "
-                                  "cpu_zero3.json on CPU)", flags=("--deepspeed", "--ds-config"))
+                                  "cpu_zero3.json on CPU)", flags=("--deepspeed",))
     checkpoint_every: Optional[int] = _f(None, "activation checkpointing every k-th layer (0 = off; default 1 on "
                                          "GPU, 0 on CPU, 1 with --checkpoint-mode)")
     checkpoint_mode: Optional[str] = _f(None, "what a checkpointed layer keeps: 'full' (default) only its input; "
