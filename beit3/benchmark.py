@@ -19,121 +19,24 @@ import os
 import shlex
 import sys
 
-from .config import PRESETS, BEiT3Config
+from .bench.config import BenchmarkConfig
+from .config import BEiT3Config
 from .errors import UserError
-from .files import check_output_dir, check_output_file
-from .train.activation_checkpointing import (add_activation_checkpointing_flags, check_activation_checkpointing,
-                                             fill_checkpoint_defaults)
-from .train.ds_config import default_ds_config, resolve_ds_config
+from .flags import add_dataclass_flags, given
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="beit3 benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--layout", default="paper", choices=["paper", "released"])
-    ap.add_argument("--deepspeed", "--ds-config", dest="ds_config", default=None,
-                    help="DeepSpeed JSON for our model (default: ds_configs/zero3_bf16.json on GPU, "
-                         "cpu_zero3.json on CPU), or 'none' for plain PyTorch (bf16 autocast, fused AdamW)")
-    batch = ap.add_argument_group("batch (per device, per step; default 4 of each for tiny, 16 otherwise)")
-    batch.add_argument("--batch-images", type=int, default=None)
-    batch.add_argument("--batch-texts", type=int, default=None)
-    batch.add_argument("--batch-pairs", type=int, default=None)
-    batch.add_argument("--image-only", action="store_true", help="images only (--batch-images of them)")
-    batch.add_argument("--text-len", type=int, default=None, help="text tokens (default 32 tiny, 64 otherwise)")
-    batch.add_argument("--text-padding", type=float, default=0.0,
-                       help="fraction of every text that is padding (0: no mask, SDPA may use flash)")
-    batch.add_argument("--mask-pair-images", action="store_true", help="also mask and predict pair images")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 5 on CPU)")
-    add_activation_checkpointing_flags(ap)
-    ap.add_argument("--checkpoint-cost", action="store_true",
-                    help="also time the same batch with checkpointing off, full and selective, and report "
-                         "what each costs against off")
-    ap.add_argument("--compile", action="store_true", help="torch.compile every backbone layer (if supported)")
-    ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
-                    help="restrict scaled_dot_product_attention to one kernel")
-    ap.add_argument("--find-max-batch", action="store_true",
-                    help="CUDA: find the largest per-part micro-batch that fits, then measure it")
-    ap.add_argument("--max-batch-limit", type=int, default=1024)
-    ap.add_argument("--compare", action="append", default=[], choices=["torchscale", "timm"],
-                    help="also time torchscale's BEiT3 (same batch) or timm's ViT (image-only batch)")
-    ap.add_argument("--profile", metavar="DIR", default=None,
-                    help="profile our model's steps (torch.profiler): op table, time by kind, trace in DIR")
-    ap.add_argument("--data-loader", action="store_true",
-                    help="time the real pretraining data loader on the synthetic world instead")
-    ap.add_argument("--num-workers", type=int, default=None, help="--data-loader workers (default 0 CPU, 6 GPU)")
-    ap.add_argument("--data", default=None, help="--data-loader: a shards directory (default: the synthetic world)")
-    ap.add_argument("--spm", default=None, help="--data-loader: the SentencePiece model of --data")
-    for kind in ("pair", "image", "text"):
-        ap.add_argument(f"--{kind}-shards", action="append", metavar="PATTERN[::WEIGHT]",
-                        help=f"--data-loader: {kind} sources, as beit3 pretrain takes them")
-    ap.add_argument("--image-decoder", choices=["pil", "torchvision", "both"], default="both",
-                    help="--data-loader: decode with PIL, torchvision.io, or time both side by side")
-    ap.add_argument("--num-visual-tokens", type=int, default=8192, help="MIM classes (VQ-KD codebook)")
-    ap.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
-    ap.add_argument("--markdown", metavar="FILE", default=None,
-                    help="also write a dated Markdown result file (e.g. benchmarks/2025-01-01-h100.md)")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for torch (default: torch's; 1 gives steadier numbers on a shared machine)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_dataclass_flags(ap.add_argument_group("settings (BenchmarkConfig fields)"), BenchmarkConfig, skip=("command",))
     return ap
-
-
-def defaults_for(args: argparse.Namespace, device: str) -> argparse.Namespace:
-    tiny, gpu = args.preset == "tiny", device == "cuda"
-    n = 4 if tiny else 16
-    fill_checkpoint_defaults(args, device)
-    if args.image_only:
-        args.batch_texts = args.batch_texts or 0
-        args.batch_pairs = args.batch_pairs or 0
-    for name, value in (("batch_images", n), ("batch_texts", n), ("batch_pairs", n),
-                        ("text_len", 32 if tiny else 64), ("warmup", 3), ("steps", 10 if gpu else 5),
-                        ("num_workers", 6 if gpu else 0)):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.ds_config is None:
-        args.ds_config = default_ds_config(device)
-    return args
-
-
-def check_args(args: argparse.Namespace, world: int):
-    """Every check that needs no model. Returns (BatchMix, resolved DeepSpeed config or None)."""
-    from .bench.batches import BatchMix
-
-    if args.image_only and (args.batch_texts or args.batch_pairs):
-        raise ValueError("--image-only with --batch-texts/--batch-pairs > 0")
-    for name in ("steps", "max_batch_limit"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    for name in ("warmup", "num_workers"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    check_activation_checkpointing(args)
-    if world > 1 and args.compare:
-        raise ValueError("--compare runs the reference models on one process; start it without a launcher")
-    mix = BatchMix(args.batch_images, args.batch_texts, args.batch_pairs, args.text_len,
-                   args.text_padding, args.mask_pair_images)
-    cfg = BEiT3Config.from_preset(args.preset, layout=args.layout)
-    if not mix.image_only and args.text_len > cfg.max_text_len:
-        raise ValueError(f"--text-len {args.text_len}: the model's text positions hold {cfg.max_text_len}")
-    if args.markdown:  # checked now, not after minutes of measuring
-        check_output_file(args.markdown, "--markdown")
-    if args.profile:
-        check_output_dir(args.profile, "--profile")
-    if args.ds_config == "none":
-        return mix, None
-    return mix, resolve_ds_config(args.ds_config, mix.samples, None, world)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.command = "beit3 benchmark " + shlex.join(argv)
+    ns = build_parser().parse_args(argv)
+    args = BenchmarkConfig(**given(ns, BenchmarkConfig), command="beit3 benchmark " + shlex.join(argv))
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    args = defaults_for(args, device)
+    args = args.resolved(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        mix, ds_config = check_args(args, world)
+        mix, ds_config = args.check(world)
     except (ValueError, UserError) as e:  # ConfigError is a ValueError
         print(f"beit3 benchmark: error: {e}", file=sys.stderr)
         return 2
@@ -156,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(args, mix, ds_config, device, world)
 
 
-def data_loader_main(args: argparse.Namespace, mix) -> int:
+def data_loader_main(args: BenchmarkConfig, mix) -> int:
     from .bench import dataloader
 
     log = (lambda m: print(m, file=sys.stderr)) if args.json else print
@@ -200,7 +103,7 @@ def _settings(args, mix, ds_config, device: str):
     return s, dist
 
 
-def run_main(args: argparse.Namespace, mix, ds_config, device: str, world: int) -> int:
+def run_main(args: BenchmarkConfig, mix, ds_config, device: str, world: int) -> int:
     from .bench import report, runner
     from .train.flops import datasheet_peak, measure_matmul_peak
 

@@ -50,7 +50,7 @@ def add_dataclass_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, c
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif _is_list(tp):
-            kw.update(action="append", metavar=meta.get("metavar"))
+            kw.update(action="append", metavar=meta.get("metavar"), choices=meta.get("choices"))
         elif tp is tuple or origin is tuple:
             kw.update(type=float, nargs=2)
         else:
