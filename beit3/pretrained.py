@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import BEiT3Config
 from .errors import BadFileError
-from .files import check_output_dir, commit_dir, is_write_error, read_json, staging_dir, write_error
+from .files import check_output_dir, commit_dir, file_sizes, is_write_error, read_json, staging_dir, write_error
 
 FORMAT = "beit3"
 FORMAT_VERSION = 1
@@ -94,16 +94,29 @@ def save_pretrained(model: nn.Module, directory: str, tokenizer: Optional[str] =
         raise BadFileError(tokenizer, "no such SentencePiece model file (tokenizer=)")
     config = saved_config(model, preprocess, labels, inference, tokenizer is not None)
     check_output_dir(directory, "directory")
+    save_folder(directory, model.state_dict(), config, tokenizer)
+    return directory
+
+
+def save_folder(directory: str, state_dict: dict, config: Optional[dict] = None, tokenizer: Optional[str] = None,
+                meta: Optional[dict] = None) -> None:
+    """Write the folder's files into a staging copy and replace ``directory`` with it as a whole
+    (``files.commit_dir``), so a kill at any moment leaves a complete copy. ``meta``: also a
+    ``meta.json`` (a fine-tuning run's record), written last with every other file's size. A failed
+    write (a full disk) raises ``OutputError``; the previous copy is kept."""
     tmp = staging_dir(directory)
     try:
-        write_files(tmp, model.state_dict(), config, tokenizer)
+        write_files(tmp, state_dict, config, tokenizer)
+        if meta is not None:
+            meta = {**meta, "files": file_sizes(tmp)}  # before meta.json exists: it lists the others
+            with open(os.path.join(tmp, LEGACY_META), "w") as f:
+                json.dump(meta, f, indent=1, default=str)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_write_error(e):
             raise write_error(directory, e, kept=os.path.isdir(directory)) from e
         raise
     commit_dir(directory)
-    return directory
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from beit3.data.text_tokenizer import train_spm
 from beit3.errors import BadFileError, OutputError
 from beit3.export import main as export_main
 from beit3.finetune.main import main as finetune_main
-from beit3.finetune.trainer import save_weights
+from beit3.pretrained import save_folder
 from beit3.pretrain import check_args, run_with_errors
 from beit3.train.checkpoint import MARKER, latest_checkpoint
 from beit3.train.loop import PretrainRun
@@ -239,7 +239,7 @@ def test_finetune_resume_checks_the_checkpoint_and_the_task(finetuned, data, tmp
 REPLACE_BEST_AND_DIE = textwrap.dedent("""
     import json, os, signal, sys
     from safetensors.torch import load_file
-    from beit3.finetune.trainer import save_weights
+    from beit3.pretrained import save_folder
     best = os.path.join(sys.argv[1], "best")
     sd = {k: v + 1 for k, v in load_file(os.path.join(best, "model.safetensors")).items()}
     meta = {**json.load(open(os.path.join(best, "meta.json"))), "step": 999}
@@ -250,7 +250,7 @@ REPLACE_BEST_AND_DIE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(src, dst)
     os.replace = replace
-    save_weights(best, sd, meta)
+    save_folder(best, sd, meta=meta)
 """)
 
 
@@ -281,7 +281,7 @@ def test_a_full_disk_while_saving_best_keeps_the_previous_weights(finetuned, tmp
     before = {n: open(os.path.join(best, n), "rb").read() for n in os.listdir(best)}
     monkeypatch.setattr("safetensors.torch.save_file", half_then_enospc)
     with pytest.raises(OutputError, match=r"could not write .*best: No space left on device .*version is kept"):
-        save_weights(best, {"w": torch.zeros(1000)}, {"step": 3})
+        save_folder(best, {"w": torch.zeros(1000)}, meta={"step": 3})
     assert {n: open(os.path.join(best, n), "rb").read() for n in os.listdir(best)} == before
     assert not leftovers(out)
 

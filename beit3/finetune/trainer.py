@@ -12,10 +12,8 @@ resumable checkpoints (``checkpoints/step_*``, as pretraining), metrics.jsonl / 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,8 +26,8 @@ from ..config import BEiT3Config, check_text_vocab, text_table_rows
 from ..data.bad_images import SKIPPED_KEY, SkipUnreadable, UnreadableImages
 from ..data.index_check import check_dataset
 from ..data.text_tokenizer import TextTokenizer
-from ..files import commit_dir, file_sizes, is_write_error, recover_dir, staging_dir, write_error
-from ..pretrained import TOKENIZER_FILE, saved_config, write_files
+from ..files import recover_dir
+from ..pretrained import TOKENIZER_FILE, save_folder, saved_config
 from ..train.checkpoint import latest_checkpoint
 from ..train.distributed import all_reduce_flag, barrier
 from ..train.engine import OptimConfig, build_engine
@@ -38,7 +36,7 @@ from ..train.run_dir import check_resume, check_same_run, find_checkpoint, on_ev
 from ..train.trainer import Trainer, compute_dtype, seed_everything, to_device
 from .batches import collate, epoch_batches
 from .heads import TaskModel, unreached_parameters
-from .init import META_FILE, InitWeights, apply_init, load_init
+from .init import InitWeights, apply_init, load_init
 from .recipes import FinetuneConfig
 from .tasks import build_task
 from .validation import evaluate, scalars
@@ -137,26 +135,6 @@ def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict:
             out[name] = p.detach().cpu().clone()
     out.update({k: v.detach().cpu().clone() for k, v in module.named_buffers()})
     return module.official_shapes(out) if hasattr(module, "official_shapes") else out
-
-
-def save_weights(directory: str, state_dict: dict, meta: dict, config: Optional[dict] = None,
-                 tokenizer: Optional[str] = None) -> None:
-    """A saved-model folder (``beit3.pretrained``: ``config.json``, ``model.safetensors``, the
-    tokenizer copied in) + ``meta.json`` (written last, with every file's size), replaced as a
-    whole so that a kill at any moment leaves a complete copy (``files.commit_dir``). A failed
-    write (a full disk) raises ``OutputError``; the previous weights are kept."""
-    tmp = staging_dir(directory)
-    try:
-        write_files(tmp, state_dict, config, tokenizer)
-        meta = {**meta, "files": file_sizes(tmp)}  # before meta.json exists: it lists the others
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_write_error(e):
-            raise write_error(directory, e, kept=os.path.isdir(directory)) from e
-        raise
-    commit_dir(directory)
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -403,7 +381,7 @@ class FinetuneRun(Trainer):
 
         def write():
             if self.dist.is_main:
-                save_weights(os.path.join(self.opt.output, "best"), sd, meta, config, self.opt.spm)
+                save_folder(os.path.join(self.opt.output, "best"), sd, config, self.opt.spm, meta=meta)
         on_every_rank(self.dist, write)  # a failed write (a full disk) on rank 0 stops every rank
 
     def save(self, step: int, epoch: int, micro: int) -> None:

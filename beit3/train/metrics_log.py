@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int = 0,
+    def __init__(self, output_dir: str, enabled: bool, total_steps: int,
                  tensorboard: bool = True, desc: str = "train"):
         self.enabled, self.output_dir, self.tensorboard = enabled, output_dir, tensorboard
         self.writer = None
@@ -22,7 +22,7 @@ class MetricsLogger:
         self.bar: Optional[tqdm] = None
         if not enabled:
             return
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+        self.bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True,
                         mininterval=1.0)
 
     def start_at(self, step: int) -> None:

@@ -135,9 +135,8 @@ class Trainer:
         self.dist = init_distributed(dist_timeout, device)
         self.lock = lock_output(output, self.dist)
         self.resume_path, self.resume_meta = self.check_resume()
-        start = int(self.resume_meta.get("step", 0)) if self.resume_meta else 0
-        self.logger = MetricsLogger(output, self.dist.is_main, total_steps, start_step=start,
-                                    tensorboard=tensorboard, desc=desc)
+        # The bar starts at the resumed step once it is loaded (MetricsLogger.start_at).
+        self.logger = MetricsLogger(output, self.dist.is_main, total_steps, tensorboard=tensorboard, desc=desc)
         self.non_finite = NonFiniteSteps(max_bad_steps, self.ckpt_dir, self.logger.write)
 
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
