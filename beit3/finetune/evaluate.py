@@ -151,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cpu_flush_denormal(dist.device)
     data, spm, annotations = args.data, args.spm or init.meta.get("spm"), args.vqa_annotations
     if data == SYNTHETIC:
-        data, world_spm = synthetic_data(dist.is_main)
+        data, world_spm = synthetic_data(dist)
         spm = args.spm or world_spm
         if cfg.task == "vqa" and annotations is None:
             annotations = os.path.join(data, "raw", "vqa", f"v2_mscoco_{'val' if split == 'val' else 'test'}_annotations.json")

@@ -29,7 +29,7 @@ from ..data.text_tokenizer import TextTokenizer
 from ..files import recover_dir
 from ..pretrained import TOKENIZER_FILE, save_folder, saved_config
 from ..train.checkpoint import latest_checkpoint
-from ..train.distributed import all_reduce_flag, barrier
+from ..train.distributed import DistInfo, all_reduce_flag, barrier
 from ..train.engine import OptimConfig, build_engine
 from ..train.optim import param_groups
 from ..train.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
@@ -70,12 +70,12 @@ class RunOptions:
 SYNTHETIC = "synthetic"
 
 
-def synthetic_data(is_main: bool, log=print) -> tuple[str, str]:
+def synthetic_data(dist: DistInfo, log=print) -> tuple[str, str]:
     """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them)."""
     from ..synthetic import finetune_world
 
-    world = finetune_world(build=is_main, log=log)
-    barrier()
+    world = finetune_world(build=dist.is_main, log=log)
+    barrier(dist)
     return world.world, world.spm
 
 
@@ -158,7 +158,7 @@ class FinetuneRun(Trainer):
             if recovered:
                 self.logger.write(recovered)
         if o.data == SYNTHETIC:
-            o.data, spm = synthetic_data(self.dist.is_main, self.logger.write)
+            o.data, spm = synthetic_data(self.dist, self.logger.write)
             o.spm = o.spm or spm
             if o.vqa_annotations is None and c.task == "vqa":
                 o.vqa_annotations = os.path.join(o.data, "raw", "vqa", "v2_mscoco_val_annotations.json")
@@ -310,12 +310,12 @@ class FinetuneRun(Trainer):
             self.accumulated = 0  # finite micro-batches of the step being formed
         for micro, batch in enumerate(loader, start=skip):
             self.unreadable.record(batch.pop(SKIPPED_KEY))
-            if all_reduce_flag(self.unreadable.too_many, self.dist.device):
+            if all_reduce_flag(self.unreadable.too_many, self.dist):
                 raise self.unreadable.error(f"stopped at step {step} (epoch {epoch}); last checkpoint: "
                                             f"{latest_checkpoint(self.ckpt_dir)}")
             loss, logs = self.task.train_step(eng, to_device(batch, self.dist.device, self.dtype), step)
             done = micro + 1
-            if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):
+            if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist):
                 # No backward and no engine step: the step forms from the next finite micro-batches.
                 self.non_finite.skipped(step + 1)
                 continue

@@ -31,7 +31,7 @@ import torch
 from ..weights.io import check_deepspeed_files, load_checkpoint_file
 from ..errors import OutputError, UserError, first_line
 from ..files import atomic_file, atomic_write_bytes, file_sizes, read_json, size_problems
-from .distributed import all_reduce_flag, barrier
+from .distributed import DistInfo, all_reduce_flag, barrier
 
 MARKER = "COMPLETE"
 LATEST = "latest"  # DeepSpeed's name: its tools read the newest tag from this file
@@ -110,19 +110,20 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dict, meta: dict,
+def save_checkpoint(engine, ckpt_dir: str, step: int, info: DistInfo, rank_state: dict, meta: dict,
                     keep_last: int = 3) -> str:
-    """Collective: every rank calls it. Returns the checkpoint directory.
+    """Collective: every rank of ``info``'s world calls it. Returns the checkpoint directory.
 
     A failure on any rank (disk full, unwritable directory) raises CheckpointError on every rank,
     after removing the partial directory; earlier checkpoints are untouched.
     """
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
+    rank = info.rank
     if rank == 0 and os.path.isfile(os.path.join(path, MARKER)):
         os.remove(os.path.join(path, MARKER))  # the same step saved again: unmarked while it is rewritten
         point_latest(ckpt_dir)
-    barrier()
+    barrier(info)
     error = None
     try:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -130,24 +131,24 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, rank: int, rank_state: dic
         atomic_torch_save(plain({**rank_state, "rng": rng_state()}), os.path.join(path, rank_file(rank)))
     except (OSError, RuntimeError, OutputError) as e:  # torch.save reports a full disk as RuntimeError
         error = e
-    if all_reduce_flag(error is not None, engine.device):
+    if all_reduce_flag(error is not None, info):
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)
-        barrier()
+        barrier(info)
         where = f"rank {rank}: {error}" if error is not None else "another rank failed"
         raise CheckpointError(f"could not write checkpoint {path} ({where}); the previous complete "
                               f"checkpoint is kept: {latest_checkpoint(ckpt_dir)}")
-    barrier()
+    barrier(info)
     if rank == 0:
         # Listed after the barrier: every rank's files are complete (on a shared filesystem).
         files = {name: size for name, size in file_sizes(path).items() if name != MARKER}
-        info = {**meta, "step": step, "time": time.time(), "files": files}
-        atomic_write_bytes(os.path.join(path, MARKER), json.dumps(info, indent=1).encode())
+        record = {**meta, "step": step, "time": time.time(), "files": files}
+        atomic_write_bytes(os.path.join(path, MARKER), json.dumps(record, indent=1).encode())
         point_latest(ckpt_dir)
         for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             os.remove(os.path.join(old, MARKER))  # first un-mark it, so a kill mid-delete leaves no half checkpoint
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    barrier(info)
     return path
 
 

@@ -21,6 +21,13 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def single(cls, device: str | torch.device) -> "DistInfo":
+        """A world of this process alone, whatever group it belongs to: its collectives are no-ops.
+        For a job one rank runs by itself (the demo's tokenizer, trained by rank 0 of a pretraining
+        run while the others wait)."""
+        return cls(0, 1, 0, torch.device(device))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -79,15 +86,17 @@ def skip_cpu_shm_op() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def all_reduce_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def all_reduce_flag(flag: bool, info: DistInfo) -> bool:
+    """True on every rank of ``info``'s world if ``flag`` is True on any of them."""
+    if info.world_size == 1 or not dist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank of ``info``'s world (none to wait for in a world of one, such as a
+    single-process job run by one rank of a larger group)."""
+    if info.world_size > 1 and dist.is_initialized():
         dist.barrier()

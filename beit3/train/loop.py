@@ -128,7 +128,7 @@ class PretrainRun(Trainer):
         if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
             from ..synthetic import demo_assets
             assets = demo_assets(seed=0, build=self.dist.is_main, log=self.logger.write)
-            barrier()
+            barrier(self.dist)
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         self.tokenizer_digests = tokenizer_digests(spm, tok)
@@ -187,7 +187,7 @@ class PretrainRun(Trainer):
         batch = to_device(prepare_batch(batch, self.cfg.vocab_size), self.dist.device, self.dtype)
         targets = self.visual_targets(batch)
         loss, metrics = self.engine(batch, targets)
-        if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist.device):
+        if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist):
             return False, metrics  # skipped on every rank: no backward, no step
         self.engine.backward(loss)
         self.engine.step()
@@ -238,7 +238,7 @@ class PretrainRun(Trainer):
                 if step % a.log_every == 0 or step == a.steps:
                     self.log_window(step, window, peak, grad_norm, self.non_finite.total)
                 leave = a.stop_after_steps is not None and step - first >= a.stop_after_steps
-                stop_now = all_reduce_flag(stop.signal is not None or leave, self.dist.device)
+                stop_now = all_reduce_flag(stop.signal is not None or leave, self.dist)
                 if step % a.save_every == 0 or step == a.steps or stop_now:
                     self.save(step)
                 if stop_now:

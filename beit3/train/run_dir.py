@@ -79,7 +79,7 @@ def on_every_rank(dist: DistInfo, check: Callable[[], Any]) -> Any:
         result = check()
     except UserError as e:
         error = e
-    if all_reduce_flag(error is not None, dist.device):
+    if all_reduce_flag(error is not None, dist):
         raise error or RunDirError("another rank refused to go on (see its message)")
     return result
 

@@ -163,7 +163,7 @@ class Trainer:
     def save_state(self, step: int, state: dict, meta: dict) -> str:
         """A resumable checkpoint: the engine's states, this rank's ``state``, the run's ``meta``."""
         meta = {**meta, "world_size": self.dist.world_size}
-        return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist.rank, state, meta, keep_last=self.keep_last)
+        return save_checkpoint(self.engine, self.ckpt_dir, step, self.dist, state, meta, keep_last=self.keep_last)
 
     def load_state(self, allow_pickle: bool, resume: Optional[str],
                    tag_dir: Optional[str] = None) -> tuple[Optional[dict], Optional[dict]]:
