@@ -240,10 +240,10 @@ def test_fast_paths_agree_with_eager():
 
 def test_profile_summary_attributes_time_by_kind():
     from beit3.bench.profile import category, profile_steps
-    from beit3.bench.trainers import PlainTrainer
+    from beit3.bench.trainers import plain_trainer
 
     cfg = TINY.replace(vocab_size=100, depth=1, vl_layers=0)
-    trainer = PlainTrainer(MaskedDataModeling(cfg, 64), torch.device("cpu"))
+    trainer = plain_trainer(MaskedDataModeling(cfg, 64), torch.device("cpu"))
     batch, targets = synthetic_batch(cfg, BatchMix(2, 2, 0, 8), 64, seed=0)
     table, shares = profile_steps(lambda: trainer.step(batch, targets), 1, torch.device("cpu"))
     assert "aten::mm" in table

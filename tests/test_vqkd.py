@@ -1,4 +1,6 @@
 """VQ-KD tokenizer: codebook math, checkpoint layout, teachers, and short CPU training runs."""
+import json
+import os
 import warnings
 
 import numpy as np
@@ -343,3 +345,130 @@ def test_load_at_another_image_size_resamples_positions():
     torch.testing.assert_close(bigger.encoder.pos_embed[:, 0], model.encoder.pos_embed[:, 0])  # CLS row kept
     tokens = bigger.get_codebook_indices(torch.rand(2, 3, 80, 80))
     assert tokens.shape == (2, 100) and tokens.dtype == torch.long
+
+
+# -- the tokenizer trainer on the shared Trainer ---------------------------------------------------
+def _pixel_run(image_dir, out, **kw):
+    config = VQKDConfig.from_preset("tiny", teacher_dim=192)
+    teacher = build_teacher("pixel", grid=8, img_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the broken file, checked above
+        return train_tokenizer(image_dir, config, teacher, steps=12, batch_size=8, lr=1e-3, output_dir=out,
+                               seed=3, log_every=3, min_crop_scale=0.5, usage_window=4, **kw)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(image_dir, tmp_path):
+    """Stopped at step 5 (mid-epoch, mid-log-window) and resumed: the same weights, bit for bit, and
+    the same metrics lines, because the sampler's position, the crops' RNG, the optimizer, the
+    schedule and the usage window are all in the checkpoint."""
+    ref = _pixel_run(image_dir, tmp_path / "ref")
+    _pixel_run(image_dir, tmp_path / "run", stop_after_steps=5)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 3]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", "step_00000005"]
+    resumed = _pixel_run(image_dir, tmp_path / "run", resume="auto")
+    a, b = _weights(ref), _weights(resumed)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(tmp_path / "run") == read_metrics(tmp_path / "ref")  # steps 1, 3, 6, 9, 12
+    # The same folder layout as every job: run files, checkpoints, safetensors weights.
+    names = set(os.listdir(tmp_path / "run"))
+    assert {"run_config.json", "metrics.jsonl", "tensorboard", "checkpoints", "model.safetensors",
+            "tokenizer_config.json"} <= names
+    run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert run_config["steps"] == 12 and run_config["resume"] == "auto" and "git_commit" in run_config
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "a")
+
+
+def test_resume_refuses_another_run_and_a_planted_pickle(image_dir, tmp_path):
+    from beit3.train.checkpoint import CheckpointError
+    from beit3.weights.io import UnsafeCheckpointError
+    _pixel_run(image_dir, tmp_path, stop_after_steps=2)
+    config = VQKDConfig.from_preset("tiny", teacher_dim=192)
+    teacher = build_teacher("pixel", grid=8, img_size=64)
+    with pytest.raises(CheckpointError, match="lr 0.001 in the checkpoint, 0.002 now"):
+        train_tokenizer(image_dir, config, teacher, steps=12, batch_size=8, lr=2e-3, output_dir=tmp_path,
+                        seed=3, resume="auto")
+    state = tmp_path / "checkpoints" / "step_00000002" / "engine_state.pt"
+    good = torch.load(state, weights_only=True)
+    torch.save({**good, "payload": _RunsCodeWhenUnpickled(tmp_path / "pwned")}, state)
+    size = state.stat().st_size
+    marker = tmp_path / "checkpoints" / "step_00000002" / "COMPLETE"
+    meta = json.loads(marker.read_text())
+    meta["files"]["engine_state.pt"] = size  # a planted file of the recorded size
+    marker.write_text(json.dumps(meta))
+    with pytest.raises(UnsafeCheckpointError, match="engine_state.pt"):
+        _pixel_run(image_dir, tmp_path, resume="auto")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(image_dir, tmp_path, monkeypatch):
+    """The one non-finite policy of every job: skipped and counted, --max-bad-steps in a row stop."""
+    from beit3.train.trainer import NonFiniteLossError
+    from beit3.tokenizer import train as train_mod
+    calls = {"n": 0}
+    real = train_mod.VQKD.forward
+
+    def sometimes_nan(self, images, target):
+        calls["n"] += 1
+        out = real(self, images, target)
+        if calls["n"] in (2, 4):  # two single bad steps: each skipped, the run goes on
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod.VQKD, "forward", sometimes_nan)
+    _pixel_run(image_dir, tmp_path / "ok")
+    last = read_metrics(tmp_path / "ok")[-1]
+    assert last["step"] == 12 and last["skipped_steps"] == 2 and calls["n"] == 14
+
+    def always_nan(self, images, target):
+        out = real(self, images, target)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_mod.VQKD, "forward", always_nan)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        _pixel_run(image_dir, tmp_path / "bad", max_bad_steps=3)
+
+
+_RANK0_TRAINS = """
+import sys, torch
+from beit3.train.distributed import DistInfo, barrier, init_distributed
+from beit3.tokenizer.teachers import build_teacher
+from beit3.tokenizer.train import train_tokenizer
+from beit3.tokenizer.vqkd import VQKDConfig
+info = init_distributed(60.0, "cpu")
+if info.is_main:  # as the demo: rank 0 trains the tokenizer alone, the others wait
+    config = VQKDConfig.from_preset("tiny", teacher_dim=192)
+    teacher = build_teacher("pixel", grid=8, img_size=64)
+    train_tokenizer(sys.argv[1], config, teacher, steps=4, batch_size=8, output_dir=sys.argv[2], save_every=2)
+barrier(info)
+torch.distributed.all_reduce(torch.ones(1))  # the group is still usable by both ranks
+print("rank", info.rank, "done")
+"""
+
+
+def test_rank0_trains_alone_inside_a_two_rank_job(image_dir, tmp_path):
+    """The Trainer's single-process mode joins no collective: rank 0 of a 2-rank job trains (lock,
+    checkpoints, resume check, run files) while rank 1 waits, as when the demo builds its assets."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--no-python", sys.executable, "-c",
+                          _RANK0_TRAINS, str(image_dir), str(tmp_path / "tok")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 0 done" in out.stdout and "rank 1 done" in out.stdout
+    assert sorted(os.listdir(tmp_path / "tok" / "checkpoints")) == ["latest", "step_00000004"]
+    assert load_trained_tokenizer(tmp_path / "tok").config.num_codes == 256

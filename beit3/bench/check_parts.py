@@ -245,7 +245,7 @@ def part_numerics(ctx: Context) -> None:
     from ..train.objective import MaskedDataModeling
     from ..train.trainer import to_device
     from ..train.objective import prepare_batch
-    from .trainers import DeepSpeedTrainer
+    from .trainers import deepspeed_trainer
     _init_dist(ctx)
     cfg = BEiT3Config.from_preset(ctx.preset("base"))
     mix = _mix(ctx, 8)
@@ -257,15 +257,12 @@ def part_numerics(ctx: Context) -> None:
         torch.manual_seed(0)
         with torch.device(ctx.device):
             module = MaskedDataModeling(cfg, V)
-        trainer = DeepSpeedTrainer(module, _ds_config(ctx, mix, bf16))
+        trainer = deepspeed_trainer(module, _ds_config(ctx, mix, bf16))
         run = []
         for batch, targets in data:
             b = to_device(prepare_batch(batch, cfg.vocab_size), ctx.device, trainer.input_dtype)
             t = to_device(targets, ctx.device, trainer.input_dtype)
-            loss, _ = trainer.engine(b, t)
-            trainer.engine.backward(loss)
-            trainer.engine.step()
-            run.append(float(loss.detach()))
+            run.append(float(trainer.step(b, t)))
         trainer.close()
         release_memory(ctx.device)
         losses[name] = run

@@ -27,7 +27,7 @@ from ..train.flops import batch_counts
 from .batches import BatchMix, synthetic_batch
 from .measure import Measurement, is_oom, measure, release_memory
 from .search import largest_fitting
-from .trainers import DeepSpeedTrainer, PlainTrainer, compile_layers, compile_support, sdpa_context
+from .trainers import compile_layers, compile_support, deepspeed_trainer, plain_trainer, sdpa_context
 
 PEERS = ("torchscale", "timm")
 
@@ -102,9 +102,9 @@ def build_trainer(name: str, s: Settings, checkpoint_every: int):
     if s.compile and s.compile_skipped is None:
         compile_layers(layers)
     if name == "beit3" and s.ds_config is not None:
-        trainer = DeepSpeedTrainer(module, s.ds_config)
+        trainer = deepspeed_trainer(module, s.ds_config)
     else:
-        trainer = PlainTrainer(module, s.device)
+        trainer = plain_trainer(module, s.device)
     trainer.info = info
     return trainer
 

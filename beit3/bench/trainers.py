@@ -1,7 +1,9 @@
-"""One training step (forward, backward, optimizer) of a module, plain or through DeepSpeed.
+"""One training step (forward, backward, optimizer) of a module, through the engines the training
+jobs use: DeepSpeed (``beit3.train.engine.build_engine``, as pretraining) or plain PyTorch
+(``beit3.train.plain_engine.PlainEngine``, as the tokenizer trainer).
 
-Every model in the benchmark is a module ``forward(batch, targets) -> (loss, metrics)``; these
-wrap it with the same optimizer (torch AdamW, fused on CUDA, via ``beit3.train.optim``) and the
+Every model in the benchmark is a module ``forward(batch, targets) -> (loss, metrics)``; both
+engines give it the same optimizer (torch AdamW, fused on CUDA, via ``beit3.train.optim``) and the
 same gradient clipping as our DeepSpeed configs, so the step does the same work whoever runs it.
 """
 from __future__ import annotations
@@ -16,54 +18,49 @@ import torch
 from torch import nn
 
 from ..train.optim import build_optimizer, param_groups
+from ..train.plain_engine import PlainEngine
+from ..train.trainer import compute_dtype
 
 LR = 1e-4  # any value: the benchmark measures speed, not learning
 GRAD_CLIP = 3.0  # as ds_configs/*.json
 
 
-class PlainTrainer:
-    """Plain PyTorch: fp32 weights, bf16 autocast on CUDA (fp32 on the CPU), fused AdamW on CUDA."""
+class BenchTrainer:
+    """An engine and the dtype its inputs are cast to; the benchmark supplies the batch."""
 
-    def __init__(self, module: nn.Module, device: torch.device):
-        self.device = device
-        self.module = module.to(device).train()
-        self.optimizer = build_optimizer(param_groups(module, weight_decay=0.05), LR)
-        self.input_dtype = torch.float32
+    def __init__(self, engine, input_dtype: torch.dtype):
+        self.engine, self.module, self.input_dtype = engine, engine.module, input_dtype
+        self.info: dict = {}
 
-    def step(self, batch: dict, targets: dict) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, _ = self.module(batch, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), GRAD_CLIP, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        self.optimizer = self.module = None
-
-
-class DeepSpeedTrainer:
-    """Our pretraining engine (``beit3.train.engine.build_engine``) with the given DeepSpeed config:
-    the model in the config's precision, inputs cast to it as the pretraining loop does."""
-
-    def __init__(self, module: nn.Module, ds_config: dict):
-        from ..train.ds_config import precision
-        from ..train.engine import OptimConfig, build_engine
-
-        # build_engine adds sections to the config it is given: keep the caller's intact.
-        self.engine = build_engine(module, copy.deepcopy(ds_config), OptimConfig(lr=LR, total_steps=10**6))
-        self.module = self.engine.module
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(ds_config), torch.float32)
-
-    def step(self, batch: dict, targets: dict) -> None:
+    def step(self, batch: dict, targets: dict) -> torch.Tensor:
+        """One optimizer step; returns the (detached) loss."""
         loss, _ = self.engine(batch, targets)
         self.engine.backward(loss)
         self.engine.step()
+        return loss.detach()
 
     def close(self) -> None:
         if hasattr(self.engine, "destroy"):  # DeepSpeed >= 0.14: frees the optimizer's buffers
             self.engine.destroy()
         self.engine = self.module = None
+
+
+def plain_trainer(module: nn.Module, device: torch.device) -> BenchTrainer:
+    """Plain PyTorch: fp32 weights, bf16 autocast on CUDA (fp32 on the CPU), fused AdamW on CUDA."""
+    module = module.to(device).train()
+    optimizer = build_optimizer(param_groups(module, weight_decay=0.05), LR)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    return BenchTrainer(PlainEngine(module, optimizer, grad_clip=GRAD_CLIP, autocast=autocast), torch.float32)
+
+
+def deepspeed_trainer(module: nn.Module, ds_config: dict) -> BenchTrainer:
+    """Our pretraining engine with the given DeepSpeed config: the model in the config's precision,
+    inputs cast to it as the pretraining loop does."""
+    from ..train.engine import OptimConfig, build_engine
+
+    # build_engine adds sections to the config it is given: keep the caller's intact.
+    engine = build_engine(module, copy.deepcopy(ds_config), OptimConfig(lr=LR, total_steps=10**6))
+    return BenchTrainer(engine, compute_dtype(ds_config))
 
 
 def compile_support(device: torch.device) -> Optional[str]:

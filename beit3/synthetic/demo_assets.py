@@ -41,7 +41,8 @@ def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tok
     tok_dir = os.path.join(root, f"vqkd-tiny-pixel-{tokenizer_steps}x{tokenizer_batch}")
     if build:
         ensure_synthetic_world(world, seed, num_images, image_size, log)
-        if not os.path.isfile(os.path.join(tok_dir, "tokenizer.pth")):
+        from ..tokenizer.vqkd import trained_weights
+        if trained_weights(tok_dir) is None:
             log(f"training the tiny VQ-KD visual tokenizer on it ({tokenizer_steps} steps, once; cached)")
             _train_demo_tokenizer(os.path.join(world, "images", "train"), tok_dir, tokenizer_steps,
                                   tokenizer_batch, seed)

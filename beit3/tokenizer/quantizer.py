@@ -36,9 +36,9 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def all_reduce_sum_(t: Tensor) -> Tensor:
-    """Sum ``t`` over ranks in place when ``torch.distributed`` is initialised."""
-    if _dist_ready():
+def all_reduce_sum_(t: Tensor, sync: bool = True) -> Tensor:
+    """Sum ``t`` over ranks in place when ``sync`` and ``torch.distributed`` is initialised."""
+    if sync and _dist_ready():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -92,6 +92,13 @@ class NormEMAVectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(num_codes))  # EMA of code usage
         # Consecutive training batches without an assignment; not saved (beit2's layout has none).
         self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long), persistent=False)
+        # Data-parallel training keeps one codebook on every rank by summing the updates over the
+        # process group. Off for a job run by one rank alone inside a larger group (the demo's
+        # tokenizer, trained by rank 0 of a pretraining job): the other ranks are not there to sum.
+        self.sync_ranks = True
+
+    def _sync(self) -> bool:
+        return self.sync_ranks and _dist_ready()
 
     def assign(self, z: Tensor) -> Tensor:
         """z: (..., D), any norm. Returns the nearest code's index, shape (...), without side effects."""
@@ -119,7 +126,7 @@ class NormEMAVectorQuantizer(nn.Module):
     @torch.no_grad()
     def _kmeans_init(self, flat: Tensor) -> None:
         means, counts = kmeans_cosine(flat, self.num_codes, self.kmeans_iters)
-        if _dist_ready():
+        if self._sync():
             dist.broadcast(means, src=0)
             dist.broadcast(counts, src=0)
         self.embedding.weight.copy_(means)
@@ -133,8 +140,8 @@ class NormEMAVectorQuantizer(nn.Module):
         so every rank applies the same update to the same codebook. Returns the counts (K,)."""
         counts = torch.bincount(indices, minlength=self.num_codes).to(flat.dtype)  # (K,)
         sums = torch.zeros(self.num_codes, self.dim, device=flat.device).index_add_(0, indices, flat)
-        all_reduce_sum_(counts)
-        all_reduce_sum_(sums)
+        all_reduce_sum_(counts, self.sync_ranks)
+        all_reduce_sum_(sums, self.sync_ranks)
         d = self.decay
         self.cluster_size.mul_(d).add_(counts, alpha=1 - d)
         self.embedding.cluster_size.mul_(d).add_(counts, alpha=1 - d)
@@ -153,7 +160,7 @@ class NormEMAVectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         picks = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]
-        if _dist_ready():
+        if self._sync():
             dist.broadcast(picks, src=0)
         self.embedding.weight[dead] = picks
         self.unused_steps[dead] = 0

@@ -1,8 +1,9 @@
 """Train a VQ-KD tokenizer on a folder of images (``beit3 train-tokenizer``).
 
-One process, one device. The run directory gets ``tokenizer.pth`` + ``tokenizer_config.json``
-(what ``load_trained_tokenizer`` reads), and the run files every beit3 job writes: ``run_config.json``,
-``metrics.jsonl`` (one line after step 1 and every ``log_every`` steps) and ``tensorboard/``.
+One process, one device, on the ``Trainer`` every beit3 job shares. The run folder gets the
+weights (``model.safetensors`` + ``tokenizer_config.json``, what ``load_trained_tokenizer`` reads)
+and the run files of every job: ``run_config.json``, ``metrics.jsonl`` (one line after step 1 and
+every ``log_every`` steps), ``tensorboard/`` and ``checkpoints/`` (``--resume auto``).
 """
 from __future__ import annotations
 
@@ -13,25 +14,26 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from beit3.train.metrics_log import MetricsLogger
-from beit3.train.run_dir import write_run_config
-from beit3.train.trainer import git_commit
+from beit3.train.plain_engine import PlainEngine
+from beit3.train.run_dir import check_resume, find_checkpoint
+from beit3.train.trainer import StopRequested, Trainer, seed_everything
 from beit3.tokenizer.teachers import Teacher, build_teacher
-from beit3.tokenizer.vqkd import (VQKD, VQKD_PRESETS, VQKDConfig, VQKDOutput, load_trained_tokenizer,
+from beit3.tokenizer.train_config import TokenizerTrainConfig
+from beit3.tokenizer.vqkd import (VQKD, VQKD_PRESETS, VQKDConfig, VQKDOutput, WEIGHTS_NAME, load_trained_tokenizer,
                                   save_trained)
 
-__all__ = ["train_tokenizer", "load_trained_tokenizer", "ImageFolder", "CodeUsage", "main"]
+__all__ = ["train_tokenizer", "load_trained_tokenizer", "ImageFolder", "CodeUsage", "TokenizerRun", "main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -74,18 +76,46 @@ def collate_skipping_bad(items: list[tuple[Tensor | None, str]]) -> tuple[Tensor
     return (torch.stack(good) if good else None), bad
 
 
-def _batches(loader: DataLoader, bad_files: set[str], num_files: int) -> Iterator[Tensor]:
-    """Cycle over the loader forever, warning once per undecodable file."""
-    while True:
-        for images, bad in loader:
-            for path in bad:
-                if path not in bad_files:
-                    bad_files.add(path)
-                    warnings.warn(f"skipping undecodable image {path}")
-            if len(bad_files) == num_files:
-                raise ValueError(f"none of the {num_files} images could be decoded")
-            if images is not None:
-                yield images
+class ResumableRandomSampler(Sampler[int]):
+    """A new random order each epoch, as ``shuffle=True`` with the loader's ``generator`` (the
+    DataLoader draws its worker seed from that generator, then the sampler its permutation), and
+    resumable mid-epoch: its state is the generator's at the epoch's start and the batches the
+    loop consumed since (counted by the loop: workers may have read ahead)."""
+
+    def __init__(self, n: int, generator: torch.Generator, batch_size: int):
+        self.n, self.generator, self.batch_size = n, generator, batch_size
+        self.epoch_start: Optional[Tensor] = None
+        self.batches = 0
+        self._resume_at = 0  # batches of the next epoch already trained on (a resumed run)
+        self._skip = 0
+
+    def start_epoch(self) -> None:
+        """Call before each epoch's DataLoader iterator is made."""
+        self.epoch_start = self.generator.get_state()
+        self.batches, self._skip = self._resume_at, self._resume_at * self.batch_size
+        self._resume_at = 0
+
+    def consumed(self, batches: int = 1) -> None:
+        self.batches += batches
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        skip, self._skip = self._skip, 0
+        yield from order[skip:]
+        # RandomSampler draws a second, empty-sliced permutation at an epoch's end; drawn here too,
+        # the orders stay those of shuffle=True (and the demo's tokenizer the same as before).
+        torch.randperm(self.n, generator=self.generator)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def state_dict(self) -> dict:
+        return {"epoch_start": self.epoch_start, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved position: the epoch's order is drawn again from its saved start."""
+        self.generator.set_state(state["epoch_start"])
+        self._resume_at = int(state["batches"])
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -124,18 +154,6 @@ def build_optimizer(model: VQKD, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
 
-def train_step(model: VQKD, teacher: Teacher, images: Tensor, optimizer: torch.optim.Optimizer) -> VQKDOutput:
-    """One update. images: (B, 3, H, W) in [0, 1] on the model's device. bf16 autocast on CUDA."""
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
-                        enabled=images.device.type == "cuda"):
-        target = teacher(images)  # (B, N, teacher_dim)
-        out = model(images, target)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    optimizer.step()
-    return out
-
-
 def _check_compatible(config: VQKDConfig, teacher: Teacher) -> None:
     if teacher.dim != config.teacher_dim:
         raise ValueError(f"teacher {type(teacher).__name__} gives {teacher.dim}-d features but "
@@ -162,61 +180,172 @@ def _window_metrics(window: _Window, usage: CodeUsage, lr: float) -> dict:
             "usage": usage.usage(), "perplexity": usage.perplexity(), "lr": lr}
 
 
+class TokenizerRun(Trainer):
+    """VQ-KD distillation in the Trainer's run folder, in this process alone (``single_process``:
+    the demo trains its tokenizer on rank 0 of a pretraining job while the other ranks wait).
+
+    The engine is a ``PlainEngine``: AdamW, timm's cosine schedule with warm-up, bf16 autocast on
+    CUDA. Checkpoints (``--save-every``, and the last step) are the Trainer's, so ``--resume auto``
+    continues a stopped run: with ``num_workers`` 0 the resumed steps equal the uninterrupted ones
+    (the sampler's epoch order and position, the crops' RNG and the usage window are saved)."""
+
+    def __init__(self, settings: TokenizerTrainConfig, config: VQKDConfig, teacher: Teacher):
+        self.settings, self.config, self.teacher = settings.resolved(), config, teacher
+
+    def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
+        s = self.settings
+        path = find_checkpoint(self.ckpt_dir, s.resume)
+        if path is None:
+            return None, None
+        return path, check_resume(path, self.dist, self.identity(), s.allow_pickle)
+
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this run."""
+        s = self.settings
+        return {"config": self.config.to_dict(), "teacher": type(self.teacher).__name__, "steps": s.steps,
+                "batch_size": s.batch_size, "lr": s.lr, "seed": s.seed}
+
+    def build(self) -> None:
+        s = self.settings
+        device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.open_run(s.output, str(device), 0.0, s.steps, tensorboard=s.tensorboard, desc="vq-kd",
+                      max_bad_steps=s.max_bad_steps, single_process=True)
+        seed_everything(s.seed)
+        model = VQKD(self.config).to(device).train()
+        model.quantize.sync_ranks = self.dist.world_size > 1  # this job's world, not the process group's
+        self.teacher = self.teacher.to(device)
+        dataset = ImageFolder(s.images, self.config.img_size, s.min_crop_scale)
+        self.sampler = ResumableRandomSampler(len(dataset), torch.Generator().manual_seed(s.seed), s.batch_size)
+        self.loader = DataLoader(dataset, batch_size=s.batch_size, sampler=self.sampler,
+                                 drop_last=len(dataset) >= s.batch_size, num_workers=s.num_workers,
+                                 collate_fn=collate_skipping_bad, generator=self.sampler.generator,
+                                 pin_memory=device.type == "cuda")
+        self.num_files = len(dataset)
+        optimizer = build_optimizer(model, s.lr, s.weight_decay)
+        scheduler = CosineLRScheduler(optimizer, t_initial=s.steps, lr_min=s.lr / 10, warmup_t=s.warmup_steps,
+                                      warmup_lr_init=s.lr / 100, t_in_epochs=False)
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        self.engine = PlainEngine(model, optimizer, scheduler, autocast=autocast)
+        self.usage, self.window, self.bad_files = CodeUsage(self.config.num_codes, s.usage_window), _Window(), set()
+
+    def info(self) -> dict:
+        s = self.settings
+        return {"job": "train-tokenizer", **asdict(s), "teacher_class": type(self.teacher).__name__,
+                "teacher_dim": self.teacher.dim, "config": self.config.to_dict()}
+
+    def resume(self) -> int:
+        meta, state = self.load_state(self.settings.allow_pickle, self.settings.resume)
+        if meta is None:
+            # A fresh run's log, not appended to a previous one's in the same folder.
+            (Path(self.output) / "metrics.jsonl").unlink(missing_ok=True)
+            return 0
+        self.sampler.load_state_dict(state["sampler"])
+        self.usage.counts.extend(state["usage"])
+        self.window = _Window(**state["window"])
+        self.bad_files = set(state["bad_files"])
+        return int(meta["step"])
+
+    def batches(self) -> Iterator[Tensor]:
+        """Cycle over the data forever, warning once per undecodable file."""
+        while True:
+            self.sampler.start_epoch()
+            for images, bad in self.loader:
+                self.sampler.consumed(1)
+                for path in bad:
+                    if path not in self.bad_files:
+                        self.bad_files.add(path)
+                        warnings.warn(f"skipping undecodable image {path}")
+                if len(self.bad_files) == self.num_files:
+                    raise ValueError(f"none of the {self.num_files} images could be decoded")
+                if images is not None:
+                    yield images
+
+    def step(self, images: Tensor) -> Optional[VQKDOutput]:
+        """One update; None when the loss was not finite (the step is skipped)."""
+        with self.engine.autocast():
+            target = self.teacher(images)  # (B, N, teacher_dim)
+        out = self.engine(images, target)
+        if not torch.isfinite(out.loss):
+            self.engine.zero_grad()
+            return None
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return out
+
+    def save(self, step: int) -> None:
+        state = {"sampler": self.sampler.state_dict(), "usage": list(self.usage.counts),
+                 "window": asdict(self.window), "bad_files": sorted(self.bad_files)}
+        self.save_state(step, state, self.identity())
+        save_trained(self.engine.module, self.output)
+
+    def loop(self, step: int) -> None:
+        """Steps until ``steps``, or until ``stop_after_steps`` more or a SIGTERM/SIGINT: then a
+        checkpoint is written and the run returns, to be resumed with ``--resume auto``."""
+        s, first = self.settings, step
+        self.logger.start_at(step)
+        batches = self.batches()
+        stop = StopRequested().install()
+        try:
+            while step < s.steps:
+                images = next(batches).to(self.dist.device, non_blocking=True)
+                out = self.step(images)
+                if out is None:
+                    self.non_finite.skipped(step + 1)
+                    continue
+                self.non_finite.finite()
+                step += 1
+                self.usage.update(out.indices)
+                self.window.add(out)
+                self.logger.advance()
+                if step == 1 or step % s.log_every == 0 or step == s.steps:  # step 1: the untrained model
+                    self.logger.log(step, {**_window_metrics(self.window, self.usage, self.engine.get_lr()[0]),
+                                           "skipped_steps": self.non_finite.total})
+                    self.window = _Window()
+                leave = stop.signal is not None or (s.stop_after_steps is not None and step - first >= s.stop_after_steps)
+                if (s.save_every and step % s.save_every == 0) or step == s.steps or leave:
+                    self.save(step)
+                if leave:
+                    self.logger.write(f"stopped at step {step}; checkpoint written (continue with --resume auto)")
+                    return
+        finally:
+            stop.restore()
+
+    def train(self) -> Path:
+        def body() -> Path:
+            self.build()
+            step = self.resume()
+            self.write_run_config(self.info())  # only now: every check on the folder and the checkpoint passed
+            self.loop(step)
+            return Path(self.output) / WEIGHTS_NAME
+        path = self.run(body)
+        if self.bad_files:
+            warnings.warn(f"skipped {len(self.bad_files)} undecodable image(s) under {self.settings.images}")
+        return path
+
+
 def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teacher: Teacher, steps: int,
                     batch_size: int = 64, lr: float = 1e-3, output_dir: str | os.PathLike = "runs/tokenizer",
                     seed: int = 0, log_every: int = 10, *, weight_decay: float = 1e-4,
                     warmup_steps: int | None = None, min_crop_scale: float = 0.08, num_workers: int = 0,
-                    usage_window: int = 50, save_every: int = 0, device: str | torch.device | None = None) -> Path:
-    """Train a VQKD for ``steps`` updates against ``teacher``; returns the saved ``tokenizer.pth``.
+                    usage_window: int = 50, save_every: int = 0, device: str | torch.device | None = None,
+                    resume: str | None = None, max_bad_steps: int = 5, allow_pickle: bool = False,
+                    tensorboard: bool = True, stop_after_steps: int | None = None) -> Path:
+    """Train a VQKD for ``steps`` updates against ``teacher``; returns the saved weights file.
 
     Cosine learning-rate decay to lr/10 after a linear warm-up (default: 5% of the steps).
     ``usage_window``: batches over which ``codebook/usage`` and ``codebook/perplexity`` are counted.
-    ``save_every`` > 0 also saves every that many steps (atomically, over the same files)."""
+    ``save_every`` > 0 also checkpoints (and writes the weights) every that many steps;
+    ``resume="auto"`` continues from the newest checkpoint in ``output_dir``."""
     _check_compatible(config, teacher)
-    if steps < 1 or batch_size < 1 or log_every < 1:
-        raise ValueError(f"steps={steps}, batch_size={batch_size}, log_every={log_every} must all be >= 1")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = VQKD(config).to(device).train()
-    teacher = teacher.to(device)
-    dataset = ImageFolder(images_source, config.img_size, min_crop_scale)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
-                        num_workers=num_workers, collate_fn=collate_skipping_bad,
-                        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
-    optimizer = build_optimizer(model, lr, weight_decay)
-    warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
-    scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=lr / 10, warmup_t=warmup,
-                                  warmup_lr_init=lr / 100, t_in_epochs=False)
-    write_run_config(str(out_dir), dict(
-        images=str(images_source), teacher=type(teacher).__name__, teacher_dim=teacher.dim, steps=steps,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup, seed=seed,
-        min_crop_scale=min_crop_scale, config=config.to_dict(), git_commit=git_commit(), torch=torch.__version__))
-
-    usage, window, bad_files = CodeUsage(config.num_codes, usage_window), _Window(), set()
-    batches = _batches(loader, bad_files, len(dataset))
-    # The run files of every beit3 job: metrics.jsonl, tensorboard/ and a progress bar.
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run's log, not appended to a previous one's
-    logger = MetricsLogger(str(out_dir), True, steps, desc="vq-kd")
-    try:
-        for step in range(1, steps + 1):
-            scheduler.step_update(step - 1)
-            images = next(batches).to(device, non_blocking=True)
-            out = train_step(model, teacher, images, optimizer)
-            usage.update(out.indices)
-            window.add(out)
-            logger.advance()
-            if step == 1 or step % log_every == 0 or step == steps:  # step 1: the untrained model
-                logger.log(step, _window_metrics(window, usage, optimizer.param_groups[0]["lr"]))
-                window = _Window()
-            if save_every and step % save_every == 0:
-                save_trained(model, out_dir)
-    finally:
-        logger.close()
-    if bad_files:
-        warnings.warn(f"skipped {len(bad_files)} undecodable image(s) under {images_source}")
-    return save_trained(model, out_dir)
+    settings = TokenizerTrainConfig(
+        images=str(images_source), output=str(output_dir), steps=steps, teacher=type(teacher).__name__,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        min_crop_scale=min_crop_scale, num_workers=num_workers, usage_window=usage_window, log_every=log_every,
+        save_every=save_every, resume=resume, max_bad_steps=max_bad_steps, allow_pickle=allow_pickle,
+        tensorboard=tensorboard, seed=seed, device=None if device is None else str(device),
+        stop_after_steps=stop_after_steps)
+    settings.check()
+    return TokenizerRun(settings, config, teacher).train()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -227,44 +356,29 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 # -- command line --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from ..flags import add_dataclass_flags
     p = argparse.ArgumentParser(prog="beit3 train-tokenizer", description="Train a BEiT v2 VQ-KD visual tokenizer.")
-    p.add_argument("--images", required=True, help="directory of images (searched recursively)")
-    p.add_argument("--preset", default="tiny", choices=sorted(VQKD_PRESETS))
-    p.add_argument("--teacher", default="hog",
-                   help="hog | pixel | open_clip:<model> | a timm model name (the last two need --teacher-weights)")
-    p.add_argument("--teacher-weights", default=None, help="local weights file of the teacher")
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the tiny demo's default)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--min-crop-scale", type=float, default=None,
-                   help="smallest random-resized-crop area (default 0.5 for tiny, 0.08 as beit2 otherwise)")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--output", required=True, help="run directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_dataclass_flags(p, TokenizerTrainConfig)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from ..errors import UserError
-    from ..files import check_output_dir
+    from ..flags import given
+    args = build_parser().parse_args(argv)
     try:
-        check_output_dir(args.output)  # before the teacher is loaded and the steps run
-        preset = VQKDConfig.from_preset(args.preset)
-        teacher = build_teacher(args.teacher, args.teacher_weights, grid=preset.grid_size, img_size=preset.img_size)
-        config = VQKDConfig.from_preset(args.preset, teacher_dim=teacher.dim)
-        crop = args.min_crop_scale if args.min_crop_scale is not None else (0.5 if args.preset == "tiny" else 0.08)
-        path = train_tokenizer(args.images, config, teacher, args.steps, args.batch_size, args.lr, args.output,
-                               args.seed, args.log_every, weight_decay=args.weight_decay, min_crop_scale=crop,
-                               num_workers=args.num_workers, save_every=args.save_every, device=args.device)
+        settings = TokenizerTrainConfig(**given(args, TokenizerTrainConfig)).resolved()
+        settings.check()  # before the teacher is loaded and the steps run
+        preset = VQKDConfig.from_preset(settings.preset)
+        teacher = build_teacher(settings.teacher, settings.teacher_weights, grid=preset.grid_size,
+                                img_size=preset.img_size)
+        config = VQKDConfig.from_preset(settings.preset, teacher_dim=teacher.dim)
+        _check_compatible(config, teacher)
+        path = TokenizerRun(settings, config, teacher).train()
     except (ValueError, FileNotFoundError, ImportError, UserError) as e:
         print(f"beit3 train-tokenizer: error: {e}", file=sys.stderr)
         return 2
-    metrics = read_metrics(args.output)
+    metrics = read_metrics(settings.output)
     first, last = metrics[0], metrics[-1]
     print(f"final rec loss {last['rec_loss']:.4f} (first logged {first['rec_loss']:.4f}), "
           f"quant loss {last['quant_loss']:.4f}, codebook usage {last['usage']:.1%} of {config.num_codes} codes "

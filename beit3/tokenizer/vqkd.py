@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,8 @@ from beit3.config import checked_from_dict
 from beit3.tokenizer.quantizer import NormEMAVectorQuantizer
 
 CONFIG_NAME = "tokenizer_config.json"
-WEIGHTS_NAME = "tokenizer.pth"
+WEIGHTS_NAME = "model.safetensors"
+LEGACY_WEIGHTS_NAME = "tokenizer.pth"  # what the trainer wrote before its weights were safetensors
 # Keys the beit2 training checkpoints carry besides the tokenizer; beit2's own loader drops them.
 FOREIGN_PREFIXES = ("teacher_model.", "scaling_layer.", "loss")
 
@@ -227,6 +228,9 @@ def _read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict, str]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"VQ-KD checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(path), str(path)
     # beit2 training checkpoints also pickle their argparse.Namespace; it is harmless to allow.
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True), str(path)
@@ -294,24 +298,31 @@ def _resample_positions(state: dict, model: VQKD) -> dict:
 
 
 def save_trained(model: VQKD, output_dir: str | os.PathLike) -> Path:
-    """Write ``tokenizer.pth`` (plain state dict) and ``tokenizer_config.json`` atomically."""
+    """Write ``model.safetensors`` and ``tokenizer_config.json``, each atomically."""
+    from safetensors.torch import save_file
+    from ..files import atomic_file, atomic_write_bytes
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_NAME
-    tmp = weights.with_suffix(".pth.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, weights)
-    tmp_cfg = out / (CONFIG_NAME + ".tmp")
-    tmp_cfg.write_text(json.dumps(model.config.to_dict(), indent=2))
-    os.replace(tmp_cfg, out / CONFIG_NAME)
+    with atomic_file(str(weights)) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    atomic_write_bytes(str(out / CONFIG_NAME), json.dumps(model.config.to_dict(), indent=2).encode())
     return weights
 
 
+def trained_weights(directory: str | os.PathLike) -> Optional[Path]:
+    """The weights file a trainer run wrote into ``directory`` (its older ``tokenizer.pth`` too), or None."""
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
 def load_trained_tokenizer(dir_or_file: str | os.PathLike, freeze: bool = True) -> VQKD:
-    """Load what ``train_tokenizer`` saved: a run directory, or its ``tokenizer.pth`` with
+    """Load what ``train_tokenizer`` saved: a run directory, or its weights file with
     ``tokenizer_config.json`` beside it."""
     path = Path(dir_or_file)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    weights = (trained_weights(path) or path / WEIGHTS_NAME) if path.is_dir() else path
     cfg_file = weights.parent / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} beside {weights}: expected the output of train_tokenizer")

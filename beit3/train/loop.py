@@ -48,8 +48,8 @@ def tokenizer_digests(spm: str, vqkd: str) -> dict:
     """What identifies the two tokenizers a run was trained with: their files' contents (not their
     paths: a moved copy is the same tokenizer; a retrained one of the same size is not)."""
     from ..files import sha256_of
-    from ..tokenizer.vqkd import WEIGHTS_NAME
-    weights = os.path.join(vqkd, WEIGHTS_NAME) if os.path.isdir(vqkd) else vqkd
+    from ..tokenizer.vqkd import trained_weights
+    weights = str(trained_weights(vqkd) or vqkd) if os.path.isdir(vqkd) else vqkd
     return {"text_tokenizer_sha256": sha256_of(spm)[:16], "visual_tokenizer_sha256": sha256_of(weights)[:16]}
 
 

@@ -1,10 +1,15 @@
 """The run machinery every training job shares: one ``Trainer`` (torchtitan's split: the job brings
 its model, its step and its data; the trainer owns the rest).
 
-What a job supplies (``PretrainRun``, ``FinetuneRun``): ``build`` (model, engine, data, after
-``open_run``), ``check_resume`` (what identifies a run, compared with the checkpoint before anything
-is built), the loop over its steps, and what its checkpoints hold. What the Trainer owns, the same
-in every job:
+The jobs: ``PretrainRun`` (train/loop.py), ``FinetuneRun`` (finetune/trainer.py) and
+``TokenizerRun`` (tokenizer/train.py, in one process: ``open_run(single_process=True)``). Their
+engines share DeepSpeed's interface: DeepSpeed's own, or ``plain_engine.PlainEngine`` for a
+plain-PyTorch job (the tokenizer; the benchmark's baseline, whose timed step is the same
+forward/backward/step through either engine).
+
+What a job supplies: ``build`` (model, engine, data, after ``open_run``), ``check_resume`` (what
+identifies a run, compared with the checkpoint before anything is built), the loop over its steps,
+and what its checkpoints hold. What the Trainer owns, the same in every job:
 
 - the run folder: distributed setup, the folder's lock, the metrics logger (``metrics.jsonl``,
   ``tensorboard/``, a progress bar that starts at the resumed step), ``run_config.json`` with the
@@ -128,11 +133,14 @@ class Trainer:
     keep_last: int = 1
 
     def open_run(self, output: str, device: str, dist_timeout: float, total_steps: int, *,
-                 tensorboard: bool = True, desc: str = "train", max_bad_steps: int = 5, keep_last: int = 1) -> None:
+                 tensorboard: bool = True, desc: str = "train", max_bad_steps: int = 5, keep_last: int = 1,
+                 single_process: bool = False) -> None:
         """Join the process group, lock ``output``, verify the checkpoint to resume from (the job's
-        ``check_resume``) and open the logger: all before a model exists."""
+        ``check_resume``) and open the logger: all before a model exists. ``single_process``: the
+        job runs in this process alone (``DistInfo.single``), joining no group and waiting for no
+        other rank, even when this process is one rank of a larger job."""
         self.output, self.keep_last = output, keep_last
-        self.dist = init_distributed(dist_timeout, device)
+        self.dist = DistInfo.single(device) if single_process else init_distributed(dist_timeout, device)
         self.lock = lock_output(output, self.dist)
         self.resume_path, self.resume_meta = self.check_resume()
         # The bar starts at the resumed step once it is loaded (MetricsLogger.start_at).
