@@ -31,6 +31,7 @@ from ..pretrained import TOKENIZER_FILE, save_folder, saved_config
 from ..train.checkpoint import latest_checkpoint
 from ..train.distributed import DistInfo, all_reduce_flag, barrier
 from ..train.engine import OptimConfig, build_engine
+from ..train.full_weights import full_state_dict
 from ..train.optim import param_groups
 from ..train.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
 from ..train.trainer import Trainer, compute_dtype, seed_everything, to_device
@@ -121,20 +122,6 @@ def optimizer_setup(model: TaskModel, cfg: FinetuneConfig, total_steps: int, war
     head = (lambda name: cfg.head_lr_scale if name.startswith("head.") else 1.0)  # unilm: get_is_head_flag_for_vit
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, lr_scale=head)
     return opt, groups
-
-
-# -- weights of ours ---------------------------------------------------------------------------------
-def full_state_dict(module: torch.nn.Module, zero3: bool) -> dict:
-    """The module's weights on the CPU (collective under ZeRO-3: each parameter is gathered)."""
-    if not zero3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    import deepspeed
-    out = {}
-    for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            out[name] = p.detach().cpu().clone()
-    out.update({k: v.detach().cpu().clone() for k, v in module.named_buffers()})
-    return module.official_shapes(out) if hasattr(module, "official_shapes") else out
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -374,7 +361,9 @@ class FinetuneRun(Trainer):
         return metrics
 
     def save_best(self, step: int, epoch: int) -> None:
-        sd = full_state_dict(self.engine.module, self.zero3)
+        # The module's weights, as best/ always held: a bf16 run's are bf16 (the masters are the
+        # optimizer's; pretraining's final/ takes those).
+        sd = full_state_dict(self.engine.module, masters=False, keep=self.dist.is_main)
         meta = {**self.meta(), "spm": TOKENIZER_FILE, "step": step, "epoch": epoch,
                 "metric": self.task.main_metric, "value": self.best, "val": scalars(self.best_metrics, "val")}
         config = saved_config(self.model, self.task.preprocess(), self.labels, self.task.inference(), tokenizer=True)

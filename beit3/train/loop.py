@@ -1,6 +1,12 @@
 """The pretraining run: build everything, then step, log, checkpoint, and stop cleanly.
 
 Kept apart from the command line (beit3/pretrain.py) so tests can drive a run with their own data.
+
+Whenever the loop leaves (the last step, a signal, ``--stop-after-steps``) it writes, after the
+checkpoint, ``<output>/final/``: the backbone as a saved model (``beit3.pretrained``), from the
+optimizer's fp32 masters, for ``beit3.from_pretrained`` and ``beit3 finetune --init`` without a
+consolidation step. One folder, not one per step: it is replaced as a whole each time the run stops
+and its ``meta.json`` names the step; the checkpoints keep the history (``beit3 export`` any of them).
 """
 from __future__ import annotations
 
@@ -14,8 +20,13 @@ import numpy as np
 import torch
 
 from ..config import BEiT3Config, text_table_rows
+from ..errors import OutputError, UserError
+from ..files import recover_dir
+from ..pretrained import TOKENIZER_FILE, save_folder, saved_config
+from ..weights.official import load_backbone
 from .distributed import all_reduce_flag, barrier
 from .engine import OptimConfig, build_engine
+from .full_weights import full_state_dict
 from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
 from .objective import MaskedDataModeling, prepare_batch
 from .checkpoint import data_states
@@ -27,6 +38,7 @@ if TYPE_CHECKING:
     from .pretrain_config import PretrainConfig
 
 log = logging.getLogger("beit3.pretrain")
+FINAL = "final"  # <output>/final/: the backbone's weights when the run last stopped
 # DeepSpeed's ZeRO-3 calls these torch.distributed functions every step.
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
@@ -67,6 +79,10 @@ class PretrainRun(Trainer):
         a = self.args
         self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, tensorboard=a.tensorboard,
                       desc="pretrain", max_bad_steps=a.max_bad_steps, keep_last=a.keep_last)
+        if self.dist.is_main:  # holding the folder's lock: nobody else is replacing final/
+            recovered = recover_dir(os.path.join(a.output, FINAL))
+            if recovered:
+                self.logger.write(recovered)
         self.elastic = self.prepare_elastic_resume()
         seed_everything(a.seed)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
@@ -131,6 +147,7 @@ class PretrainRun(Trainer):
             barrier(self.dist)
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
+        self.spm = spm  # copied into final/
         self.tokenizer_digests = tokenizer_digests(spm, tok)
         if a.tokenizer_preset:
             vcfg = VQKDConfig.from_preset(a.tokenizer_preset)
@@ -209,6 +226,7 @@ class PretrainRun(Trainer):
         peak = measure_matmul_peak(self.dist.device)
         stop = StopRequested().install()
         data_iter = iter(self.data)
+        checkpoint = None
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "metrics": []}
         self.logger.start_at(step)
         self.logger.write(f"pretraining {a.preset} ({self.cfg.layout} layout) for {a.steps} steps from step "
@@ -240,23 +258,60 @@ class PretrainRun(Trainer):
                 leave = a.stop_after_steps is not None and step - first >= a.stop_after_steps
                 stop_now = all_reduce_flag(stop.signal is not None or leave, self.dist)
                 if step % a.save_every == 0 or step == a.steps or stop_now:
-                    self.save(step)
+                    checkpoint = self.save(step)
                 if stop_now:
+                    self.save_final(step, checkpoint)
                     why = "by signal" if stop.signal is not None else "after --stop-after-steps"
                     self.logger.write(f"stopped {why} at step {step}; checkpoint written")
                     return 0
+            if step > first:  # the last step saved a checkpoint (a finished run resumed trains none)
+                self.save_final(step, checkpoint)
             return 0
         finally:
             stop.restore()
 
-    def save(self, step: int) -> str:
-        state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
-        meta = {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
+    def meta(self) -> dict:
+        """What identifies the run: in its checkpoints' markers and in final/meta.json."""
+        return {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
                 "patch_aggregation": self.args.patch_aggregation,
                 "num_visual_tokens": self.visual_tokenizer.num_tokens,
                 "micro_batches_per_step": self.dist.world_size * self.engine.gradient_accumulation_steps(),
                 **self.tokenizer_digests}
-        return self.save_state(step, state, meta)
+
+    def save(self, step: int) -> str:
+        state = {"data": self.data.state_dict() if hasattr(self.data, "state_dict") else None}
+        return self.save_state(step, state, self.meta())
+
+    def save_final(self, step: int, checkpoint: str) -> None:
+        """``final/``: the backbone at ``step`` as a saved model (config.json with task None, its
+        fp32 master weights, the run's SentencePiece model) and ``meta.json`` (the step, the run's
+        settings). Collective. A failed write (a full disk) fails the run on every rank; the previous
+        final/ and the checkpoint just written, ``checkpoint``, are kept."""
+        if not self.args.final_weights:
+            return
+        path = os.path.join(self.output, FINAL)
+        sd = full_state_dict(self.engine.module, masters=True, keep=self.dist.is_main)
+        error = None
+        if self.dist.is_main:
+            try:
+                # The engine's module is the backbone under "model." beside the objective's heads;
+                # the export's key mapping takes the backbone out.
+                backbone = load_backbone(sd, self.cfg).state_dict
+                del sd
+                meta = {**self.meta(), "task": None, "step": step, "spm": TOKENIZER_FILE,
+                        "checkpoint": os.path.relpath(checkpoint, self.output), "world_size": self.dist.world_size,
+                        "pretrain": self.args.to_dict()}
+                config = saved_config(self.engine.module.model, tokenizer=True)
+                save_folder(path, backbone, config, self.spm, meta=meta)
+            except Exception as e:  # the other ranks wait in the flag's collective below, whatever failed
+                error = e
+        if all_reduce_flag(error is not None, self.dist):
+            if error is not None and not isinstance(error, UserError):
+                raise error
+            reason = error if error is not None else "rank 0 could not write it (see its message)"
+            raise OutputError(f"{FINAL}/ not written: {reason}; the checkpoint {checkpoint} is complete: resume "
+                              f"from it (--resume auto) or `beit3 export` it")
+        self.logger.write(f"wrote {path}: the backbone at step {step} as a saved model")
 
     def maybe_resume(self) -> int:
         a = self.args

@@ -94,6 +94,9 @@ class PretrainConfig:
     resume: Optional[str] = _f(None, "'auto' (newest complete checkpoint in --output) or a path")
     allow_pickle: bool = _f(False, "resume from a checkpoint whose files need full unpickling (only one you "
                             "trust: unpickling can run code)")
+    final_weights: bool = _f(True, "when the run stops, write <output>/final/: the backbone's fp32 weights as a saved "
+                             "model (beit3.from_pretrained, finetune --init); every rank gathers them, one parameter "
+                             "at a time")
     stop_after_steps: Optional[int] = _f(None, "leave after this many steps of this run with a checkpoint, as on "
                                          "SIGTERM (time-limited jobs; the schedule still spans --steps)")
     log_every: int = _f(10)

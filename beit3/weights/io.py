@@ -147,10 +147,12 @@ def _zero_location(path: str, tag: Optional[str]) -> tuple[str, Optional[str], s
 
 def _deepspeed_safe_globals() -> list:
     """DeepSpeed classes its checkpoints pickle; building them runs nothing but their plain
-    constructors and attribute updates."""
+    constructors and attribute updates. ``fragment_address`` (two ints) is in every ZeRO-1/2
+    optimizer file: where each parameter's slice lies in the flat partition."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def deepspeed_state_files(tag_dir: str) -> list[str]:
