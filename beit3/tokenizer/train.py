@@ -306,9 +306,10 @@ class TokenizerRun(Trainer):
                     self.save(step)
                 if leave:
                     self.logger.write(f"stopped at step {step}; checkpoint written (continue with --resume auto)")
-                    return
+                    break
         finally:
             stop.restore()
+            self.step_reached = step
 
     def train(self) -> Path:
         def body() -> Path:
@@ -374,12 +375,17 @@ def main(argv: list[str] | None = None) -> int:
                                 img_size=preset.img_size)
         config = VQKDConfig.from_preset(settings.preset, teacher_dim=teacher.dim)
         _check_compatible(config, teacher)
-        path = TokenizerRun(settings, config, teacher).train()
+        run = TokenizerRun(settings, config, teacher)
+        path = run.train()
     except (ValueError, FileNotFoundError, ImportError, UserError) as e:
         print(f"beit3 train-tokenizer: error: {e}", file=sys.stderr)
         return 2
     metrics = read_metrics(settings.output)
     first, last = metrics[0], metrics[-1]
+    if run.step_reached < settings.steps:
+        print(f"stopped at step {run.step_reached} of {settings.steps} (rec loss {last['rec_loss']:.4f} at step "
+              f"{last['step']}); continue with --resume auto; saved {path}")
+        return 0
     print(f"final rec loss {last['rec_loss']:.4f} (first logged {first['rec_loss']:.4f}), "
           f"quant loss {last['quant_loss']:.4f}, codebook usage {last['usage']:.1%} of {config.num_codes} codes "
           f"(perplexity {last['perplexity']:.1f}); saved {path}")
