@@ -23,6 +23,16 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """(spm, VQ-KD dir): the 60-piece SentencePiece model and untrained tiny VQ-KD of
+    ``pretrain_fixtures.make_assets`` that the pretraining mechanics tests (resume, faults, bad
+    inputs, web sources) run on; built once, never written to by a test."""
+    from pretrain_fixtures import make_assets
+
+    return make_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+@pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """A 240-image synthetic world with its SentencePiece model and a briefly trained tiny VQ-KD
     (the same code path as the demo's cached assets), shared by pretraining and fine-tuning tests."""

@@ -28,6 +28,18 @@ def main(out: str, spm: str, tok: str, ga: int, steps: int, extra: list) -> int:
     return run_with_errors(PretrainRun(args, ds, "cpu", data=data), args)
 
 
+def in_this_process(out: str, spm: str, tok: str, ga: int, steps: int, extra: list = ()) -> int:
+    """``main`` without a second interpreter to start and import DeepSpeed into: one rank, one
+    intra-op thread as the launched ranks run (OMP_NUM_THREADS=1)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(out, spm, tok, ga, steps, list(extra))
+    finally:
+        torch.set_num_threads(threads)
+
+
 if __name__ == "__main__":
     out, spm, tok, ga, steps = sys.argv[1:6]
     sys.exit(main(out, spm, tok, int(ga), int(steps), sys.argv[6:]))

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 from finetune_helpers import COMMON, evaluate, finetune
-from pretrain_fixtures import IndexedBatches, make_assets, run_args
+from pretrain_fixtures import IndexedBatches, run_args
 from PIL import Image
 
 from beit3.data.downstream.datasets import CIFARDataset
@@ -65,11 +65,6 @@ def leftovers(folder) -> list:
 
 
 # -- pretraining ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(str(tmp_path_factory.mktemp("assets")))
-
-
 def pretrain(out, assets, *flags, steps=2):
     """``beit3 pretrain`` on IndexedBatches in this process; returns the exit code."""
     spm, tok = assets

@@ -86,6 +86,7 @@ def _batches(d, kind, train):
     return out
 
 
+@pytest.mark.slow
 def test_cifar10_finetune_beats_chance(small_world, tmp_path):
     assert cifar_main(["--src", os.path.join(small_world.world, "classification"), "--output", str(tmp_path / "data")]) == 0
     common = ["--data", str(tmp_path / "data"), "--spm", small_world.spm]

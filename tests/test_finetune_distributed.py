@@ -142,6 +142,7 @@ def test_epoch_batches_are_global_batches_cut_by_rank():
         assert two[0][i] + two[1][i] == one[i] == accum[2 * i] + accum[2 * i + 1]
 
 
+@pytest.mark.slow
 def test_retrieval_two_ranks_equal_one_rank_with_the_double_batch(two_ranks, data, tmp_path):
     root, out = two_ranks
     with fixed_augment():
@@ -152,6 +153,7 @@ def test_retrieval_two_ranks_equal_one_rank_with_the_double_batch(two_ranks, dat
     assert val[0]["val/images"] == 23 and val[0]["val/texts"] == 115
 
 
+@pytest.mark.slow
 def test_vqa_two_ranks_equal_one_rank_with_accumulation(two_ranks, data, tmp_path):
     root, out = two_ranks
     with fixed_augment():
@@ -174,6 +176,7 @@ def evaluate_one_rank(task: str, two_ranks, data, out, *flags) -> tuple[dict, di
     return results[0], results[1]
 
 
+@pytest.mark.slow
 def test_evaluate_retrieval_two_ranks_gather_every_feature_once(two_ranks, data, tmp_path):
     one, two = evaluate_one_rank("retrieval", two_ranks, data, tmp_path / "one")
     assert one["images"] == two["images"] == 23 and one["texts"] == two["texts"] == 115
@@ -184,6 +187,7 @@ def test_evaluate_retrieval_two_ranks_gather_every_feature_once(two_ranks, data,
     assert 0 < one["i2t_r10"] < 1 and 0 < one["t2i_r10"] < 1
 
 
+@pytest.mark.slow
 def test_evaluate_vqa_two_ranks_predict_every_question_once(two_ranks, data, tmp_path):
     root, two_dir = two_ranks
     annotations = os.path.join(data.world, "raw", "vqa", "v2_mscoco_val_annotations.json")

@@ -46,6 +46,7 @@ def dry_run(tmp_path_factory):
     return report, md, r.stdout
 
 
+@pytest.mark.slow
 def test_every_part_runs_and_records_figures(dry_run):
     report, md, stdout = dry_run
     parts = report["parts"]
@@ -70,6 +71,7 @@ def test_every_part_runs_and_records_figures(dry_run):
     assert "## Targets" in md and "| giant | ok |" in md and "## Profile of one giant step" in md
 
 
+@pytest.mark.slow
 def test_sync_part_finds_no_host_read_in_the_step_and_its_control_does(dry_run):
     sync = dry_run[0]["parts"]["sync"]["results"]
     steps = {k: v for k, v in sync.items() if k.startswith(("forward", "backward"))}
@@ -77,6 +79,7 @@ def test_sync_part_finds_no_host_read_in_the_step_and_its_control_does(dry_run):
     assert sync["control: forward of an unprepared batch (boolean-mask gathers)"].startswith("HOST READS: ")
 
 
+@pytest.mark.slow
 def test_numerics_and_attention_parts(dry_run):
     res = dry_run[0]["parts"]
     n = res["numerics"]["results"]
@@ -88,6 +91,7 @@ def test_numerics_and_attention_parts(dry_run):
     assert len(cases) == 5 and all(any("scaled_dot_product" in op for op in sdpa[c]["ops"]) for c in cases)
 
 
+@pytest.mark.slow
 def test_a_part_out_of_time_is_recorded_and_the_check_goes_on(tmp_path):
     """giant cannot finish in the 9 s left after peak: it is stopped, recorded as timed out with
     what it had, the report is still written, and the exit status is 0."""

@@ -104,6 +104,7 @@ def reference(small_world, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------- launchers
+@pytest.mark.slow
 def test_torchrun_two_nodes(small_world, reference, tmp_path):
     port, out = free_port(), tmp_path / "run"
     cmds = [_torchrun("--nnodes", "2", "--node-rank", str(i), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
@@ -113,6 +114,7 @@ def test_torchrun_two_nodes(small_world, reference, tmp_path):
     _assert_losses(out, reference[1], [1, 2, 3], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_without_ssh(small_world, reference, tmp_path):
     """scripts/launch_multinode.sh's no-ssh way: one deepspeed launcher per node, each told its rank."""
     hostfile, out = tmp_path / "hostfile", tmp_path / "run"
@@ -125,6 +127,7 @@ def test_deepspeed_launcher_without_ssh(small_world, reference, tmp_path):
     assert not os.path.exists(os.path.join(REPO, ".deepspeed_env"))  # only the ssh way writes it
 
 
+@pytest.mark.slow
 def test_slurm_rank_mapping(small_world, reference, tmp_path):
     """The sbatch's per-task script, given the variables srun sets for 2 tasks on 2 nodes."""
     sbatch = open(os.path.join(REPO, "scripts", "slurm_pretrain.sbatch")).read()
@@ -146,6 +149,7 @@ def _from_step_3(source, out) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_ranks(small_world, reference, tmp_path, monkeypatch):
     """2 ranks -> 1 rank accumulating 2 micro-batches: the run goes on with the same losses."""
     out = tmp_path / "run"
@@ -170,6 +174,7 @@ def test_resume_on_fewer_ranks(small_world, reference, tmp_path, monkeypatch):
     assert ensure_universal(ckpt) == os.path.join(ckpt, "universal")
 
 
+@pytest.mark.slow
 def test_resume_on_more_ranks(small_world, reference, tmp_path):
     """1 rank (2 data streams, accumulating 2) -> 2 ranks: same losses as the 2-rank run throughout."""
     first, out = tmp_path / "first", tmp_path / "run"
@@ -184,6 +189,7 @@ def test_resume_on_more_ranks(small_world, reference, tmp_path):
 
 
 # ----------------------------------------------------------------------------- DeepSpeed's tools
+@pytest.mark.slow
 def test_deepspeeds_zero_to_fp32_reads_our_checkpoints(reference, tmp_path):
     from beit3.weights.io import load_zero_checkpoint
 
@@ -246,6 +252,7 @@ def _wait_for_step(out, step: int, procs, deadline: float) -> None:
     raise AssertionError(f"no step {step} within the time limit")
 
 
+@pytest.mark.slow
 def test_elastic_job_survives_a_lost_node(small_world, tmp_path):
     """torchrun --nnodes 1:2 with a c10d rendezvous: node 1's launcher and rank are killed mid-run;
     node 0's agent restarts its rank, the job re-forms on 1 rank, resumes from the last complete
@@ -288,6 +295,7 @@ def test_elastic_job_survives_a_lost_node(small_world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- ZeRO++
+@pytest.mark.slow
 def test_zero3pp_config_parses_and_its_hierarchical_partition_trains_on_cpu(small_world, reference, tmp_path):
     """The shipped config validates in DeepSpeed's own schema. Its quantisation needs DeepSpeed's
     QuantizerBuilder, a CUDA op ("This op had not been implemented on CPU backend": quantised

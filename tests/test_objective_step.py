@@ -38,9 +38,11 @@ def test_prepared_batch_gives_the_same_loss_gradients_and_metrics():
 
 def test_prepare_batch_drops_a_padding_mask_without_padding_and_checks_ids():
     batch, _ = synthetic_batch(CFG, BatchMix(0, 2, 2, 16), 64)
+    mask = batch["texts"]["padding_mask"]
+    kept = mask.clone()
     prepared = prepare_batch(batch, CFG.vocab_size)
     assert prepared["texts"]["padding_mask"] is None and prepared["pairs"]["padding_mask"] is None
-    assert batch["texts"]["padding_mask"] is not None  # the caller's batch is left as it was
+    assert batch["texts"]["padding_mask"] is mask and torch.equal(mask, kept)  # the caller's batch is left as it was
     batch["pairs"]["text"][1, 3] = CFG.vocab_size + 5
     with pytest.raises(ValueError, match=r"part 'pairs' holds token id 305; expected ids in \[0, 300\)"):
         prepare_batch(batch, CFG.vocab_size)

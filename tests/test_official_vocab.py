@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from pretrain_fixtures import IndexedBatches, make_assets, run_args
+from pretrain_fixtures import IndexedBatches, run_args
 
 from beit3 import BEiT3
 from beit3.weights.official import load_backbone, official_vocab
@@ -75,10 +75,10 @@ def test_loading_a_64002_row_checkpoint_as_base_fails_with_the_reason():
 
 
 @pytest.fixture(scope="module")
-def pretrained_64k(tmp_path_factory):
+def pretrained_64k(assets, tmp_path_factory):
     """One step of `beit3 pretrain --layout released` with a 64,000-piece SentencePiece model."""
     root = tmp_path_factory.mktemp("vocab")
-    spm, tok = make_assets(str(root))
+    spm, tok = assets
     spm = spm_with_64000_pieces(spm, str(root / "spm64k.model"))
     assert TextTokenizer(spm).vocab_size == 64002
     out = root / "run"

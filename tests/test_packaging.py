@@ -18,6 +18,7 @@ def test_packaged_ds_configs_equal_the_ones_users_copy():
     assert mismatch == [] and errors == []
 
 
+@pytest.mark.slow
 def test_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
     """pip wheel -> install into a folder -> `beit3 pretrain --preset tiny --steps 5` run from another
     folder, with that folder alone on the path: the DeepSpeed config comes from the package."""

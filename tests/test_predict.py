@@ -159,8 +159,17 @@ def test_caption_rank_and_nlvr2(runs, data, capsys):
 
     [judged] = predict_lines(capsys, best(runs, "nlvr2"), "--image", images[0], "--image2", images[1],
                              "--text", "there is a circle")
-    assert isinstance(judged["answer"], bool) and 0 <= judged["score"] <= 1
-    assert judged["answer"] == (judged["score"] > 0.5)
+    # The probability of "true" (class 1) of the model's own forward on the two images.
+    n = from_pretrained(best(runs, "nlvr2"))
+    max_len = n.pretrained.config["inference"]["max_text_len"]
+    ids, pad = TextTokenizer(data.spm).batch_encode(["there is a circle"], max_len)
+    from PIL import Image
+    tf = build_vl_transform(32, train=False)
+    x, x2 = (tf(Image.open(path).convert("RGB"))[None] for path in images[:2])
+    with torch.no_grad():
+        p_true = float(n(image=x, image2=x2, text=ids, padding_mask=pad)[0].softmax(-1)[1])
+    assert judged["score"] == pytest.approx(p_true, abs=1e-6)
+    assert judged["answer"] is (p_true > 0.5)
 
 
 def test_requests_file(runs, data, tmp_path, capsys):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain_fixtures import WORDS, make_assets
+from pretrain_fixtures import WORDS
 
 from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader
 from beit3.data.shards import write_shards
@@ -88,11 +88,6 @@ def served(tmp_path_factory):
         f.writelines(_caption(5000 + i) + "\n" for i in range(120))
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 def test_spec_and_local_sources(served, tmp_path):

@@ -173,7 +173,7 @@ def _check_text(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="train_spm", description="Train the sentencepiece model for BEiT-3 text (XLM-R id layout).")
+        prog="beit3 data spm", description="Train the sentencepiece model for BEiT-3 text (XLM-R id layout).")
     parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence a line")
     parser.add_argument("--output", required=True, help="model prefix; writes PREFIX.model, PREFIX.vocab")
     parser.add_argument("--vocab-size", type=int, default=64000)
