@@ -121,6 +121,7 @@ def test_a_bf16_run_stopped_early_writes_its_fp32_masters_and_keeps_them_on_a_fu
     _assert_equal(from_pretrained(str(out / FINAL)).state_dict(), final)
 
 
+@pytest.mark.slow
 def test_two_zero3_ranks_write_what_one_rank_with_accumulation_writes(assets, tmp_path):
     spm, tok = assets
     skip = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}  # this process's own runs'

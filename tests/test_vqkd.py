@@ -459,6 +459,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_rank0_trains_alone_inside_a_two_rank_job(image_dir, tmp_path):
     """The Trainer's single-process mode joins no collective: rank 0 of a 2-rank job trains (lock,
     checkpoints, resume check, run files) while rank 1 waits, as when the demo builds its assets."""
