@@ -92,3 +92,13 @@ def run_args(output: str, spm: str, tok: str, extra: tuple = (), **kw) -> argpar
     for k, v in kw.items():
         setattr(args, k, v)
     return defaults_for(args, "cpu")
+
+
+def exported_backbone(checkpoint: str, out_dir) -> dict:
+    """The backbone ``beit3 export --to safetensors`` consolidates from a DeepSpeed checkpoint."""
+    from safetensors.torch import load_file
+
+    from beit3.export import main as export_main
+    out = os.path.join(str(out_dir), f"{os.path.basename(checkpoint)}.safetensors")
+    assert export_main(["--to", "safetensors", str(checkpoint), "-o", out]) == 0
+    return load_file(out)

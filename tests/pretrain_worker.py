@@ -5,7 +5,7 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+# Run as a script, its folder (tests/) is first on sys.path; imported by a test, pytest put it there.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain_fixtures import IndexedBatches, run_args  # noqa: E402

@@ -22,7 +22,6 @@ def test_packaged_ds_configs_equal_the_ones_users_copy():
 def test_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
     """pip wheel -> install into a folder -> `beit3 pretrain --preset tiny --steps 5` run from another
     folder, with that folder alone on the path: the DeepSpeed config comes from the package."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from test_web_sources import write_img2dataset
     from pretrain_fixtures import make_assets
     spm, tok = make_assets(str(tmp_path))

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from pretrain_fixtures import IndexedBatches, run_args
+from pretrain_fixtures import IndexedBatches, exported_backbone, run_args
 from pretrain_worker import in_this_process
 
-from beit3 import BEiT3
+from beit3 import BEiT3, from_pretrained
 from beit3.pretrain import check_args, main as pretrain_main
 from beit3.train.checkpoint import complete_checkpoints
 from beit3.train.loop import PretrainRun
@@ -87,6 +87,15 @@ def test_two_ranks_equal_one_rank_with_accumulation(assets, tmp_path):
         for k in ("loss", "loss/image", "loss/text", "loss/pair", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (x["step"], k, x[k], y[k])
     assert a[-1]["loss"] != a[0]["loss"]  # the model moved
+    # Their final/: both ranks' ZeRO-3 partitions of the fp32 masters gathered (the export of the
+    # 2-rank checkpoint, to the bit), and the 1-rank run's weights within the losses' tolerance.
+    two_final, one_final = (from_pretrained(str(tmp_path / r / "final")).state_dict() for r in ("two", "one"))
+    [(_, checkpoint)] = complete_checkpoints(str(tmp_path / "two" / "checkpoints"))
+    exported = exported_backbone(checkpoint, tmp_path)
+    assert two_final.keys() == exported.keys() == one_final.keys()
+    for k, v in two_final.items():
+        assert v.dtype == torch.float32 and torch.equal(v, exported[k]), k
+        torch.testing.assert_close(v, one_final[k], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_config_fails_before_building(tmp_path, capsys):

@@ -454,7 +454,8 @@ if info.is_main:  # as the demo: rank 0 trains the tokenizer alone, the others w
     train_tokenizer(sys.argv[1], config, teacher, steps=4, batch_size=8, output_dir=sys.argv[2], save_every=2)
 barrier(info)
 torch.distributed.all_reduce(torch.ones(1))  # the group is still usable by both ranks
-print("rank", info.rank, "done", flush=True)
+sys.stdout.write(f"rank {info.rank} done\\n")  # one write: the two ranks share the pipe
+sys.stdout.flush()
 torch.distributed.destroy_process_group()
 """
 
