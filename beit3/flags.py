@@ -75,3 +75,12 @@ def given(ns: argparse.Namespace, cls) -> dict:
     """The fields of ``cls`` that the command line set."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def check_at_least(cfg, minimum: int, names: Iterable[str], error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the first field of ``names`` (as its flag) below ``minimum``; a field
+    left at None (an optional setting not given) is not checked."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")

@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..config import PRESETS, BEiT3Config
 from ..files import check_output_dir, check_output_file
+from ..flags import check_at_least
 from ..model.activation_checkpointing import CHECKPOINT_MODES
 from ..train.activation_checkpointing import check_activation_checkpointing, fill_checkpoint_defaults
 from ..train.ds_config import default_ds_config, ds_config_path, resolve_ds_config
@@ -104,14 +105,8 @@ class BenchmarkConfig:
 
         if self.image_only and (self.batch_texts or self.batch_pairs):
             raise ValueError("--image-only with --batch-texts/--batch-pairs > 0")
-        for name in ("steps", "max_batch_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        for name in ("warmup", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, ("steps", "max_batch_limit", "threads"))
+        check_at_least(self, 0, ("warmup", "num_workers"))
         check_activation_checkpointing(self)
         if world > 1 and self.compare:
             raise ValueError("--compare runs the reference models on one process; start it without a launcher")

@@ -59,17 +59,13 @@ class TokenizerTrainConfig:
     def check(self) -> None:
         """Every check that needs no model, before the teacher is loaded and the steps run."""
         from ..files import check_output_dir
+        from ..flags import check_at_least
         for name in ("images", "output", "steps"):
             if getattr(self, name) is None:
                 raise TokenizerConfigError(f"--{name.replace('_', '-')} is required")
-        for name in ("steps", "batch_size", "log_every", "max_bad_steps", "usage_window"):
-            if getattr(self, name) < 1:
-                raise TokenizerConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise TokenizerConfigError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
-        for name in ("save_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise TokenizerConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, ("steps", "batch_size", "log_every", "max_bad_steps", "usage_window",
+                                 "stop_after_steps"), TokenizerConfigError)
+        check_at_least(self, 0, ("save_every", "num_workers"), TokenizerConfigError)
         if not self.lr > 0:
             raise TokenizerConfigError(f"--lr must be > 0, got {self.lr}")
         if self.min_crop_scale is not None and not 0 < self.min_crop_scale <= 1:

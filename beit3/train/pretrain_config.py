@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import PRESETS, checked_from_dict
+from ..flags import check_at_least
 from ..model.activation_checkpointing import CHECKPOINT_MODES
 from .activation_checkpointing import check_activation_checkpointing, fill_checkpoint_defaults
 from .ds_config import ConfigError, default_ds_config, ds_config_path, resolve_ds_config
@@ -166,12 +167,8 @@ class PretrainConfig:
     def check(self, world_size: int) -> dict:
         """Every check that needs no model (on a resolved config); returns the DeepSpeed config."""
         from ..files import check_output_dir
-        for name in ("steps", "save_every", "log_every", "max_bad_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("batch_images", "batch_texts", "batch_pairs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, ("steps", "save_every", "log_every", "max_bad_steps"), ConfigError)
+        check_at_least(self, 0, ("batch_images", "batch_texts", "batch_pairs"), ConfigError)
         check_activation_checkpointing(self)
         if self.data_streams is not None and self.data_streams < 1:
             raise ConfigError(f"--data-streams must be >= 1, got {self.data_streams}")

@@ -48,6 +48,8 @@ def _torch_load(path: str, allow_pickle: bool, mmap: bool = False) -> Any:
     warnings.warn(f"{path}: loading with full unpickling (allow_pickle=True); only do this for files you "
                   f"trust", UserWarning, stacklevel=3)
     try:
+        # Reached only with allow_pickle (--allow-pickle): the user vouches for this file, which the
+        # weights-only load above refused; the warning says so on every load.
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise unreadable(path, e) from None

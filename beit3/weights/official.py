@@ -197,14 +197,18 @@ def _depth(keys, pattern: str) -> int:
     return max(found) + 1
 
 
+def _require(sd: Mapping[str, Tensor], keys: list[str], what: str) -> None:
+    absent = [k for k in keys if k not in sd]
+    if absent:
+        raise ValueError(f"not {what}: no {absent}")
+
+
 def infer_config_from_official(sd: Mapping[str, Tensor]) -> BEiT3Config:
     """Released-layout config matching an official backbone (``num_heads`` guessed from the width)."""
     sd = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in sd.items()}
     need = ["text_embed.weight", "vision_embed.proj.weight", "encoder.embed_positions.A.weight",
             "encoder.embed_positions.B.weight", "encoder.layers.0.ffn.A.fc1.weight"]
-    absent = [k for k in need if k not in sd]
-    if absent:
-        raise ValueError(f"not an official BEiT-3 state dict: no {absent}")
+    _require(sd, need, "an official BEiT-3 state dict")
     tok = sd["text_embed.weight"]
     return _config("released", tok.shape[1], tok.shape[0], _depth(sd, r"encoder\.layers\.(\d+)\."),
                    sd["encoder.layers.0.ffn.A.fc1.weight"].shape[0], sd["vision_embed.proj.weight"],
@@ -215,9 +219,7 @@ def infer_config_from_ours(sd: Mapping[str, Tensor]) -> BEiT3Config:
     """Config matching one of our state dicts, either layout (``num_heads`` guessed from the width)."""
     need = ["text_embed.tokens.weight", "vision_embed.proj.weight", "vision_embed.pos_embed",
             "text_embed.pos_embed", "layers.0.ffn.A.fc1.weight"]
-    absent = [k for k in need if k not in sd]
-    if absent:
-        raise ValueError(f"not a BEiT-3 state dict: no {absent}")
+    _require(sd, need, "a BEiT-3 state dict")
     tok = sd["text_embed.tokens.weight"]
     layout = "paper" if any(".attn.qkv.shared." in k for k in sd) else "released"
     vl = len({k.split(".ffn_vl.")[0] for k in sd if ".ffn_vl." in k})
