@@ -105,6 +105,7 @@ def _settings(args, mix, ds_config, device: str):
 
 def run_main(args: BenchmarkConfig, mix, ds_config, device: str, world: int) -> int:
     from .bench import report, runner
+    from .train.distributed import finish_distributed
     from .train.flops import datasheet_peak, measure_matmul_peak
 
     s, dist = _settings(args, mix, ds_config, device)
@@ -135,6 +136,7 @@ def run_main(args: BenchmarkConfig, mix, ds_config, device: str, world: int) -> 
         emit(args, records, [c.peers for c, _ in results], say)
     if args.profile:
         profile_ours(s, args.profile if dist.is_main else None, say)
+    finish_distributed(dist)
     return 0
 
 

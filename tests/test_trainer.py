@@ -2,6 +2,8 @@
 folder released on failure. Fine-tuning is driven here; pretraining's side is tests/test_faults.py."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +71,32 @@ def test_finetuning_stops_after_max_bad_steps_naming_the_checkpoint(data, tmp_pa
     assert "2 non-finite steps in a row (limit --max-bad-steps 2)" in err and "step_00000002" in err
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "step_00000003")
     assert _finetune(data, tmp_path / "other", "--max-bad-steps", "0") == 2
+
+
+_AT_EXIT = """
+import atexit, os, sys
+import torch.distributed as dist
+atexit.register(lambda: print("group at exit:", dist.is_initialized()))  # runs after the module's handler
+os.environ.update(MASTER_PORT=sys.argv[1], RANK=sys.argv[3], WORLD_SIZE="2")
+from beit3.train.distributed import DistInfo, finish_distributed, init_distributed
+info = init_distributed(60.0, "cpu")
+if sys.argv[2] == "single":
+    finish_distributed(DistInfo.single("cpu"))
+elif sys.argv[2] == "clean":
+    finish_distributed(info)
+"""
+
+
+@pytest.mark.parametrize("finish, ended", [("clean", True), ("failed", False), ("single", False)])
+def test_the_group_ends_at_exit_only_after_a_clean_finish(finish, ended):
+    # Left to interpreter finalization, a gloo group could abort a process whose job had succeeded.
+    # After a failure it is left alone (destroying could wait on a failing peer); so is it when
+    # only a job that one rank ran alone inside the group finished.
+    from beit3.train.distributed import free_port
+    port, env = str(free_port()), {**os.environ, "DS_ACCELERATOR": "cpu"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _AT_EXIT, port, finish, str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0, err
+        assert out.strip().splitlines()[-1] == f"group at exit: {not ended}"

@@ -128,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ..data.text_tokenizer import TextTokenizer
     from ..eval.report import print_results_table, write_results_json
     from ..files import check_output_dir
-    from ..train.distributed import init_distributed
+    from ..train.distributed import finish_distributed, init_distributed
     from .init import load_init
     from .tasks import build_task
     from .trainer import SYNTHETIC, cpu_flush_denormal, synthetic_data
@@ -183,6 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         shown = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
         print_results_table(shown, title=f"{cfg.task} ({cfg.dataset}, {split})")
         print(f"wrote {write_results_json(results, output)}")
+    finish_distributed(dist)
     return 0
 
 

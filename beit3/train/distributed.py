@@ -1,6 +1,7 @@
 """Process-group setup for single-process, torchrun, the deepspeed launcher and Slurm."""
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -69,9 +70,13 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
     else:
         dev = torch.device("cpu")
         skip_cpu_shm_op()
+    _group_end["clean"] = False
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        if not _group_end["registered"]:
+            atexit.register(_end_group_at_exit)
+            _group_end["registered"] = True
     return DistInfo(rank, world, local, dev)
 
 
@@ -93,6 +98,29 @@ def all_reduce_flag(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+# Left to interpreter finalization, gloo's worker threads can still hold tensors whose release then
+# aborts the process (SIGABRT, "terminate called without an active exception") after a job that
+# succeeded, and the launcher reports a failure. So a group this module created is destroyed at
+# exit, while the interpreter is fully alive; but only after a clean finish on every rank
+# (finish_distributed): with a peer failing, destroying could wait on it (torchtitan does the same).
+# Not earlier: DeepSpeed caches the group, and in-process callers (tests, notebooks) run job after job.
+_group_end = {"registered": False, "clean": False}
+
+
+def _end_group_at_exit() -> None:
+    if _group_end["clean"] and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish_distributed(info: DistInfo) -> None:
+    """A job finished cleanly on every rank of ``info``'s world: wait for the others; the process
+    group ends at exit. A job one rank ran alone (``DistInfo.single`` in a larger group) says nothing
+    of the group's job."""
+    barrier(info)
+    if info.world_size == (dist.get_world_size() if dist.is_initialized() else 1):
+        _group_end["clean"] = True
 
 
 def barrier(info: DistInfo) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, finish_distributed, init_distributed
 from .ds_config import precision
 from .metrics_log import MetricsLogger
 from .run_dir import lock_output, on_every_rank, write_run_config
@@ -157,12 +157,15 @@ class Trainer:
             self.lock.release()
 
     def run(self, body: Callable[[], object]):
-        """``body()`` with the run folder released whatever happens."""
+        """``body()`` with the run folder released whatever happens; on success the ranks finish
+        together (``finish_distributed``)."""
         self.lock = self.logger = None
         try:
-            return body()
+            result = body()
         finally:
             self.close_run()
+        finish_distributed(self.dist)
+        return result
 
     @property
     def ckpt_dir(self) -> str:
