@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,7 @@ class Context:
     earlier: dict = field(default_factory=dict)  # results of the parts run before, by part
     profile: str = "auto"
     results: dict = field(default_factory=dict)
+    dist: Optional[object] = None  # the DistInfo of the process group the part started, if any
 
     def record(self, **kv) -> None:
         self.results.update(kv)
@@ -97,7 +99,8 @@ def _peak(ctx: Context) -> float | None:
 
 def _init_dist(ctx: Context):
     from ..train.distributed import init_distributed
-    return init_distributed(device=ctx.device.type)
+    ctx.dist = init_distributed(device=ctx.device.type)
+    return ctx.dist
 
 
 # -- the parts -----------------------------------------------------------------------------------

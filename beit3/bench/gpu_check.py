@@ -164,6 +164,9 @@ def run_part(name: str, ctx_path: str) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
         PARTS[name][0](ctx)
+        if ctx.dist is not None:  # the group ends at exit, not in an abort after the part's success
+            from ..train.distributed import finish_distributed
+            finish_distributed(ctx.dist)
         return 0
     except Exception as e:  # noqa: BLE001 - recorded, and the next part runs
         tb = traceback.format_exc()
