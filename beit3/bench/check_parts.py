@@ -105,7 +105,7 @@ def _init_dist(ctx: Context):
 
 # -- the parts -----------------------------------------------------------------------------------
 def part_peak(ctx: Context) -> None:
-    """The device's matmul peak: bf16 8192^3 on a GPU (fp32 1024^3 on the CPU), the best of 10."""
+    """The device's matmul peak: bf16 8192^3 on a GPU (fp32 512^3 on the CPU), the best of 10."""
     from ..train.flops import datasheet_peak, measure_matmul_peak
     from .report import device_name
     peak = max(measure_matmul_peak(ctx.device) for _ in range(2))
