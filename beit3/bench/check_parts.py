@@ -12,13 +12,16 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from ..config import BEiT3Config
 from .batches import BatchMix, synthetic_batch
 from .measure import GiB, Measurement, is_oom, measure, release_memory
+
+if TYPE_CHECKING:
+    from ..train.distributed import DistInfo
 
 V = 8192  # VQ-KD codebook: MIM classes
 MFU_TARGET, TORCHSCALE_TARGET = 0.5, 3.5
@@ -34,7 +37,7 @@ class Context:
     earlier: dict = field(default_factory=dict)  # results of the parts run before, by part
     profile: str = "auto"
     results: dict = field(default_factory=dict)
-    dist: Optional[object] = None  # the DistInfo of the process group the part started, if any
+    dist: Optional[DistInfo] = None  # the process group the part started, if any: ended after success
 
     def record(self, **kv) -> None:
         self.results.update(kv)
