@@ -47,7 +47,7 @@ from .backbones import timm_vit_kwargs, vision_state_dict
 from .weights.official import (CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone,
                                official_vocab)
 from .config import PRESETS, BEiT3Config
-from .errors import UserError
+from .errors import OutputError, UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json, sigterm_as_exit
 
 
@@ -193,7 +193,37 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"{args.checkpoint}: no such file or DeepSpeed checkpoint directory")
     if args.config and not os.path.isfile(args.config):
         raise FileNotFoundError(f"--config {args.config}: no such file")
+    check_not_an_input(args.output, export_inputs(args), "-o/--output")
     (check_output_dir if args.to in ("timm", "onnx") else check_output_file)(args.output, "-o/--output")
+
+
+def export_inputs(args) -> list[str]:
+    """Every path the export reads: the checkpoint (with a saved model's config.json and tokenizer
+    when it is one of its files) and ``--config``."""
+    inputs = [args.checkpoint] + ([args.config] if args.config else [])
+    if os.path.isfile(args.checkpoint):
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        inputs += [os.path.join(folder, n) for n in ("config.json", "tokenizer.model")
+                   if os.path.isfile(os.path.join(folder, n))]
+    return inputs
+
+
+def check_not_an_input(output: str, inputs: list[str], flag: str) -> None:
+    """Refuse an output that is, lies inside or contains one of ``inputs`` (symlinks resolved): the
+    export would overwrite what it reads, e.g. a saved model's config.json and weights."""
+    out = os.path.realpath(output)
+    for given in inputs:
+        real = os.path.realpath(given)
+        if out == real:
+            how = "is"
+        elif out.startswith(real.rstrip(os.sep) + os.sep):
+            how = "lies inside"
+        elif real.startswith(out.rstrip(os.sep) + os.sep):
+            how = "contains"
+        else:
+            continue
+        raise OutputError(f"{flag} {output} {how} the input {given}: the export would overwrite what it reads; "
+                          f"choose another output (nothing was written)")
 
 
 def main(argv: list[str] | None = None) -> int:

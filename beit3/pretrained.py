@@ -30,6 +30,7 @@ from torch import nn
 from .config import BEiT3Config
 from .errors import BadFileError
 from .files import check_output_dir, commit_dir, file_sizes, is_write_error, read_json, staging_dir, write_error
+from .weights.io import load_safetensors
 
 FORMAT = "beit3"
 FORMAT_VERSION = 1
@@ -194,13 +195,9 @@ def load_pretrained(directory: str, device: str | torch.device = "cpu") -> Pretr
 
 
 def _read_weights(path: str) -> dict:
-    from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise BadFileError(path, "the saved model's weights are missing")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise BadFileError(path, f"not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return load_safetensors(path)
 
 
 def from_pretrained(directory: str, device: str | torch.device = "cpu") -> nn.Module:

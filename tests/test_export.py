@@ -237,3 +237,33 @@ def test_exported_files_honour_the_umask(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "config.json"):
         assert stat.S_IMODE(os.stat(tmp_path / "t" / name).st_mode) == 0o640, name
+
+
+def test_an_export_never_overwrites_what_it_reads(tmp_path, capsys):
+    """An output that is, lies inside or contains an input (symlinks resolved) is refused before
+    anything is loaded; every input stays byte-identical."""
+    cfg = small_config()
+    saved = tmp_path / "saved"
+    randomized(cfg).save_pretrained(str(saved))
+    weights = tmp_path / "w.safetensors"
+    assert main(["--to", "safetensors", str(saved), "-o", str(weights)]) == 0
+    config = write_config(cfg, tmp_path / "c.json")
+    (tmp_path / "link").symlink_to(saved)
+    files = [*saved.iterdir(), weights, tmp_path / "c.json"]
+    before = {f: f.read_bytes() for f in files}
+    cases = [
+        (["--to", "timm", saved, "-o", saved], f"-o/--output {saved} is the input {saved}"),
+        (["--to", "timm", tmp_path / "link", "-o", saved], "is the input"),  # through a symlink
+        (["--to", "timm", saved / "model.safetensors", "-o", saved], "contains the input"),
+        (["--to", "onnx", saved, "-o", saved / "onnx"], "lies inside the input"),
+        (["--to", "safetensors", weights, "-o", weights], f"{weights} is the input {weights}"),
+        (["--to", "safetensors", saved / "model.safetensors", "-o", saved / "config.json"], "is the input"),
+        (["--to", "official", weights, "-o", config, "--config", config], "is the input"),
+    ]
+    for argv, message in cases:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("beit3 export: error: ") and err.count("\n") == 1 and message in err, err
+        assert "choose another output" in err
+    assert {f: f.read_bytes() for f in files} == before
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]  # no onnx/ in it
