@@ -14,6 +14,9 @@ is found under its prefix (``model.`` for our pretraining engine, ``beit3.`` for
 unless ``--prefix`` names it; other weights (objective or task heads) are dropped unless
 ``--keep-heads``.
 
+A timm export's ``pretrained_cfg`` carries the source's evaluation preprocessing (a saved model's;
+else the vision-language tasks' square resize), so timm's own ``resolve_data_config`` +
+``create_transform`` compute the same input (a square resize is timm's ``crop_mode="squash"``).
 Load a timm export with plain ``timm.create_model("local-dir:DIR", pretrained=True)`` (or
 ``create_timm_model(DIR)``, which also checks it). BEiT-3's LayerNorms use eps 1e-5 and timm's
 string norm names all mean 1e-6, so config.json cannot name the norm layer; instead its
@@ -24,12 +27,16 @@ through timm and refuses to finish if any LayerNorm's eps differs (e.g. a timm w
 changed, or an eps no entry point has).
 
 ``--to onnx`` writes ``DIR/vision_encoder.onnx`` (image -> tokens, pooled) and
-``DIR/text_encoder.onnx`` (text, padding mask -> tokens, pooled), batch and text length dynamic,
-and checks both against PyTorch with onnxruntime when it is installed (see docs/models.md).
+``DIR/text_encoder.onnx`` (text, padding mask -> tokens, pooled; a retrieval model's graphs also
+give its normalised embedding), batch and text length dynamic, ``DIR/preprocess.json`` and the
+SentencePiece model, and checks both graphs against PyTorch with onnxruntime when it is installed
+(see ``beit3.onnx_export`` and docs/models.md).
 
-Output paths are checked before anything is loaded; every file is written beside its target and
-renamed over it when complete, so a failure (a full disk, SIGTERM) leaves a previous export as it
-was and no temporary behind (after a ``kill -9``, the next export to the same path removes it).
+Output paths are checked before anything is loaded: an output that is, lies inside or contains an
+input (symlinks resolved) is refused, so an export never overwrites what it reads. Every file is
+written beside its target and renamed over it when complete, so a failure (a full disk, SIGTERM)
+leaves a previous export as it was and no temporary behind (after a ``kill -9``, the next export
+to the same path removes it).
 """
 from __future__ import annotations
 
