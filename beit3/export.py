@@ -58,6 +58,7 @@ from .config import PRESETS, BEiT3Config
 from .data.transforms import vl_preprocess
 from .errors import BadFileError, OutputError, UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json, sigterm_as_exit
+from .onnx_export import RETRIEVAL_HEADS
 from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 
 
@@ -293,7 +294,7 @@ def _export(args) -> int:
         if args.to == "timm":
             export_timm(loaded, args.output, source.image_preprocess(loaded.config))
         elif args.to == "onnx":
-            from .onnx_export import export_onnx  # onnx and onnxscript: optional dependencies
+            from .onnx_export import export_onnx
             spm = args.spm or source.tokenizer
             check = export_onnx(loaded, args.output, preprocess=source.image_preprocess(loaded.config),
                                 tokenizer=spm, max_text_len=source.max_text_len)
@@ -308,14 +309,22 @@ def _export(args) -> int:
     except (ValueError, UserError) as e:
         print(f"beit3 export: error: {e}", file=sys.stderr)
         return 1
-    cfg = loaded.config
-    guessed = " (guessed from the width: pass --preset or --config if wrong)" if loaded.inferred else ""
-    dropped = "" if args.keep_heads or not loaded.extras else f"; {len(loaded.extras)} non-backbone tensors dropped"
-    print(f"wrote {args.output} ({args.to}) from {loaded.source_format} weights: layout {cfg.layout}, "
-          f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, image {cfg.img_size}/{cfg.patch_size}, "
-          f"heads {cfg.num_heads}{guessed}{dropped}")
+    print(summary(args, loaded))
     return 0
 
+
+def summary(args, loaded: LoadedBackbone) -> str:
+    """The line a successful export prints: what was read, what was written, what was left out."""
+    cfg = loaded.config
+    guessed = " (guessed from the width: pass --preset or --config if wrong)" if loaded.inferred else ""
+    heads = set(RETRIEVAL_HEADS.values())
+    in_graph = heads if args.to == "onnx" and heads <= set(loaded.extras) else set()  # they end the graphs
+    rest = len(set(loaded.extras) - in_graph)
+    dropped = ("; the retrieval heads in the graphs" if in_graph else "") + \
+        ("" if args.keep_heads or not rest else f"; {rest} non-backbone tensors dropped")
+    return (f"wrote {args.output} ({args.to}) from {loaded.source_format} weights: layout {cfg.layout}, "
+            f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, image {cfg.img_size}/{cfg.patch_size}, "
+            f"heads {cfg.num_heads}{guessed}{dropped}")
 
 if __name__ == "__main__":
     raise SystemExit(main())
