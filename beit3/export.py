@@ -14,6 +14,9 @@ is found under its prefix (``model.`` for our pretraining engine, ``beit3.`` for
 unless ``--prefix`` names it; other weights (objective or task heads) are dropped unless
 ``--keep-heads``.
 
+A timm export's ``pretrained_cfg`` carries the source's evaluation preprocessing (a saved model's;
+else the vision-language tasks' square resize), so timm's own ``resolve_data_config`` +
+``create_transform`` compute the same input (a square resize is timm's ``crop_mode="squash"``).
 Load a timm export with plain ``timm.create_model("local-dir:DIR", pretrained=True)`` (or
 ``create_timm_model(DIR)``, which also checks it). BEiT-3's LayerNorms use eps 1e-5 and timm's
 string norm names all mean 1e-6, so config.json cannot name the norm layer; instead its
@@ -24,12 +27,16 @@ through timm and refuses to finish if any LayerNorm's eps differs (e.g. a timm w
 changed, or an eps no entry point has).
 
 ``--to onnx`` writes ``DIR/vision_encoder.onnx`` (image -> tokens, pooled) and
-``DIR/text_encoder.onnx`` (text, padding mask -> tokens, pooled), batch and text length dynamic,
-and checks both against PyTorch with onnxruntime when it is installed (see docs/models.md).
+``DIR/text_encoder.onnx`` (text, padding mask -> tokens, pooled; a retrieval model's graphs also
+give its normalised embedding), batch and text length dynamic, ``DIR/preprocess.json`` and the
+SentencePiece model, and checks both graphs against PyTorch with onnxruntime when it is installed
+(see ``beit3.onnx_export`` and docs/models.md).
 
-Output paths are checked before anything is loaded; every file is written beside its target and
-renamed over it when complete, so a failure (a full disk, SIGTERM) leaves a previous export as it
-was and no temporary behind (after a ``kill -9``, the next export to the same path removes it).
+Output paths are checked before anything is loaded: an output that is, lies inside or contains an
+input (symlinks resolved) is refused, so an export never overwrites what it reads. Every file is
+written beside its target and renamed over it when complete, so a failure (a full disk, SIGTERM)
+leaves a previous export as it was and no temporary behind (after a ``kill -9``, the next export
+to the same path removes it).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -47,8 +55,11 @@ from .backbones import timm_vit_kwargs, vision_state_dict
 from .weights.official import (CONFIG_KEY, LoadedBackbone, convert_ours_to_official, load_backbone,
                                official_vocab)
 from .config import PRESETS, BEiT3Config
-from .errors import UserError
+from .data.transforms import vl_preprocess
+from .errors import BadFileError, OutputError, UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json, sigterm_as_exit
+from .onnx_export import RETRIEVAL_HEADS
+from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 
 
 def _plain(sd: dict) -> dict[str, Tensor]:
@@ -75,10 +86,24 @@ def timm_architecture(eps: float) -> str:
                     f"(known: {sorted(TIMM_ARCH_BY_EPS)}); a timm export would compute other outputs")
 
 
-def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
-    """Write ``model.safetensors`` and timm's ``config.json``; returns the config written. Raises
-    ``UserError`` (and writes nothing) if plain timm would not build the same LayerNorms."""
+def timm_data_config(cfg: BEiT3Config, preprocess: dict) -> dict:
+    """The ``pretrained_cfg`` entries with which timm's own ``resolve_data_config`` +
+    ``create_transform`` compute exactly the transform ``preprocess`` describes (the evaluation's):
+    a square resize is timm's ``squash`` at crop_pct 1 (timm's default, ``center``, would keep the
+    aspect ratio and cut the long side); short side + centre crop is ``center`` at its crop_pct."""
+    square = preprocess["resize"] in ("square", "none")  # "none" (<= 32 px inputs): squash is a no-op at S x S
+    return {"input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "interpolation": preprocess["interpolation"],
+            "crop_pct": 1.0 if square else float(preprocess["crop_pct"]), "crop_mode": "squash" if square else "center",
+            "mean": list(preprocess["mean"]), "std": list(preprocess["std"])}
+
+
+def export_timm(loaded: LoadedBackbone, out_dir: str, preprocess: Optional[dict] = None) -> dict:
+    """Write ``model.safetensors`` and timm's ``config.json`` (``preprocess``: the image preprocessing
+    timm's data config reproduces, default the vision-language tasks' square resize); returns the
+    config written. Raises ``UserError`` (and writes nothing) if plain timm would not build the same
+    LayerNorms."""
     cfg = loaded.config
+    preprocess = preprocess or vl_preprocess(cfg.img_size)
     kwargs = {**timm_vit_kwargs(cfg, final_norm=loaded.final_norm), "pre_norm": False}
     config = {
         "architecture": timm_architecture(cfg.layer_norm_eps),
@@ -86,13 +111,10 @@ def export_timm(loaded: LoadedBackbone, out_dir: str) -> dict:
         "num_features": cfg.embed_dim,
         "global_pool": "token",
         "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size], "interpolation": "bicubic",
-            "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],  # BEiT-3: pixels to [-1, 1]
-            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head",
-        },
+        "pretrained_cfg": {**timm_data_config(cfg, preprocess), "num_classes": 0,
+                           "first_conv": "patch_embed.proj", "classifier": "head"},
         "beit3": {"layer_norm_eps": cfg.layer_norm_eps, "source_format": loaded.source_format,
-                  "config": cfg.to_dict()},
+                  "config": cfg.to_dict(), "preprocess": preprocess},
     }
     os.makedirs(out_dir, exist_ok=True)
     _save_safetensors(vision_state_dict(loaded.state_dict), os.path.join(out_dir, "model.safetensors"))
@@ -153,19 +175,39 @@ def _config_arg(args) -> Optional[BEiT3Config]:
     return args.preset
 
 
-def saved_model_source(path: str) -> tuple[str, Optional[BEiT3Config]]:
+@dataclass
+class Source:
+    """What an export reads: the weights, and what a saved model folder keeps beside them."""
+    weights: str
+    config: Optional[BEiT3Config] = None  # the head count, which weights alone do not hold
+    preprocess: Optional[dict] = None  # the evaluation's image preprocessing
+    tokenizer: Optional[str] = None
+    max_text_len: Optional[int] = None
+
+    def image_preprocess(self, cfg: BEiT3Config) -> dict:
+        """The preprocessing for the exported image size (default: the square resize)."""
+        p = dict(self.preprocess or vl_preprocess(cfg.img_size))
+        p["size"] = cfg.img_size  # --img-size
+        return p
+
+
+def saved_model_source(path: str) -> Source:
     """A saved-model folder (``save_pretrained``, a run's ``best/``) or its ``model.safetensors``:
-    (the weights, the config stored beside them); anything else: (``path``, None). The stored config
-    holds the head count, which weights alone do not."""
-    from .pretrained import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+    the weights with the config, preprocessing and tokenizer stored beside them; anything else:
+    ``path`` alone."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     config = os.path.join(folder, CONFIG_FILE)
     if not (os.path.isfile(config) and (os.path.isdir(path) or os.path.basename(path) == WEIGHTS_FILE)):
-        return path, None
+        return Source(path)
     d = read_json(config)
     if d.get("format") != FORMAT:  # e.g. a timm export's config.json
-        return path, None
-    return os.path.join(folder, d.get("weights", WEIGHTS_FILE)), BEiT3Config.from_dict(d["model"])
+        return Source(path)
+    if not isinstance(d.get("model"), dict):
+        raise BadFileError(config, "has no model config ('model')")
+    tokenizer = os.path.join(folder, d["tokenizer"]) if d.get("tokenizer") else None
+    return Source(os.path.join(folder, d.get("weights", WEIGHTS_FILE)), BEiT3Config.from_dict(d["model"]),
+                  d.get("preprocess"), tokenizer if tokenizer and os.path.isfile(tokenizer) else None,
+                  (d.get("inference") or {}).get("max_text_len"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix", help="prefix of the backbone's keys (default: found automatically)")
     ap.add_argument("--tag", help="DeepSpeed checkpoint tag, when CKPT is the parent directory")
     ap.add_argument("--keep-heads", action="store_true", help="also write non-backbone weights")
+    ap.add_argument("--spm", help="SentencePiece model to ship beside an ONNX export (default: the saved model's)")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="allow full unpickling (only for files you trust; e.g. unilm fine-tuned checkpoints)")
     return ap
@@ -193,7 +236,39 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"{args.checkpoint}: no such file or DeepSpeed checkpoint directory")
     if args.config and not os.path.isfile(args.config):
         raise FileNotFoundError(f"--config {args.config}: no such file")
+    if args.spm and not os.path.isfile(args.spm):
+        raise FileNotFoundError(f"--spm {args.spm}: no such file")
+    check_not_an_input(args.output, export_inputs(args), "-o/--output")
     (check_output_dir if args.to in ("timm", "onnx") else check_output_file)(args.output, "-o/--output")
+
+
+def export_inputs(args) -> list[str]:
+    """Every path the export reads: the checkpoint (with a saved model's config.json and tokenizer
+    when it is one of its files) and ``--config``."""
+    inputs = [args.checkpoint] + [p for p in (args.config, args.spm) if p]
+    if os.path.isfile(args.checkpoint):
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        inputs += [os.path.join(folder, n) for n in ("config.json", "tokenizer.model")
+                   if os.path.isfile(os.path.join(folder, n))]
+    return inputs
+
+
+def check_not_an_input(output: str, inputs: list[str], flag: str) -> None:
+    """Refuse an output that is, lies inside or contains one of ``inputs`` (symlinks resolved): the
+    export would overwrite what it reads, e.g. a saved model's config.json and weights."""
+    out = os.path.realpath(output)
+    for given in inputs:
+        real = os.path.realpath(given)
+        if out == real:
+            how = "is"
+        elif out.startswith(real.rstrip(os.sep) + os.sep):
+            how = "lies inside"
+        elif real.startswith(out.rstrip(os.sep) + os.sep):
+            how = "contains"
+        else:
+            continue
+        raise OutputError(f"{flag} {output} {how} the input {given}: the export would overwrite what it reads; "
+                          f"choose another output (nothing was written)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args) -> int:
     try:
         check_args(args)
-        checkpoint, stored = saved_model_source(args.checkpoint)
-        config = _config_arg(args) or stored
-        loaded = load_backbone(checkpoint, config, allow_pickle=args.allow_pickle,
+        source = saved_model_source(args.checkpoint)
+        config = _config_arg(args) or source.config
+        loaded = load_backbone(source.weights, config, allow_pickle=args.allow_pickle,
                                prefix=args.prefix, tag=args.tag, img_size=args.img_size,
                                path="vision" if args.to == "timm" else None)
         if loaded.unexpected:
@@ -217,12 +292,16 @@ def _export(args) -> int:
         return 2
     try:
         if args.to == "timm":
-            export_timm(loaded, args.output)
+            export_timm(loaded, args.output, source.image_preprocess(loaded.config))
         elif args.to == "onnx":
             from .onnx_export import export_onnx
-            check = export_onnx(loaded, args.output)
+            spm = args.spm or source.tokenizer
+            check = export_onnx(loaded, args.output, preprocess=source.image_preprocess(loaded.config),
+                                tokenizer=spm, max_text_len=source.max_text_len)
             print(f"onnxruntime vs PyTorch, max abs difference: {json.dumps(check)}" if check else
                   "onnxruntime is not installed: the graphs were not checked")
+            if spm is None:
+                print("no SentencePiece model shipped (the source has none; --spm names one)")
         elif args.to == "safetensors":
             export_safetensors(loaded, args.output, args.keep_heads)
         else:
@@ -230,14 +309,22 @@ def _export(args) -> int:
     except (ValueError, UserError) as e:
         print(f"beit3 export: error: {e}", file=sys.stderr)
         return 1
-    cfg = loaded.config
-    guessed = " (guessed from the width: pass --preset or --config if wrong)" if loaded.inferred else ""
-    dropped = "" if args.keep_heads or not loaded.extras else f"; {len(loaded.extras)} non-backbone tensors dropped"
-    print(f"wrote {args.output} ({args.to}) from {loaded.source_format} weights: layout {cfg.layout}, "
-          f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, image {cfg.img_size}/{cfg.patch_size}, "
-          f"heads {cfg.num_heads}{guessed}{dropped}")
+    print(summary(args, loaded))
     return 0
 
+
+def summary(args, loaded: LoadedBackbone) -> str:
+    """The line a successful export prints: what was read, what was written, what was left out."""
+    cfg = loaded.config
+    guessed = " (guessed from the width: pass --preset or --config if wrong)" if loaded.inferred else ""
+    heads = set(RETRIEVAL_HEADS.values())
+    in_graph = heads if args.to == "onnx" and heads <= set(loaded.extras) else set()  # they end the graphs
+    rest = len(set(loaded.extras) - in_graph)
+    dropped = ("; the retrieval heads in the graphs" if in_graph else "") + \
+        ("" if args.keep_heads or not rest else f"; {rest} non-backbone tensors dropped")
+    return (f"wrote {args.output} ({args.to}) from {loaded.source_format} weights: layout {cfg.layout}, "
+            f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, image {cfg.img_size}/{cfg.patch_size}, "
+            f"heads {cfg.num_heads}{guessed}{dropped}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,25 +6,42 @@
     path = beit3.download("beit3_base_patch16_480_vqa")   # or: beit3 download NAME
 
 Nothing is downloaded unless asked (``pretrained=True``, ``download``). Files land in
-``$BEIT3_CACHE/checkpoints`` (default ``~/.cache/beit3``). A download is resumed from a partial
-``.part`` file with an HTTP range request and shows a progress bar. ``BEIT3_MIRROR`` (or
-``mirror=``) replaces the publisher's address with a base URL of your own for clusters without
-internet: ``$BEIT3_MIRROR/<file name>``. A file whose sha256 does not match the registry is
-deleted and reported, never loaded. Where the registry has no checksum, the computed one is
-printed so that it can be pinned (``sha256=`` or ``BEIT3_SHA256_<NAME>``).
+``$BEIT3_CACHE/checkpoints`` (default ``~/.cache/beit3``). A download goes to ``<file>.part``, is
+resumed from there with an HTTP range request, shows a progress bar, and is renamed to its final
+name only once it is known to be whole: the size the server announced (or, when it announced none,
+a range request past the end), the sha256 where one is pinned, and the file's own format (a
+``.pth`` is a zip whose central directory is complete, a ``.safetensors`` header's offsets cover
+the file, a ``.spm`` loads). Every network read times out (``timeout``, default 60 s).
+
+``BEIT3_MIRROR`` (or ``mirror=``) replaces the publisher's address for clusters without internet:
+an http(s) base URL (``$BEIT3_MIRROR/<file name>``), a ``file://`` URL or a plain folder (holding
+the files flat or in the publisher's layout). ``BEIT3_OFFLINE=1`` (``--offline``) never touches the
+network: the cache or a mirror folder only, and an error naming what the cache lacks. A file whose
+sha256 does not match the registry is deleted and reported, never loaded. Where the registry has no
+checksum, the computed one is printed so that it can be pinned (``sha256=`` or
+``BEIT3_SHA256_<NAME>``).
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
+import http.client
 import os
+import shutil
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import UserError
-from .files import sha256_of
+import sentencepiece as spm
+from tqdm import tqdm
+
+from .errors import UserError, describe, first_line
+from .files import cache_root, sha256_of
+from .weights.io import file_format, safetensors_problem
 
 OFFICIAL = "https://conversationhub.blob.core.windows.net/beit-share-public/beit3"
 CHUNK = 1 << 20
@@ -96,9 +113,16 @@ def _registry() -> dict[str, ModelInfo]:
 MODELS = _registry()
 
 
+def tasks() -> list[str]:
+    """The registry's tasks, "backbone" for the pretrained checkpoints."""
+    return sorted({m.task or "backbone" for m in MODELS.values()})
+
+
 def list_models(pattern: str = "*", task: Optional[str] = None) -> list[ModelInfo]:
     """The registry's entries whose name matches the glob ``pattern`` (and ``task``, "backbone" for
-    pretrained ones)."""
+    pretrained ones; another task raises ``UserError`` naming the known ones)."""
+    if task is not None and task not in tasks():
+        raise UserError(f"unknown task {task!r}; the registry's tasks: {', '.join(tasks())}")
     return [m for m in MODELS.values() if fnmatch.fnmatch(m.name, pattern)
             and (task is None or (m.task or "backbone") == task)]
 
@@ -112,83 +136,234 @@ def info(name: str) -> ModelInfo:
 
 
 def cache_dir() -> str:
-    from .files import cache_root
     return os.path.join(cache_root(), "checkpoints")
 
 
-def _source_url(m: ModelInfo, mirror: Optional[str]) -> str:
-    mirror = mirror if mirror is not None else os.environ.get("BEIT3_MIRROR")
-    return f"{mirror.rstrip('/')}/{m.file_name}" if mirror else m.url
+def is_offline() -> bool:
+    """``BEIT3_OFFLINE`` set to 1/true/yes/on: never use the network (as ``HF_HUB_OFFLINE``)."""
+    return os.environ.get("BEIT3_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _mirror(mirror: Optional[str]) -> Optional[str]:
+    return mirror if mirror is not None else os.environ.get("BEIT3_MIRROR") or None
+
+
+def _source(m: ModelInfo, mirror: Optional[str]) -> tuple[str, bool]:
+    """(where to read ``m`` from, whether that is a local file): the publisher's URL, or the mirror's
+    ``<base>/<file name>``; a mirror is an http(s) URL, a ``file://`` URL or a plain folder."""
+    base = _mirror(mirror)
+    if base is None:
+        return m.url, False
+    scheme = urllib.parse.urlsplit(base).scheme.lower()
+    if scheme in ("http", "https"):
+        return f"{base.rstrip('/')}/{m.file_name}", False
+    if scheme == "file":
+        base = urllib.request.url2pathname(urllib.parse.urlsplit(base).path)
+    elif len(scheme) > 1:  # not a Windows drive letter
+        raise UserError(f"BEIT3_MIRROR {base}: a mirror is an http(s):// or file:// URL or a folder, "
+                        f"not a {scheme}:// URL")
+    if not os.path.isdir(base):
+        raise DownloadError(f"BEIT3_MIRROR {describe(base)}: not a folder of checkpoint files")
+    for rel in (m.file_name, m.path):  # flat, or the publisher's layout (folder/file)
+        if os.path.isfile(os.path.join(base, rel)):
+            return os.path.join(base, rel), True
+    raise DownloadError(f"the mirror folder {base} has no {m.file_name}")
 
 
 def _pinned(m: ModelInfo, sha256: Optional[str]) -> Optional[str]:
-    return sha256 or os.environ.get(f"BEIT3_SHA256_{m.name.upper().replace('.', '_')}") or m.sha256
+    return sha256 or os.environ.get(_sha_variable(m)) or m.sha256
+
+
+def _sha_variable(m: ModelInfo) -> str:
+    return f"BEIT3_SHA256_{m.name.upper().replace('.', '_')}"
+
+
+def _where_else(m: ModelInfo, path: str) -> str:
+    return (f"without network, copy {m.file_name} into the cache ({path}) or set BEIT3_MIRROR to a folder or "
+            f"URL that holds it; BEIT3_OFFLINE=1 (--offline) never tries the network")
 
 
 def download(name: str, mirror: Optional[str] = None, sha256: Optional[str] = None,
-             progress: bool = True, timeout: float = 60.0, log=None) -> str:
-    """The local path of registry entry ``name``, downloaded into ``cache_dir()`` if not there yet
-    (resumed from a partial file). Raises ``DownloadError`` for a failed download or a checksum
-    that does not match (the file is deleted)."""
+             progress: bool = True, timeout: float = 60.0, log=None, offline: Optional[bool] = None) -> str:
+    """The local path of registry entry ``name``, downloaded into ``cache_dir()`` if not there yet.
+
+    The bytes go to ``<file>.part`` (a later call resumes it) and are renamed only once complete: the
+    size the server announced (or a range request past the end) matches, the pinned sha256 matches
+    and the file's own format is whole (a zip's central directory, a safetensors header's offsets).
+    ``offline`` (default ``BEIT3_OFFLINE``): use the cache (or a mirror folder) only. ``timeout``:
+    seconds any network read may wait. Raises ``DownloadError`` saying what failed and what is kept."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     m = info(name)
-    os.makedirs(cache_dir(), exist_ok=True)
     path = os.path.join(cache_dir(), m.file_name)
     expected = _pinned(m, sha256)
+    offline = is_offline() if offline is None else offline
     if not os.path.exists(path):
-        _fetch(_source_url(m, mirror), path + ".part", progress, timeout)
-        os.replace(path + ".part", path)
+        source, local = _source(m, mirror) if not offline or _mirror(mirror) else (m.url, False)
+        if offline and not local:
+            raise DownloadError(_offline_message(m, path))
+        os.makedirs(cache_dir(), exist_ok=True)
+        part = path + ".part"
+        try:
+            total = _copy(source, part) if local else _fetch_whole(source, part, progress, timeout)
+        except _Unreachable as e:
+            raise DownloadError(f"{e}; {_where_else(m, path)}") from None
+        _check_part(m, part, total, expected)
+        os.replace(part, path)
     actual = sha256_of(path)
     if expected and actual != expected.lower():
         os.remove(path)
         raise DownloadError(f"{m.file_name}: sha256 {actual} does not match the expected {expected}; "
                             f"the file was deleted (a corrupted or substituted download)")
     if not expected:
-        log(f"{m.file_name}: sha256 {actual} (not pinned: pass sha256= or set "
-            f"BEIT3_SHA256_{m.name.upper().replace('.', '_')} to check it next time)")
+        log(f"{m.file_name}: sha256 {actual} (not pinned: pass sha256= or set {_sha_variable(m)} to check it "
+            f"next time)")
     return path
 
 
-def _fetch(url: str, part: str, progress: bool, timeout: float) -> None:
-    """Append ``url``'s bytes to ``part``, from where a previous attempt stopped."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+def _offline_message(m: ModelInfo, path: str) -> str:
+    part = path + ".part"
+    partial = f" (only a partial {os.path.basename(part)} of {os.path.getsize(part):,} bytes)" \
+        if os.path.isfile(part) else ""
+    return (f"offline (BEIT3_OFFLINE / --offline): {m.file_name} is not in the cache {cache_dir()}{partial}; "
+            f"copy it there as {path}, set BEIT3_MIRROR to a folder that holds it, or go online")
+
+
+def _copy(source: str, part: str) -> int:
+    """A mirror folder's file into ``part``; returns its size."""
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        shutil.copyfile(source, part)
+    except OSError as e:
+        raise DownloadError(f"copying {source} to {part} failed: {e.strerror}") from None
+    return os.path.getsize(source)
+
+
+# -- downloads over HTTP -------------------------------------------------------------------------------
+class _Unreachable(DownloadError):
+    """No answer from the server (no network, refused, timed out before any byte)."""
+
+
+def _open(url: str, start: int, timeout: float):
+    """The response to a GET from byte ``start`` (a 416 answer is returned, not raised)."""
+    req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the part file is already whole
-            return
+        if e.code == 416 and start:  # nothing from ``start`` on
+            return e
         raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"download of {url} failed: {getattr(e, 'reason', e)}") from None
-    with resp:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or first_line(e) or type(e).__name__
+        raise _Unreachable(f"download of {url} failed: {reason}") from None
+
+
+def _announced(resp, start: int) -> Optional[int]:
+    """The file's whole size as the response states it (Content-Range, else Content-Length)."""
+    content_range = resp.headers.get("Content-Range") or ""
+    total = content_range.rpartition("/")[2].strip()
+    if total.isdigit():
+        return int(total)
+    length = resp.headers.get("Content-Length")
+    if resp.status in (200, 206) and length is not None and length.strip().isdigit():
+        return start + int(length) if resp.status == 206 else int(length)
+    return None
+
+
+def _fetch_whole(url: str, part: str, progress: bool, timeout: float) -> Optional[int]:
+    """Download ``url`` into ``part`` (resuming it); returns the size the server announced or, when
+    it announced none, confirmed with a range request past the end (None: it ignores ranges)."""
+    for _ in range(8):  # each round resumes where the server last stopped
+        total = _fetch(url, part, progress, timeout)
+        if total is not None:
+            return total
+        have = os.path.getsize(part)
+        with _open(url, have, timeout) as probe:
+            if probe.status == 416:  # nothing past what we have
+                return _announced(probe, have) or have
+            if probe.status != 206:  # ranges ignored: no way to know the size
+                return None
+    return None
+
+
+def _fetch(url: str, part: str, progress: bool, timeout: float) -> Optional[int]:
+    """Append ``url``'s bytes to ``part``, from where a previous attempt stopped; returns the size
+    the server announced (None: none), having checked that ``part`` has it."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    with _open(url, have, timeout) as resp:
+        if resp.status == 416:  # the part file is already whole
+            return _announced(resp, have) or have
         resumed = have and resp.status == 206
         if have and not resumed:  # the server ignored the range: start over
             have = 0
-        length = resp.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        from tqdm import tqdm
+        total = _announced(resp, have)
         bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, disable=not progress,
                    desc=os.path.basename(part)[:-5])
         try:
             with open(part, "ab" if resumed else "wb") as f:
-                for chunk in iter(lambda: resp.read(CHUNK), b""):
+                # read1: what has arrived, so that bytes before a stall are kept (read waits for CHUNK)
+                for chunk in iter(lambda: resp.read1(CHUNK), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
-        except OSError as e:
-            raise DownloadError(f"download of {url} broke off after {os.path.getsize(part)} bytes ({e}); "
-                                f"run it again to resume") from None
+        except (OSError, http.client.HTTPException) as e:  # reset, cut short, or no byte for ``timeout`` s
+            reason = getattr(e, "strerror", None) or first_line(e) or type(e).__name__
+            raise DownloadError(f"download of {url} broke off after {os.path.getsize(part):,} bytes "
+                                f"({reason}); run it again to resume") from None
         finally:
             bar.close()
     if total is not None and os.path.getsize(part) != total:
-        raise DownloadError(f"download of {url} broke off at {os.path.getsize(part)} of {total} bytes; "
+        raise DownloadError(f"download of {url} broke off at {os.path.getsize(part):,} of {total:,} bytes; "
                             f"run it again to resume")
+    return total
 
 
-def create_model(name: str, pretrained: bool = False, mirror: Optional[str] = None, **overrides):
+# -- is the file whole? --------------------------------------------------------------------------------
+def _check_part(m: ModelInfo, part: str, total: Optional[int], expected: Optional[str]) -> None:
+    """Raise ``DownloadError`` unless ``part`` is complete: its announced size, its sha256 (the file
+    is deleted when that differs), its format. A failed check leaves no file under the final name."""
+    size = os.path.getsize(part)
+    if total is not None and size != total:
+        raise DownloadError(f"{part}: {size:,} of {total:,} bytes; run the download again to resume")
+    if expected and sha256_of(part) != expected.lower():
+        os.remove(part)
+        raise DownloadError(f"{m.file_name}: sha256 of the download does not match the expected {expected}; "
+                            f"the file was deleted (a corrupted or substituted download)")
+    problem = format_problem(part, m.file_name)
+    if problem is not None:
+        length = "the server announced no length" if total is None else f"{total:,} bytes announced"
+        raise DownloadError(f"{describe(part)}: incomplete or corrupted download of {m.file_name}: {problem} "
+                            f"({length}); kept as .part: run the download again to resume it, or delete it "
+                            f"to start over")
+
+
+def format_problem(path: str, name: str) -> Optional[str]:
+    """Why the file at ``path`` (named ``name``) is not a whole file of its kind, or None (also for
+    kinds that cannot be checked: a legacy torch pickle)."""
+    if name.endswith(".safetensors"):
+        return safetensors_problem(path)
+    if name.endswith(".spm") or name.endswith(".model"):
+        try:
+            spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            return f"not a SentencePiece model ({first_line(e)})"
+        return None
+    kind = file_format(path)
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as z:
+                last = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"not a complete zip archive ({first_line(e)})"
+        return None if last <= os.path.getsize(path) else "its zip entries run past the end"
+    if kind in ("legacy", "safetensors"):
+        return None
+    return "not a torch checkpoint" if kind != "empty" else "empty file"
+
+
+def create_model(name: str, pretrained: bool = False, mirror: Optional[str] = None,
+                 offline: Optional[bool] = None, **overrides):
     """A ``BEiT3`` backbone of registry entry ``name`` (released layout, its image size; keyword
     ``overrides`` go to the config, e.g. ``img_size=384``), with the official weights when
-    ``pretrained``. A task checkpoint's heads are in ``load_official(download(name)).heads``."""
+    ``pretrained`` (``download``'s ``mirror`` and ``offline``). A task checkpoint's heads are in
+    ``load_official(download(name)).heads``."""
     from .config import BEiT3Config
     from .model import BEiT3
     m = info(name)
@@ -199,19 +374,24 @@ def create_model(name: str, pretrained: bool = False, mirror: Optional[str] = No
     if not pretrained:
         return BEiT3(cfg)
     from .weights.official import from_official
-    return from_official(download(name, mirror=mirror), cfg)
+    return from_official(download(name, mirror=mirror, offline=offline), cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``beit3 list-models [PATTERN] [--task T]`` and ``beit3 download NAME [--mirror URL] [--sha256 H]``."""
-    import argparse
+    """``beit3 download NAME [--mirror URL|FOLDER] [--sha256 H] [--offline] [--timeout S]``."""
     ap = argparse.ArgumentParser(prog="beit3 download")
     ap.add_argument("name")
-    ap.add_argument("--mirror", default=None, help="base URL serving the files by name (default $BEIT3_MIRROR)")
+    ap.add_argument("--mirror", default=None,
+                    help="base URL (http(s):// or file://) or folder holding the files by name (default $BEIT3_MIRROR)")
     ap.add_argument("--sha256", default=None, help="the expected checksum")
+    ap.add_argument("--offline", action="store_true", default=None,
+                    help="never use the network: the cache or a mirror folder only (default $BEIT3_OFFLINE)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds any network read may wait (default 60)")
     args = ap.parse_args(argv)
     try:
-        print(download(args.name, args.mirror, args.sha256))
+        if not args.timeout > 0:
+            raise UserError(f"--timeout must be positive, got {args.timeout}")
+        print(download(args.name, args.mirror, args.sha256, timeout=args.timeout, offline=args.offline))
     except UserError as e:
         print(f"beit3 download: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, DownloadError) else 1
@@ -219,11 +399,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def list_main(argv: Optional[list[str]] = None) -> int:
-    import argparse
+    """``beit3 list-models [PATTERN] [--task T]``."""
     ap = argparse.ArgumentParser(prog="beit3 list-models")
     ap.add_argument("pattern", nargs="?", default="*")
-    ap.add_argument("--task", default=None, help="backbone, classification, vqa, nlvr2, captioning, retrieval")
+    ap.add_argument("--task", default=None, help=", ".join(tasks()))
     args = ap.parse_args(argv)
-    for m in list_models(args.pattern, args.task):
+    try:
+        found = list_models(args.pattern, args.task)
+    except UserError as e:
+        print(f"beit3 list-models: error: {e}", file=sys.stderr)
+        return 2
+    for m in found:
         print(f"{m.name:<48} {m.task or 'backbone':<14} {m.preset:<6} {m.img_size or '':>4}  {m.note}")
     return 0

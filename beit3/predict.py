@@ -8,11 +8,13 @@
     beit3 predict MODEL --requests requests.jsonl
 
 MODEL is a folder written by ``save_pretrained`` or a fine-tuning run (its ``best/``). Each result
-is printed as one JSON line. ``--image`` may be a folder (every image in it, by name; for VQA,
-captioning, classification one line per image). A requests file holds one JSON object per line with
-the same keys (``image``, ``question``, ``text``, ``texts``, ``images``, ``image2``, ``top_k``,
-``num_beams``); its relative paths are taken from the requests file's folder. The work is done by
-``beit3.predictor.Predictor`` (scores explained there); a bad input is one line and exit code 2.
+is printed as one JSON line. ``--image`` may be given several times, each a file, an http(s) URL or
+a folder (every image in it, by name); VQA, captioning and classification print one line per image,
+retrieval ranks them all, NLVR2 takes one. A requests file holds one JSON object per line with the
+same keys (``image``, ``question``, ``text``, ``texts``, ``images``, ``image2``, ``top_k``,
+``num_beams``, ``ban_special``); its relative paths are taken from the requests file's folder. The
+work is done by ``beit3.predictor.Predictor`` (scores explained there); a bad input is one line and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ import torch
 
 from .errors import BadFileError, UserError
 from .predictor import Predictor, load_predictor
+
+REQUEST_KEYS = {"image": str, "images": list, "image2": str, "question": str, "text": str, "texts": list,
+                "top_k": int, "num_beams": int, "ban_special": bool}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -43,18 +48,35 @@ def _paths(image: Optional[str]) -> list[str]:
     return folder_images(image) if os.path.isdir(image) else [image]
 
 
+def check_request(req: dict) -> None:
+    """Every key known and of its type: strings, lists of strings, positive integers, a boolean."""
+    unknown = sorted(set(req) - set(REQUEST_KEYS))
+    if unknown:
+        raise UserError(f"unknown request keys {unknown}; known: {sorted(REQUEST_KEYS)}")
+    for key, value in req.items():
+        kind = REQUEST_KEYS[key]
+        if value is None:
+            continue
+        if kind is list:
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                what = "image paths or URLs" if key == "images" else "strings"
+                raise UserError(f"{key} must be a list of {what}, got {value!r:.80}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{key} must be a positive integer, got {value!r:.80}")
+        elif not isinstance(value, kind):
+            raise UserError(f"{key} must be a {'boolean' if kind is bool else 'string'}, got {value!r:.80}")
+
+
 def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
     """The results of one request (keys as the command's flags) as JSON-ready dicts."""
-    known = {"image", "images", "image2", "question", "text", "texts", "top_k", "num_beams"}
-    unknown = sorted(set(req) - known)
-    if unknown:
-        raise UserError(f"unknown request keys {unknown}; known: {sorted(known)}")
+    check_request(req)
     for key, tasks in (("question", ("vqa",)), ("image2", ("nlvr2",)), ("text", ("retrieval", "nlvr2")),
-                       ("texts", ("retrieval",))):
+                       ("texts", ("retrieval",)), ("num_beams", ("captioning",)), ("ban_special", ("captioning",))):
         if req.get(key) is not None and p.task not in tasks:
             p.require_task(tasks[0])  # a model of another task: say which task the key belongs to
-    k = int(req.get("top_k", top_k))
-    images = _paths(req.get("image")) + list(req.get("images") or [])
+    k = req.get("top_k") or top_k
+    images = _paths(req.get("image")) + [path for x in req.get("images") or [] for path in _paths(x)]
     texts = ([req["text"]] if req.get("text") is not None else []) + list(req.get("texts") or [])
     if p.task == "vqa":
         if req.get("question") is None:
@@ -63,7 +85,7 @@ def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
             yield {"image": img, "question": req["question"], "answers": p.vqa(img, req["question"], k)}
     elif p.task == "captioning":
         for img in _one_or_more(images):
-            yield {"image": img, **p.caption(img, req.get("num_beams"))}
+            yield {"image": img, **p.caption(img, req.get("num_beams"), req.get("ban_special"))}
     elif p.task == "classification":
         for img in _one_or_more(images):
             yield {"image": img, "top_k": p.classify(img, k)}
@@ -71,7 +93,8 @@ def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
         yield from _retrieval(p, images, texts, k)
     elif p.task == "nlvr2":
         if len(images) != 1 or req.get("image2") is None or len(texts) != 1:
-            raise UserError("an nlvr2 model needs --image, --image2 and one --text")
+            several = f" (got {len(images)} images)" if len(images) > 1 else ""
+            raise UserError(f"an nlvr2 model judges one pair: one --image, one --image2 and one --text{several}")
         yield {"image": images[0], "image2": req["image2"], "text": texts[0],
                **p.nlvr2(images[0], req["image2"], texts[0])}
     else:
@@ -98,11 +121,16 @@ def read_requests(path: str) -> Iterable[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise BadFileError(path, "no such requests file")
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadFileError(path, f"line {n} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                         f"{e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path} line {n}"
             try:
                 req = json.loads(line)
             except json.JSONDecodeError as e:
@@ -111,17 +139,23 @@ def read_requests(path: str) -> Iterable[tuple[str, dict]]:
                 raise UserError(f"{where}: expected a JSON object")
             for key in ("image", "image2"):
                 if isinstance(req.get(key), str):
-                    req[key] = os.path.join(base, req[key])
+                    req[key] = _beside(base, req[key])
             if isinstance(req.get("images"), list):
-                req["images"] = [os.path.join(base, x) for x in req["images"]]
+                req["images"] = [_beside(base, x) if isinstance(x, str) else x for x in req["images"]]
             yield where, req
+
+
+def _beside(base: str, image: str) -> str:
+    """A requests file's image: a URL as it is, a relative path from the file's folder."""
+    return image if image.lower().startswith(("http://", "https://")) else os.path.join(base, image)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="beit3 predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="saved model folder (save_pretrained) or fine-tuning run (its best/)")
-    ap.add_argument("--image", help="an image file, or a folder of images")
+    ap.add_argument("--image", action="append", help="an image file, http(s) URL or folder of images; may be "
+                                                     "given several times")
     ap.add_argument("--image2", help="the second image (nlvr2)")
     ap.add_argument("--question", help="the question (vqa)")
     ap.add_argument("--text", action="append", help="a text (retrieval: once to rank images, several times to "
@@ -129,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", help="JSON-lines file of requests (keys as these flags)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--num-beams", type=int, default=None, help="captioning beams (default: the model's)")
+    ap.add_argument("--ban-special", action=argparse.BooleanOptionalAction, default=None,
+                    help="captioning: never generate <s>, <pad>, [MASK] (default: the model's setting, else yes)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return ap
 
@@ -139,16 +175,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.requests is not None and any(v is not None for v in (args.image, args.question, args.text)):
             raise UserError("give --requests or --image/--question/--text, not both")
-        if args.top_k < 1:
-            raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+        for flag, value in (("--top-k", args.top_k), ("--num-beams", args.num_beams)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
         predictor = load_predictor(args.model, device)
         if args.requests is not None:
             requests = read_requests(args.requests)
         else:
             texts = args.text or []
-            req = {"image": args.image, "image2": args.image2, "question": args.question,
+            req = {"images": args.image, "image2": args.image2, "question": args.question,
                    "text": texts[0] if len(texts) == 1 else None, "texts": texts if len(texts) > 1 else None,
-                   "num_beams": args.num_beams}
+                   "num_beams": args.num_beams, "ban_special": args.ban_special}
             requests = [("command line", {k: v for k, v in req.items() if v is not None})]
         for where, req in requests:
             try:

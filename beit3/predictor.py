@@ -8,28 +8,39 @@
     p.rank_texts("cat.jpg", ["a cat", "a dog"])        # [{"text": "a cat", "score": 0.28}, ...]
     p.nlvr2("left.jpg", "right.jpg", "two cats")       # {"answer": true, "score": 0.83}
 
-Images are file paths or PIL images, transformed as the evaluation does (the saved preprocessing);
-texts are cut to the model's text length as in training. Scores: VQA the answer's sigmoid (the head
-is trained with BCE), classification the softmax, retrieval the cosine similarity, captioning the
-beam's length-normalised log-probability, NLVR2 the softmax of "true". A missing or undecodable
-image, an empty text and a model of another task raise ``UserError`` with one line.
+An image is a file path, an ``http(s)://`` URL (read with a timeout), a PIL image or a numpy array
+(H, W, 3) or (H, W) of uint8, as HF pipelines take them; ``vqa``, ``classify`` and ``caption`` also
+take a list of images and return a list of results. Images are transformed as the evaluation does
+(the saved preprocessing); texts are cut to the model's text length as in training. Scores: VQA the
+answer's sigmoid (the head is trained with BCE), classification the softmax, retrieval the cosine
+similarity, captioning the beam's length-normalised log-probability, NLVR2 the softmax of "true".
+A missing or undecodable image, an empty text, a model of another task and a saved folder that does
+not hold together (no preprocessing, labels that do not fit the head, a broken tokenizer) raise
+``UserError`` with one line.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import urllib.error
+import urllib.request
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .data.downstream.datasets import load_image
 from .data.text_tokenizer import TextTokenizer
 from .data.transforms import eval_transform
-from .errors import BadFileError, UserError
-from .pretrained import Pretrained, load_pretrained
+from .errors import BadFileError, UserError, first_line
+from .finetune.captioning import DecodeConfig, generate
+from .pretrained import CONFIG_FILE, Pretrained, load_pretrained
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+URL_TIMEOUT = 30.0  # seconds an image URL may keep a read waiting
+HEAD_SIZE = {"vqa": "num_answers", "classification": "num_classes"}  # the head_args entry that labels name
 WHAT = {"vqa": "answers questions (--question)", "captioning": "writes captions",
         "classification": "classifies images", "retrieval": "ranks images for a text and texts for an image "
         "(--text)", "nlvr2": "judges a statement about an image pair (--image2, --text)"}
@@ -43,11 +54,11 @@ class Predictor:
         self.saved, self.device = saved, torch.device(device)
         self.model = saved.model.to(self.device).eval()
         self.task: Optional[str] = saved.task
-        self.transform = eval_transform(saved.config["preprocess"])
-        self.labels: Optional[list] = saved.config.get("labels")
+        self.transform = _transform(saved)
+        self.labels: Optional[list] = _labels(saved)
         self.inference: dict = saved.config.get("inference") or {}
         spm = saved.path("tokenizer")
-        self.tokenizer = TextTokenizer(spm) if spm is not None and os.path.isfile(spm) else None
+        self.tokenizer = _tokenizer(spm) if spm is not None and os.path.isfile(spm) else None
 
     # -- inputs ------------------------------------------------------------------------------------
     def require_task(self, task: str) -> None:
@@ -58,7 +69,16 @@ class Predictor:
 
     def images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, 3, S, S) on the model's device; a missing or undecodable file raises ``UserError``."""
-        return torch.stack([self.transform(_pil(x)) for x in images]).to(self.device)
+        if not isinstance(images, (list, tuple)):
+            raise UserError(f"expected a list of images, got {type(images).__name__}")
+        size = self.model.cfg.img_size
+        out = []
+        for x in images:
+            out.append(self.transform(_pil(x)))
+            if tuple(out[-1].shape[-2:]) != (size, size):  # preprocessing without a resize (CIFAR's)
+                raise UserError(f"image {_name(x)} is {out[-1].shape[-1]}x{out[-1].shape[-2]} pixels; this model "
+                                f"takes {size}x{size} and its preprocessing does not resize")
+        return torch.stack(out).to(self.device)
 
     def _tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
@@ -78,7 +98,10 @@ class Predictor:
     # -- tasks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def vqa(self, image: ImageInput, question: str, k: int = 5) -> list[dict]:
-        """The ``k`` best answers with their scores (sigmoid of the logit), best first."""
+        """The ``k`` best answers with their scores (sigmoid of the logit), best first (a list of
+        images: one such list each)."""
+        if _several(image):
+            return [self.vqa(x, question, k) for x in image]
         self.require_task("vqa")
         self._need_labels()
         text, pad = self.texts([question], "question")
@@ -89,7 +112,9 @@ class Predictor:
 
     @torch.no_grad()
     def classify(self, image: ImageInput, k: int = 5) -> list[dict]:
-        """The ``k`` most probable classes (softmax), best first."""
+        """The ``k`` most probable classes (softmax), best first (a list of images: one list each)."""
+        if _several(image):
+            return [self.classify(x, k) for x in image]
         self.require_task("classification")
         logits = self.model(image=self.images([image]))[0].float()
         top = logits.softmax(-1).topk(min(k, logits.numel()))
@@ -98,14 +123,19 @@ class Predictor:
                 for s, i in zip(top.values.tolist(), top.indices.tolist())]
 
     @torch.no_grad()
-    def caption(self, image: ImageInput, num_beams: Optional[int] = None) -> dict:
-        """Beam search as the evaluation decodes (``finetune.captioning.generate``)."""
-        from .finetune.captioning import DecodeConfig, generate
+    def caption(self, image: ImageInput, num_beams: Optional[int] = None,
+                ban_special: Optional[bool] = None) -> Union[dict, list[dict]]:
+        """Beam search as the evaluation decodes (``finetune.captioning.generate``); ``num_beams``
+        and ``ban_special`` (never generate <s>, <pad>, [MASK]) default to the saved inference
+        settings. A list of images: one result each."""
+        if _several(image):
+            return [self.caption(x, num_beams, ban_special) for x in image]
         self.require_task("captioning")
         tok, inf = self._tokenizer(), self.inference
         dc = DecodeConfig(num_beams=num_beams or inf.get("num_beams", 3), max_len=inf.get("max_text_len", 32),
                           length_penalty=inf.get("length_penalty", 0.6), bos_id=tok.bos_id, eos_id=tok.eos_id,
-                          pad_id=tok.pad_id, mask_id=tok.mask_id)
+                          pad_id=tok.pad_id, mask_id=tok.mask_id,
+                          ban_special=inf.get("ban_special", True) if ban_special is None else ban_special)
         tokens, scores = generate(self.model, self.images([image]), self.model.cfg.depth, dc)
         return {"caption": tok.decode(tokens[0]), "score": float(scores[0])}
 
@@ -161,13 +191,82 @@ def load_predictor(directory: str, device: Union[str, torch.device] = "cpu") -> 
     return Predictor(load_pretrained(directory), device)
 
 
+def _several(image: Any) -> bool:
+    return isinstance(image, (list, tuple))
+
+
+def _transform(saved: Pretrained):
+    where = os.path.join(saved.directory, CONFIG_FILE)
+    p = saved.config.get("preprocess")
+    if not isinstance(p, dict):
+        raise BadFileError(where, "has no 'preprocess' entry (the image preprocessing of the evaluation)")
+    try:
+        return eval_transform(p)
+    except (KeyError, ValueError, TypeError) as e:
+        raise BadFileError(where, f"'preprocess' {p}: {first_line(e)}") from None
+
+
+def _labels(saved: Pretrained) -> Optional[list]:
+    """The saved labels, which must name every output of the head."""
+    labels = saved.config.get("labels")
+    n = (saved.config.get("head_args") or {}).get(HEAD_SIZE.get(saved.task, ""))
+    if labels is not None and (not isinstance(labels, list) or (n is not None and len(labels) != n)):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else f"labels of type {type(labels).__name__}"
+        raise BadFileError(os.path.join(saved.directory, CONFIG_FILE),
+                           f"{got} for a {saved.task} head of {n} outputs: the labels belong to another model")
+    return labels
+
+
+def _tokenizer(path: str) -> TextTokenizer:
+    try:
+        return TextTokenizer(path)
+    except ValueError as e:  # sentencepiece cannot parse it, or its ids are laid out otherwise
+        raise BadFileError(path, f"not a usable SentencePiece model ({first_line(e)})") from None
+
+
 def _pil(x: ImageInput) -> Image.Image:
     if isinstance(x, Image.Image):
         return x.convert("RGB")
+    if isinstance(x, np.ndarray):
+        return _from_array(x)
+    if not isinstance(x, (str, os.PathLike)):
+        raise UserError(f"image {x!r:.60}: expected a file path, an http(s) URL, a PIL image or a uint8 "
+                        f"numpy array (H, W, 3), not {type(x).__name__}")
+    if isinstance(x, str) and x.lower().startswith(("http://", "https://")):
+        return _from_url(x)
     if os.path.isdir(x):
         raise UserError(f"image {x} is a folder; give one image file")
     return load_image(x)
 
 
+def _from_array(x: np.ndarray) -> Image.Image:
+    """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 array (HWC, as PIL and HF pipelines take it)."""
+    if x.dtype != np.uint8 or not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] in (1, 3, 4))):
+        raise UserError(f"image array of shape {tuple(x.shape)} and dtype {x.dtype}: expected uint8 pixels "
+                        f"(H, W, 3) or (H, W), channels last")
+    return Image.fromarray(x[:, :, 0] if x.ndim == 3 and x.shape[2] == 1 else x).convert("RGB")
+
+
+def _from_url(url: str) -> Image.Image:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT) as resp:
+            data = resp.read()
+    except urllib.error.HTTPError as e:
+        raise UserError(f"image {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"image {url}: cannot be read ({getattr(e, 'reason', None) or e})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot decode image {url} ({len(data):,} bytes): {first_line(e)}") from None
+
+
 def _name(x: ImageInput) -> Any:
-    return os.fspath(x) if isinstance(x, (str, os.PathLike)) else repr(x)
+    if isinstance(x, (str, os.PathLike)):
+        return os.fspath(x)
+    if isinstance(x, np.ndarray):
+        return f"<array {tuple(x.shape)} {x.dtype}>"
+    if isinstance(x, Image.Image):
+        return f"<PIL image {x.size[0]}x{x.size[1]} {x.mode}>"
+    return repr(x)

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from .config import BEiT3Config
-from .errors import BadFileError
+from .errors import BadFileError, first_line
 from .files import check_output_dir, commit_dir, file_sizes, is_write_error, read_json, staging_dir, write_error
+from .weights.io import load_safetensors
 
 FORMAT = "beit3"
 FORMAT_VERSION = 1
@@ -146,6 +147,11 @@ def read_config(directory: str) -> dict:
         if config.get("format") != FORMAT:
             raise BadFileError(path, f"not a beit3 saved model (format {config.get('format')!r}; a timm "
                                      f"export loads with timm.create_model('local-dir:...'))")
+        for key, kind in (("model", dict), ("head_args", (dict, type(None)))):
+            if not isinstance(config.get(key), kind):
+                what = "no" if config.get(key) is None else f"a {type(config.get(key)).__name__} as"
+                raise BadFileError(path, f"has {what} '{key}' entry; expected a JSON object "
+                                         f"(save_pretrained writes it)")
         return config
     if os.path.isfile(os.path.join(directory, LEGACY_META)):
         return _from_legacy_meta(read_json(os.path.join(directory, LEGACY_META)))
@@ -179,12 +185,19 @@ def load_pretrained(directory: str, device: str | torch.device = "cpu") -> Pretr
     classes = _task_models()
     if task is not None and task not in classes:
         raise BadFileError(os.path.join(directory, CONFIG_FILE), f"unknown task {task!r}")
-    cfg = BEiT3Config.from_dict(config["model"]).replace(drop_path_rate=0.0)
-    make = (lambda: BEiT3(cfg)) if task is None else (lambda: classes[task](cfg, **config["head_args"]))
+    where = os.path.join(directory, CONFIG_FILE)
+    try:
+        cfg = BEiT3Config.from_dict(config["model"]).replace(drop_path_rate=0.0)
+    except (ValueError, TypeError) as e:
+        raise BadFileError(where, f"'model': {first_line(e)}") from None
+    head_args = config.get("head_args") or {}
+    make = (lambda: BEiT3(cfg)) if task is None else (lambda: classes[task](cfg, **head_args))
     weights = os.path.join(directory, config.get("weights", WEIGHTS_FILE))
     sd = _read_weights(weights)
     try:
         model = build_loaded(make, sd)
+    except TypeError as e:  # head_args that the task's head does not take
+        raise BadFileError(where, f"'head_args' {head_args}: {first_line(e)}") from None
     except RuntimeError as e:
         raise BadFileError(weights, f"does not fit the model of {CONFIG_FILE}: {str(e).splitlines()[0]}") from None
     model = model.to(device).eval()
@@ -194,13 +207,9 @@ def load_pretrained(directory: str, device: str | torch.device = "cpu") -> Pretr
 
 
 def _read_weights(path: str) -> dict:
-    from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise BadFileError(path, "the saved model's weights are missing")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise BadFileError(path, f"not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return load_safetensors(path)
 
 
 def from_pretrained(directory: str, device: str | torch.device = "cpu") -> nn.Module:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -194,36 +195,6 @@ def test_timm_export_refuses_an_eps_timm_cannot_build(tmp_path, capsys):
     assert not (tmp_path / "t" / "model.safetensors").exists()
 
 
-def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime")
-    import onnxruntime as ort
-
-    from beit3.backbones import text_encoder
-    cfg = small_config()
-    model = randomized(cfg)
-    torch.save(model.state_dict(), tmp_path / "ours.pt")
-    out = tmp_path / "onnx"
-    assert main(["--to", "onnx", str(tmp_path / "ours.pt"), "-o", str(out), "--config",
-                 write_config(cfg, tmp_path / "c.json")]) == 0
-    check = json.loads((out / "onnx_check.json").read_text())["max_abs_diff"]
-    assert max(v for d in check.values() for v in d.values()) < 2e-5, check  # measured 2e-6 to 5e-6
-    # Independently of the export's own check: other batch size and length, a padded row.
-    image = torch.randn(4, 3, 32, 32)
-    text = torch.randint(4, 120, (3, 9))
-    pad = torch.zeros(3, 9, dtype=torch.bool)
-    pad[1, 5:] = True
-    vis = ort.InferenceSession(str(out / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
-    txt = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        ref_v, ref_t = vision_encoder(model)(image), text_encoder(model)(text, pad)
-    got_v = vis.run(None, {"image": image.numpy()})
-    got_t = txt.run(None, {"text": text.numpy(), "padding_mask": pad.numpy()})
-    assert (torch.from_numpy(got_v[0]) - ref_v.tokens).abs().max() < 2e-5
-    assert (torch.from_numpy(got_t[1]) - ref_t.pooled).abs().max() < 2e-5
-    full = model(text=text, text_padding_mask=pad)
-    assert (torch.from_numpy(got_t[0])[~pad] - full[~pad]).abs().max() < 2e-5  # and the full model's
-
-
 def test_exported_files_honour_the_umask(tmp_path):
     """safetensors' save_file creates 0600 files whatever the umask; outputs get what open() would."""
     import stat
@@ -237,3 +208,154 @@ def test_exported_files_honour_the_umask(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "config.json"):
         assert stat.S_IMODE(os.stat(tmp_path / "t" / name).st_mode) == 0o640, name
+
+
+def test_an_export_never_overwrites_what_it_reads(tmp_path, capsys):
+    """An output that is, lies inside or contains an input (symlinks resolved) is refused before
+    anything is loaded; every input stays byte-identical."""
+    cfg = small_config()
+    saved = tmp_path / "saved"
+    randomized(cfg).save_pretrained(str(saved))
+    weights = tmp_path / "w.safetensors"
+    assert main(["--to", "safetensors", str(saved), "-o", str(weights)]) == 0
+    config = write_config(cfg, tmp_path / "c.json")
+    (tmp_path / "link").symlink_to(saved)
+    files = [*saved.iterdir(), weights, tmp_path / "c.json"]
+    before = {f: f.read_bytes() for f in files}
+    cases = [
+        (["--to", "timm", saved, "-o", saved], f"-o/--output {saved} is the input {saved}"),
+        (["--to", "timm", tmp_path / "link", "-o", saved], "is the input"),  # through a symlink
+        (["--to", "timm", saved / "model.safetensors", "-o", saved], "contains the input"),
+        (["--to", "onnx", saved, "-o", saved / "onnx"], "lies inside the input"),
+        (["--to", "safetensors", weights, "-o", weights], f"{weights} is the input {weights}"),
+        (["--to", "safetensors", saved / "model.safetensors", "-o", saved / "config.json"], "is the input"),
+        (["--to", "official", weights, "-o", config, "--config", config], "is the input"),
+    ]
+    for argv, message in cases:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("beit3 export: error: ") and err.count("\n") == 1 and message in err, err
+        assert "choose another output" in err
+    assert {f: f.read_bytes() for f in files} == before
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]  # no onnx/ in it
+
+
+# -- exports carry their preprocessing ------------------------------------------------------------------
+def a_picture(width=48, height=32, seed=3):
+    """A non-square picture: a square resize and a centre crop give different inputs."""
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def saved_task_model(task, folder, spm=None, img_size=32, **preprocess):
+    """A task model with random weights (and heads) saved with its preprocessing and tokenizer."""
+    from beit3.data.transforms import cls_preprocess
+    from beit3.finetune.heads import ImageClassifier, RetrievalModel
+    cfg = small_config().replace(img_size=img_size)
+    model = RetrievalModel(cfg) if task == "retrieval" else ImageClassifier(cfg, num_classes=5)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    extra = {"preprocess": cls_preprocess(img_size, **preprocess)} if task == "classification" else {}
+    model.save_pretrained(str(folder), tokenizer=spm, **extra)
+    return str(folder)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "classification"])
+def test_timm_own_preprocessing_reproduces_the_predictor(task, tmp_path):
+    """timm's resolve_data_config + create_transform on the export give the predictor's input and
+    tokens: a square resize for vision-language models, short side + centre crop for classifiers."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    from beit3.predictor import load_predictor
+    saved = saved_task_model(task, tmp_path / "saved", img_size=32 if task == "retrieval" else 40, crop_pct=0.875)
+    assert main(["--to", "timm", saved, "-o", str(tmp_path / "timm")]) == 0
+    vit = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config({}, model=vit))
+    p = load_predictor(saved)
+    picture = a_picture()
+    ours = p.images([picture])
+    assert torch.equal(transform(picture)[None], ours)  # the same pixels, bit for bit
+    with torch.no_grad():
+        diff = (vit.forward_features(transform(picture)[None]) - p.model.beit3(image=ours)).abs().max().item()
+    assert diff < 1e-4, diff  # measured 0.0; timm's default centre crop: 4.05 for the retrieval model
+
+
+def onnx_image_input(path, p):
+    """docs/models.md's recipe: preprocess.json's "image" with PIL and numpy only."""
+    from PIL import Image
+    img = (path if isinstance(path, Image.Image) else Image.open(path)).convert("RGB")
+    size, resample = p["size"], getattr(Image.Resampling, p["interpolation"].upper())
+    if p["resize"] == "square":
+        img = img.resize((size, size), resample)
+    elif p["resize"] == "short_side":  # the short side to size / crop_pct, then the centre
+        short, (w, h) = int(size / p["crop_pct"]), img.size
+        w, h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        img = img.resize((w, h), resample)
+        left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
+        img = img.crop((left, top, left + size, top + size))
+    mean, std = np.array(p["mean"], dtype=np.float32), np.array(p["std"], dtype=np.float32)
+    x = (np.asarray(img, dtype=np.float32) / 255 - mean) / std
+    return x.transpose(2, 0, 1)[None]  # (1, 3, S, S)
+
+
+def onnx_text_input(texts, t, sp):
+    """docs/models.md's recipe: preprocess.json's "text" with the shipped SentencePiece model."""
+    rows = [[t["bos_id"]] + [i + t["piece_offset"] if i else t["unk_id"] for i in sp.encode(s)][:t["max_len"] - 2]
+            + [t["eos_id"]] for s in texts]
+    width = max(map(len, rows))
+    ids = np.full((len(rows), width), t["pad_id"], dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+    return ids, np.arange(width)[None, :] >= np.array([len(r) for r in rows])[:, None]
+
+
+def test_onnx_export_matches_pytorch_and_embeds_as_the_predictor(assets, tmp_path):
+    """Both graphs match PyTorch in onnxruntime (another batch size and length than traced, a padded
+    row); a retrieval model's end in its projection heads and normalisation, and preprocess.json
+    with the shipped SentencePiece model, applied with PIL/numpy, give embed_images / embed_texts."""
+    ort = pytest.importorskip("onnxruntime")
+    import sentencepiece
+
+    from beit3.backbones import text_encoder
+    from beit3.predictor import load_predictor
+    spm, _ = assets
+    saved = saved_task_model("retrieval", tmp_path / "saved", spm=spm)
+    out = tmp_path / "onnx"
+    assert main(["--to", "onnx", saved, "-o", str(out)]) == 0
+    check = json.loads((out / "onnx_check.json").read_text())["max_abs_diff"]
+    assert max(v for d in check.values() for v in d.values()) < 2e-5, check  # measured 2e-6 to 5e-6
+    model = load_predictor(saved).model.beit3
+    image, text = torch.randn(4, 3, 32, 32), torch.randint(4, 120, (3, 9))
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 5:] = True
+    vis = ort.InferenceSession(str(out / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    txt = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref_v, ref_t = vision_encoder(model)(image), text_encoder(model)(text, pad)
+        full = model(text=text, text_padding_mask=pad)
+    got_v = vis.run(None, {"image": image.numpy()})
+    got_t = txt.run(None, {"text": text.numpy(), "padding_mask": pad.numpy()})
+    assert (torch.from_numpy(got_v[0]) - ref_v.tokens).abs().max() < 2e-5
+    assert (torch.from_numpy(got_t[1]) - ref_t.pooled).abs().max() < 2e-5
+    assert (torch.from_numpy(got_t[0])[~pad] - full[~pad]).abs().max() < 2e-5  # and the full model's
+
+    recipe = json.loads((out / "preprocess.json").read_text())
+    assert (out / recipe["text"]["tokenizer"]).read_bytes() == open(spm, "rb").read()
+    assert recipe["outputs"] == {"vision": ["tokens", "pooled", "retrieval_embedding"], "text": ["tokens", "pooled", "retrieval_embedding"]}
+    p = load_predictor(saved)
+    pictures = [a_picture(seed=s) for s in (3, 4)]
+    image = np.concatenate([onnx_image_input(x, recipe["image"]) for x in pictures])
+    [embedding] = vis.run(["retrieval_embedding"], {"image": image})
+    assert np.abs(embedding - p.embed_images(pictures).numpy()).max() < 1e-4  # measured 4e-7
+
+    texts = ["a red circle left of a square", "two"]  # of different lengths: the second is padded
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / recipe["text"]["tokenizer"]))
+    ids, pad = onnx_text_input(texts, recipe["text"], sp)
+    assert pad[1].any()
+    [embedding] = txt.run(["retrieval_embedding"], {"text": ids, "padding_mask": pad})
+    assert np.abs(embedding - p.embed_texts(texts).numpy()).max() < 1e-4

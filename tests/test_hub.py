@@ -4,7 +4,9 @@ import functools
 import hashlib
 import http.server
 import os
+import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -106,3 +108,151 @@ def test_create_model_pretrained_loads_the_downloaded_weights(mirror, monkeypatc
         torch.testing.assert_close(loaded.eval()(image=image), model.eval()(image=image))
     with pytest.raises(hub.UserError, match="not a network"):
         hub.create_model("beit3.spm")
+
+
+def error_line(err: str) -> str:
+    """The one error line of ``err`` (the progress bar shares stderr); no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("beit3 download: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- downloads that must not be taken for complete ------------------------------------------------------
+class Misbehaving(http.server.BaseHTTPRequestHandler):
+    """A mirror of one file that announces no length and closes after ``cut`` bytes of a plain GET;
+    with ``ranges`` it answers a range request properly (206, Content-Range with the total);
+    ``stall`` seconds of silence after ``cut`` bytes (or before the headers when ``cut`` is None)."""
+    data, cut, ranges, stall, requests = b"", 0, False, 0.0, []
+    release = threading.Event()
+    protocol_version = "HTTP/1.0"  # no length: the body ends when the connection closes
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        Misbehaving.requests.append(self.headers.get("Range"))
+        if self.cut is None:
+            self.release.wait(self.stall)
+            return
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if "Range" in self.headers else 0
+        if start and self.ranges:
+            if start >= len(self.data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(self.data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(self.data) - 1}/{len(self.data)}")
+            self.end_headers()
+            self.wfile.write(self.data[start:])
+            return
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.data[:self.cut])
+        self.wfile.flush()
+        self.release.wait(self.stall)
+
+
+@pytest.fixture
+def misbehaving(tmp_path, monkeypatch):
+    """(name, the file's bytes, configure(**attrs)): a 300,000-byte zip (a torch file) served by
+    ``Misbehaving`` under an official name, and a fresh cache."""
+    torch.save({"w": torch.arange(74_900, dtype=torch.float32)}, tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("BEIT3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BEIT3_MIRROR", f"http://127.0.0.1:{server.server_address[1]}")
+    Misbehaving.release.clear()
+    Misbehaving.requests = []
+
+    def configure(**attrs):
+        for k, v in {"data": data, "cut": len(data) // 2, "ranges": False, "stall": 0.0, **attrs}.items():
+            setattr(Misbehaving, k, v)
+    configure()
+    yield "beit3_base_patch16_224", data, configure
+    Misbehaving.release.set()
+    server.shutdown()
+
+
+def test_a_download_cut_short_without_a_length_is_never_taken_for_the_file(misbehaving, capsys):
+    name, data, _ = misbehaving
+    path = os.path.join(hub.cache_dir(), f"{name}.pth")
+    assert len(data) > 299_000
+    assert cli_main(["download", name]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert f"{path}.part ({len(data) // 2:,} bytes): incomplete or corrupted download of {name}.pth: not a " \
+           f"complete zip archive" in err and "the server announced no length" in err
+    assert not os.path.exists(path) and os.path.getsize(path + ".part") == len(data) // 2
+
+
+def test_a_download_without_a_length_is_completed_by_range_requests(misbehaving):
+    name, data, configure = misbehaving
+    configure(ranges=True)
+    path = hub.download(name, progress=False)
+    assert open(path, "rb").read() == data and not os.path.exists(path + ".part")
+    # the cut GET; a range request past what came, which shows there is more; the rest, with the total
+    assert Misbehaving.requests == [None, f"bytes={len(data) // 2}-", f"bytes={len(data) // 2}-"]
+
+
+def test_a_stalled_server_times_out(misbehaving):
+    name, data, configure = misbehaving
+    configure(stall=30.0)  # half the file, then silence
+    t0 = time.monotonic()
+    with pytest.raises(hub.DownloadError, match=f"broke off after {len(data) // 2:,} bytes \\(timed out\\)"):
+        hub.download(name, progress=False, timeout=0.5)
+    configure(cut=None, stall=30.0)  # not even the headers
+    with pytest.raises(hub.DownloadError, match="failed: timed out; without network, copy"):
+        hub.download(name, progress=False, timeout=0.5)
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_folder_or_file_url_is_a_mirror(misbehaving, tmp_path, monkeypatch, capsys):
+    name, data, _ = misbehaving
+    folder = tmp_path / "mirror folder"
+    folder.mkdir()
+    (folder / f"{name}.pth").write_bytes(data)
+    for value in (str(folder), folder.as_uri()):
+        monkeypatch.setenv("BEIT3_MIRROR", value)
+        path = hub.download(name, progress=False)
+        assert open(path, "rb").read() == data and not os.path.exists(path + ".part")
+        os.remove(path)
+    monkeypatch.setenv("BEIT3_MIRROR", str(tmp_path / "elsewhere"))
+    assert cli_main(["download", name]) == 1
+    assert f"BEIT3_MIRROR {tmp_path / 'elsewhere'} (does not exist): not a folder" in error_line(capsys.readouterr().err)
+    assert Misbehaving.requests == []  # nothing went over HTTP
+
+
+def test_no_network_names_the_mirror_and_the_cache_and_offline_never_tries(misbehaving, monkeypatch, capsys):
+    name, data, _ = misbehaving
+    cache = os.path.join(hub.cache_dir(), f"{name}.pth")
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with monkeypatch.context() as m:
+        m.setenv("BEIT3_MIRROR", f"http://127.0.0.1:{port}")
+        assert cli_main(["download", name]) == 1
+    err = error_line(capsys.readouterr().err)
+    assert "Connection refused" in err and "BEIT3_MIRROR" in err and cache in err, err
+
+    monkeypatch.setenv("BEIT3_OFFLINE", "1")
+    with pytest.raises(hub.DownloadError, match=f"offline .*{name}.pth is not in the cache {hub.cache_dir()}"):
+        hub.create_model(name, pretrained=True)
+    monkeypatch.delenv("BEIT3_OFFLINE")
+    assert cli_main(["download", name, "--offline"]) == 1
+    assert f"copy it there as {cache}" in error_line(capsys.readouterr().err)
+    os.makedirs(hub.cache_dir(), exist_ok=True)
+    with open(cache, "wb") as f:
+        f.write(data)
+    assert cli_main(["download", name, "--offline"]) == 0  # the cached file
+    assert capsys.readouterr().out.strip() == cache and Misbehaving.requests == []  # no request, ever
+
+
+def test_list_models_refuses_an_unknown_task(capsys):
+    assert cli_main(["list-models", "--task", "ocr"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "beit3 list-models: error: unknown task 'ocr'; the registry's tasks: backbone, captioning, classification, "
+        "nlvr2, retrieval, tokenizer, vqa\n")
+    assert cli_main(["list-models", "--task", "nlvr2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4

@@ -138,7 +138,7 @@ def test_caption_rank_and_nlvr2(runs, data, capsys):
     [cap] = predict_lines(capsys, best(runs, "captioning"), "--image", images[0])
     p = load_predictor(best(runs, "captioning"))
     tok = p.tokenizer
-    assert p.inference == {"max_text_len": 24, "num_beams": 2, "length_penalty": 0.6}  # the run's recipe
+    assert p.inference == {"max_text_len": 24, "num_beams": 2, "length_penalty": 0.6, "ban_special": True}  # the recipe
     dc = DecodeConfig(num_beams=2, max_len=24, length_penalty=0.6, bos_id=tok.bos_id, eos_id=tok.eos_id,
                       pad_id=tok.pad_id, mask_id=tok.mask_id)
     tokens, scores = generate(p.model, p.images([images[0]]), p.model.cfg.depth, dc)

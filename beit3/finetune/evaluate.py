@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..train.ds_config import ConfigError
 from .main import add_config_flags, resolve_config
 from .recipes import TASKS, FinetuneConfig
@@ -56,7 +56,8 @@ def config_for(args: argparse.Namespace, meta: dict) -> FinetuneConfig:
         saved = dict(meta["finetune"])
         if args.task is not None and saved["task"] != args.task:
             raise ConfigError(f"the checkpoint was fine-tuned for {saved['task']}, not --task {args.task}")
-        overrides = {k: v for k, v in vars(args).items() if k in saved and k != "task" and v is not None}
+        fields = FinetuneConfig.__dataclass_fields__  # a field newer than the run (ban_special) too
+        overrides = {k: v for k, v in vars(args).items() if k in fields and k != "task" and v is not None}
         return FinetuneConfig(**{**saved, **overrides})
     if args.task is None and args.recipe is None:
         raise ConfigError("the checkpoint has no meta.json of ours: give --task (and --recipe for its settings)")
@@ -158,8 +159,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if spm is None or not os.path.isfile(spm):
         print(f"beit3 evaluate: error: no sentencepiece model (--spm; recorded: {spm!r})", file=sys.stderr)
         return 2
+    try:
+        tokenizer = TextTokenizer(spm)
+    except ValueError as e:  # a corrupt or foreign SentencePiece file
+        print(f"beit3 evaluate: error: {first_line(e)}", file=sys.stderr)
+        return 2
     os.makedirs(output, exist_ok=True)
-    tokenizer = TextTokenizer(spm)
     task = build_task(cfg, tokenizer, **({"annotations": annotations} if cfg.task == "vqa" else {}))
     try:
         dataset = task.dataset(data, split, train=False)

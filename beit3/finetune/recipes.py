@@ -73,6 +73,7 @@ class FinetuneConfig:
     drop_worst_after: int = 12000
     num_beams: int = 3
     length_penalty: float = 0.6
+    ban_special: bool = True  # decoding never generates <s>, <pad>, [MASK] (unilm/beit3 bans nothing)
     logit_scale_max: Optional[float] = None  # retrieval: clamp of exp(logit_scale); None = unilm (none), 100 = CLIP
     vqa_eval: str = "2016"  # vqaEval.py version of vqa_accuracy: "2016" (server) or "2021" (beit3.eval.vqa_metric)
     # EMA of the weights (timm ModelEmaV3), validated beside the model

@@ -372,13 +372,14 @@ class CaptioningTask(Task):
 
     def inference(self) -> dict:
         c = self.cfg
-        return {"max_text_len": c.max_text_len, "num_beams": c.num_beams, "length_penalty": c.length_penalty}
+        return {"max_text_len": c.max_text_len, "num_beams": c.num_beams, "length_penalty": c.length_penalty,
+                "ban_special": c.ban_special}
 
     def decode_config(self) -> DecodeConfig:
         tok = self.tokenizer
         return DecodeConfig(num_beams=self.cfg.num_beams, max_len=self.cfg.max_text_len,
                             length_penalty=self.cfg.length_penalty, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                            pad_id=tok.pad_id, mask_id=tok.mask_id)
+                            pad_id=tok.pad_id, mask_id=tok.mask_id, ban_special=self.cfg.ban_special)
 
     def eval_passes(self, dataset: Dataset) -> list[EvalPass]:
         dc = self.decode_config()

@@ -54,9 +54,11 @@ class BEiT3(nn.Module):
     # -- initialisation ------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """unilm's initialisation (BEiT v2 pretraining, unilm/beit3): linear, conv and embedding
-        weights, the position tables and the CLS/mask tokens from a normal of std ``init_std`` cut
-        at +-std (``beit3.model.init``); zero biases; LayerNorm 1/0.
+        """BEiT / BEiT v2 pretraining's scheme, carried over to the text tables: linear, conv and
+        embedding weights, the position tables and the CLS/mask tokens from a normal of std
+        ``init_std`` cut at +-std (``beit3.model.init``); zero biases; LayerNorm 1/0. unilm/beit3 and
+        torchscale initialise embeddings, position tables, the patch conv and the tokens otherwise
+        (docs/model.md).
         With ``subln_init_scale`` the fc1/fc2/v/out weights and biases are then multiplied by
         sqrt(log 2N): torchscale's Sub-LN (Magneto) initialisation, the pretraining default."""
         std = self.cfg.init_std

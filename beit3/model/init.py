@@ -1,10 +1,10 @@
-"""Weight initialisation as unilm does it (BEiT, BEiT v2, BEiT-3), shared by the backbone, the
-pretraining heads and the task heads.
+"""Weight initialisation with unilm's cut normal, shared by the backbone, the pretraining heads and
+the task heads.
 
 unilm's ``trunc_normal_`` (beit and beit2 ``modeling_pretrain.py``, beit3 ``modeling_utils.py``)
 calls timm's with ``a=-std, b=std``: a normal of std 0.02 cut at one standard deviation, whose
 actual standard deviation is 0.02 x 0.54 = 0.0108. Cutting at timm's default +-2 (absolute) would
-leave a plain normal of std 0.02.
+leave a plain normal of std 0.02. Which weights each reference draws this way: docs/model.md.
 """
 from __future__ import annotations
 

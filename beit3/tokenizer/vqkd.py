@@ -35,6 +35,7 @@ from timm.models.beit import Beit
 from torch import Tensor, nn
 
 from beit3.config import checked_from_dict
+from beit3.weights.io import load_safetensors
 from beit3.tokenizer.quantizer import NormEMAVectorQuantizer
 
 CONFIG_NAME = "tokenizer_config.json"
@@ -229,8 +230,7 @@ def _read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict, str]:
     if not path.is_file():
         raise FileNotFoundError(f"VQ-KD checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path), str(path)
+        return load_safetensors(path), str(path)
     # beit2 training checkpoints also pickle their argparse.Namespace; it is harmless to allow.
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True), str(path)

@@ -10,13 +10,18 @@ always unpickles; its files are first probed with ``weights_only=True`` (allowin
 ``ZeroStageEnum`` and loss scalers), so that without the opt-in nothing else in them can run.
 Resuming a training run applies the same probe (``check_deepspeed_files``) before DeepSpeed loads.
 
-A file that cannot be read at all (empty, truncated, text) raises ``BadFileError`` naming the file,
-its size and what is wrong, instead of the library's own error.
+A file that cannot be read at all (empty, truncated, text, random bytes) raises ``BadFileError``
+naming the file, its size and what is wrong, instead of the library's own error. The format is
+told by the file's first bytes before anything is unpickled: a torch zip archive, a legacy torch
+pickle (torch's magic number) or a safetensors header; anything else is not a checkpoint, and the
+advice to unpickle it is never given.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -30,11 +35,46 @@ PICKLE_HINT = ("if you trust this file, pass allow_pickle=True (command line: --
                "unpickling can run arbitrary code")
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+# torch.save before 1.6: a pickle (protocol 2) of the magic number 0x1950a86a20f9469cfc6c first.
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
 class UnsafeCheckpointError(UserError, ValueError):
     """The file needs full unpickling and the caller did not opt in."""
 
 
+def file_format(path: str) -> str:
+    """What the first bytes of ``path`` say it is: "zip" (torch), "legacy" (torch before 1.6),
+    "safetensors", "empty" or "unknown"."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head.startswith(LEGACY_TORCH_MAGIC[:len(head)]):
+        return "legacy"
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    return "unknown"
+
+
+def not_a_checkpoint(path: str) -> BadFileError:
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if not head:
+        return BadFileError(path, "empty file, not a checkpoint")
+    return BadFileError(path, f"not a torch checkpoint (neither a zip archive nor a legacy torch pickle) nor a "
+                              f"safetensors file: it starts with {head!r}")
+
+
 def _torch_load(path: str, allow_pickle: bool, mmap: bool = False) -> Any:
+    kind = file_format(path)
+    if kind == "safetensors":  # whatever its name says
+        return load_safetensors(path)
+    if kind not in ("zip", "legacy"):  # nothing in it is worth unpickling: say so, never suggest it
+        raise not_a_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # the weights-only unpickler raises pickle.UnpicklingError
@@ -60,15 +100,13 @@ def unreadable(path: str, error: Exception) -> BadFileError:
     with open(path, "rb") as f:
         head = f.read(12)
     text = str(error)
-    if not head:
-        problem = "empty file, not a torch checkpoint"
-    elif head.startswith(b"PK\x03\x04"):  # torch's zip format
+    if head.startswith(ZIP_MAGIC):
         what = "incomplete zip archive" if "zip archive" in text or "central directory" in text else first_line(text)
         problem = f"truncated or corrupted torch checkpoint ({what})"
-    elif head.startswith(b"\x80"):  # a pickle: torch's format before 1.6
+    elif head and head.startswith(LEGACY_TORCH_MAGIC[:len(head)]):
         problem = f"truncated or corrupted torch checkpoint ({type(error).__name__}: {first_line(text)})"
     else:
-        problem = f"not a torch checkpoint (neither a zip archive nor a pickle: it starts with {head!r})"
+        return not_a_checkpoint(path)
     return BadFileError(path, problem)
 
 
@@ -90,13 +128,45 @@ def load_checkpoint_file(path: str, allow_pickle: bool = False, mmap: bool = Fal
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # SafetensorError derives from Exception only
-            what = "empty file" if os.path.getsize(path) == 0 else first_line(e)
-            raise BadFileError(path, f"not a complete safetensors file ({what})") from None
+        return load_safetensors(path)
     return _torch_load(path, allow_pickle, mmap)
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
+    """A ``.safetensors`` file's tensors; an empty, truncated or foreign file raises ``BadFileError``."""
+    from safetensors.torch import load_file
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise BadFileError(path, f"not a complete safetensors file ({problem})")
+    try:
+        return load_file(path, device=device)
+    except Exception as e:  # SafetensorError derives from Exception only
+        raise BadFileError(path, f"not a complete safetensors file ({first_line(e)})") from None
+
+
+def safetensors_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why ``path`` is not a whole safetensors file (its header's offsets must cover the file
+    exactly), or None."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            return f"a header of {n if n is not None else '?'} bytes does not fit in {size:,} bytes"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "the header is not JSON"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    data = size - 8 - n
+    if max(ends, default=0) != data:
+        return f"its tensors end at byte {max(ends, default=0):,} of {data:,} data bytes (truncated or padded)"
+    return None
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -172,6 +242,8 @@ def check_deepspeed_files(tag_dir: str, allow_pickle: bool) -> None:
         return
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         for f in deepspeed_state_files(tag_dir):
+            if file_format(f) not in ("zip", "legacy"):
+                raise not_a_checkpoint(f)
             try:
                 torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
