@@ -21,6 +21,7 @@ one folder and one manifest.
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import http.client
 import json
@@ -242,14 +243,34 @@ def _parquet_table(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
 
 
 def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    _check_utf8(path)
     f = open(path, newline="", encoding="utf-8")
     reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     try:
         columns = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as e:
         f.close()
-        raise ShardError(f"--captions {path}: unreadable header ({_csv_problem(e)})") from None
+        raise ShardError(f"--captions {path}: unreadable header ({e})") from None
     return list(columns), _csv_rows(path, f, reader)
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """A table in another encoding is refused before any row is used, naming the first bad line."""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                bad = max(0, e.start - len(e.object) + len(block))  # the error's position in this block
+                line = lines + block[:bad].count(b"\n")
+                raise ShardError(f"--captions {path}: line {line} is not UTF-8 text (byte {block[bad:bad + 1]!r} at "
+                                 f"offset {offset + bad}); convert the file to UTF-8") from None
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ShardError(f"--captions {path}: ends inside a UTF-8 character (a truncated file?)") from None
 
 
 def _csv_rows(path: Path, f, reader: csv.DictReader) -> Iterator[tuple[str, dict]]:
@@ -258,13 +279,7 @@ def _csv_rows(path: Path, f, reader: csv.DictReader) -> Iterator[tuple[str, dict
             for row in reader:
                 yield f"{path}:{reader.line_num}", row
         except (UnicodeDecodeError, csv.Error) as e:  # a file problem, not a row's: refuse the file
-            raise ShardError(f"--captions {path}: after line {reader.line_num}: {_csv_problem(e)}") from None
-
-
-def _csv_problem(e: Exception) -> str:
-    if isinstance(e, UnicodeDecodeError):
-        return f"not UTF-8 text ({e.reason}: byte {e.object[e.start:e.start + 1]!r}); convert the file to UTF-8"
-    return f"not valid CSV ({e})"
+            raise ShardError(f"--captions {path}: after line {reader.line_num}: not valid CSV ({e})") from None
 
 
 def _pair_items(rows: Iterator[Row], root: Path, timeouts: Timeouts, retries: int) -> Iterator[Item]:
