@@ -3,7 +3,6 @@ a byte at a time; a ``pipe:`` command that stalls. Pretraining goes on without s
 or stops with one line, ``beit3 data shards --captions`` skips such image URLs, and every case
 finishes within a few seconds (asserted), with the timeouts set small."""
 import csv
-import functools
 import http.server
 import io
 import os

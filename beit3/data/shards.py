@@ -11,12 +11,16 @@ Karpathy-split JSON, or CSV/TSV/parquet tables with an image path/URL column and
 (img2dataset's inputs; see ``caption_samples``); text files hold one document a line.
 
 Unusable inputs (unknown image bytes, missing image files, empty or non-UTF-8 texts, bad JSON
-lines) are skipped with a warning and counted; no samples at all is an error.
+lines, image URLs that fail or miss their download deadline) are skipped with a warning and
+counted; no samples at all is an error. A source that cannot be used as a whole (an empty folder or
+file, a captions file that is not valid JSON or UTF-8, a table without its columns, a JSON entry
+without its image name) is a ``ShardError`` naming the file, raised before anything is written.
 
 ``manifest.json`` in the output folder lists, per kind, the source (relative to the folder), the
 shards with their sample counts and byte sizes, the totals and the skipped inputs; writing a kind
 replaces that kind's shards and entry only, so the images, texts and pairs of one dataset share
-one folder and one manifest.
+one folder and one manifest. The new shards are written into a hidden folder beside the old ones
+and moved in, with the manifest, once complete: an error or an interrupt leaves the old set.
 """
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence

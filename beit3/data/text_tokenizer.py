@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
