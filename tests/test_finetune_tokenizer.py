@@ -42,7 +42,8 @@ def test_init_from_a_pretraining_run_brings_its_tokenizer(data, pretrained_tiny,
                         "--output", str(tmp_path / "other"), *COMMON, "--max-steps", "2"])
     lines = _lines(capsys.readouterr().err)
     assert rc == 1 and len(lines) == 1, lines
-    assert lines[0] == (f"beit3 finetune: error: --init {final} was trained with {os.path.join(final, 'tokenizer.model')} "
+    saved = os.path.join(final, "tokenizer.model")
+    assert lines[0] == (f"beit3 finetune: error: --init {final} was trained with {saved} "
                         f"(sha256 {spm_digest(data.spm)}), but the tokenizer here is {assets[0]} (sha256 "
                         f"{spm_digest(assets[0])}); leave out --spm to use the model's own")
     assert not (tmp_path / "other" / "best").exists()

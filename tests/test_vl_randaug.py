@@ -15,6 +15,7 @@ from beit3.data.transforms import build_vl_transform
 MAX_LEVEL, TRANSLATE_CONST, REPLACE = 10, 10, (128, 128, 128)
 UNILM_AUGS = ['Identity', 'AutoContrast', 'Equalize', 'Brightness', 'Sharpness',
               'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate']  # datasets.build_transform
+SIGNED = ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate')  # their level_to_args draw a sign
 
 
 def u_autocontrast(img):
@@ -121,7 +122,7 @@ def u_random_augment(img, n=2, m=7, augs=UNILM_AUGS):
     for name in np.random.choice(augs, n):
         if np.random.random() > 0.5:
             continue
-        if name in ('ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate'):
+        if name in SIGNED:
             np.random.random()  # the sign draw
         applied.append(str(name))
     return applied
@@ -137,8 +138,7 @@ def _images():
     return {"blocks": smooth, "ramp": ramp, "noise": noisy}
 
 
-CASES = [(name, neg) for name in VL_OPS for neg in ((False, True) if name in
-                                                     ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate") else (False,))]
+CASES = [(name, neg) for name in VL_OPS for neg in ((False, True) if name in SIGNED else (False,))]
 
 
 @pytest.mark.parametrize("name,negative", CASES)

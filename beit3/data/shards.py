@@ -230,7 +230,8 @@ def _table_rows(path: Path, url_col: str | None, caption_col: str | None) -> Ite
         if col is None or col not in columns:
             raise ShardError(f"--captions {path}: no {name} column ({col or 'none of the usual names'}; "
                              f"columns: {columns}); name it with --{'url' if name == 'image' else 'caption'}-col")
-    return ((where, row[image_col], row[text_col]) for where, row in rows)
+    return ((where, row[image_col], row[text_col]) if row.get(image_col) else (where, None, f"no {image_col!r} value")
+            for where, row in rows)
 
 
 def _parquet_table(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:

@@ -152,7 +152,7 @@ def _folder_source(kind: str, folder: str, pattern: str, weight: float, min_shar
 
 
 def _captioned(images: list[str], files: list[str]) -> list[str]:
-    """The images with a caption file of the same name (KEY.txt, or KEY.json with a caption)."""
+    """The images with a caption file of the same name beside them (KEY.txt or KEY.json)."""
     present = set(files)
     return [p for p in images if any(os.path.splitext(p)[0] + s in present for s in CAPTION_SUFFIXES)]
 
