@@ -414,3 +414,84 @@ def test_cifar100_pickles(tmp_path):
     assert len(ds) == 4 and [ds[i]["label"] for i in range(4)] == [0, 1, 2, 3]
     with pytest.raises(FileNotFoundError, match="no CIFAR python batches"):
         CIFARDataset(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- bad raw files, other forms
+def test_vqa_annotation_without_answers_is_one_line(tmp_path, spm_path, capsys):
+    _write_world(tmp_path)
+    path = tmp_path / "raw" / "vqa" / "v2_mscoco_train2014_annotations.json"
+    anns = json.loads(path.read_text())
+    del anns["annotations"][2]["answers"]
+    path.write_text(json.dumps(anns))
+    rc = main(["vqa", "--raw", str(tmp_path / "raw" / "vqa"), "--data-root", str(tmp_path), "--spm", spm_path,
+               "--min-answer-count", str(MIN_COUNT)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    qid = anns["annotations"][2]["question_id"]
+    assert err == (f"beit3 data downstream: error: {path}: annotations[2] (question_id {qid}) has no 'answers'; "
+                   "a VQA v2 annotation needs question_id, multiple_choice_answer, answers")
+    assert not (tmp_path / "vqa.train.jsonl").exists()
+
+
+def test_nlvr2_as_one_json_array_gives_the_same_index(tmp_path, world, spm_path, capsys):
+    shutil.copytree(world / "raw" / "nlvr2", tmp_path / "nlvr2")
+    for name in ("train", "dev", "test1"):
+        path = tmp_path / "nlvr2" / f"{name}.json"
+        path.write_text(json.dumps([json.loads(line) for line in path.read_text().splitlines()], indent=1))
+    assert main(["nlvr2", "--raw", str(tmp_path / "nlvr2"), "--data-root", str(world), "--spm", spm_path,
+                 "--output", str(tmp_path)]) == 0
+    for split in ("train", "dev", "test-P"):
+        name = f"nlvr2.{split}.index.jsonl"
+        assert read_jsonl(tmp_path / name) == read_jsonl(world / name), name
+    entries = json.loads((tmp_path / "nlvr2" / "dev.json").read_text())
+    del entries[0]["sentence"]
+    (tmp_path / "nlvr2" / "dev.json").write_text(json.dumps(entries))
+    capsys.readouterr()
+    assert main(["nlvr2", "--raw", str(tmp_path / "nlvr2"), "--data-root", str(world), "--spm", spm_path,
+                 "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"beit3 data downstream: error: {tmp_path / 'nlvr2' / 'dev.json'}[0]: NLVR2 entry without 'sentence'"
+
+
+def test_index_files_record_and_check_their_tokenizer(tmp_path, world, spm_path, tok):
+    """An index tokenized by one SentencePiece model is refused with another, naming both."""
+    from beit3.data.downstream.provenance import INDEX_MANIFEST, recorded_tokenizer
+    from beit3.data.text_tokenizer import TokenizerMismatchError, spm_digest
+    record = recorded_tokenizer(world / "vqa.train.jsonl")
+    assert record["text_tokenizer_sha256"] == spm_digest(spm_path) == tok.digest
+    assert recorded_tokenizer(world / "answer2label.txt") is None  # no token ids in it
+    assert recorded_tokenizer(world / "coco_captioning.val.jsonl") is None
+    VQADataset(world, "train", tokenizer=tok)  # the same model: fine
+    (tmp_path / "corpus.txt").write_text("\n".join(_corpus()[::-1]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        other = TextTokenizer(train_spm([str(tmp_path / "corpus.txt")], str(tmp_path / "other"), vocab_size=120,
+                                        num_threads=1))
+    with pytest.raises(TokenizerMismatchError) as e:
+        VQADataset(world, "train", tokenizer=other)
+    assert str(e.value) == (f"{world / 'vqa.train.jsonl'} was tokenized with {spm_path} (sha256 {tok.digest}), but "
+                            f"the tokenizer here is {other.model_file} (sha256 {other.digest}); give that model as "
+                            "--spm, or rebuild the index files with beit3 data downstream --spm (this one)")
+    # Files without a record (unilm's, older ones) and files replaced since their record still load.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("nlvr2.train.index.jsonl", "nlvr2.dev.index.jsonl"):
+        shutil.copy(world / name, copy / name)
+    NLVR2Dataset(copy, "train", tokenizer=other)
+    shutil.copy(world / INDEX_MANIFEST, copy / INDEX_MANIFEST)
+    with pytest.raises(TokenizerMismatchError):
+        NLVR2Dataset(copy, "train", tokenizer=other)
+    with open(copy / "nlvr2.train.index.jsonl", "a") as f:
+        f.write("\n")
+    NLVR2Dataset(copy, "train", tokenizer=other)
+
+
+def test_cifar_from_an_undecodable_image_is_one_line(tmp_path, world, capsys):
+    from beit3.data.cifar_format import main as cifar_main
+    shutil.copytree(world / "classification", tmp_path / "src")
+    bad = tmp_path / "src" / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert cifar_main(["--src", str(tmp_path / "src"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"beit3 data cifar: error: {bad} (19 bytes): not a decodable image (") and \
+        len(err.splitlines()) == 1, err

@@ -127,3 +127,86 @@ def test_main(tmp_path, image_dir, capsys):
     assert main(["--images", str(d), "--output", str(tmp_path / "o"), "--shard-size", "2", "--kind", "imgs"]) == 0
     assert "4 images samples in 2 shards" in capsys.readouterr().out
     assert len(manifest_shards(tmp_path / "o", "imgs")) == 2
+
+
+# -- a bad input leaves the existing shards as they were -------------------------------------------
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def filled(tmp_path, image_dir):
+    """An output folder holding images, texts and pairs shards and their manifest."""
+    d, _ = image_dir
+    out = tmp_path / "out"
+    write_shards(out, images=d, shard_size=2)
+    (tmp_path / "corpus.txt").write_text("one\ntwo\nthree\n")
+    write_shards(out, texts=[tmp_path / "corpus.txt"], shard_size=2)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "imgs/a.png", "caption": "a"}) + "\n")
+    write_shards(out, captions=tmp_path / "pairs.jsonl")
+    return out
+
+
+def _bad_inputs(tmp, d):
+    """(flags, a text the one error line must hold) for inputs that are refused."""
+    (tmp / "empty_dir").mkdir()
+    (tmp / "zero.txt").write_bytes(b"")
+    (tmp / "cut.json").write_text('{"images": [{"filename": "a.png", "sentences": [{"raw": "a"}')
+    karpathy = {"images": [{"filepath": "imgs", "filename": "a.png", "sentences": [{"raw": "x"}]},
+                           {"filepath": "imgs", "sentences": [{"raw": "no file name"}]}]}
+    (tmp / "karpathy.json").write_text(json.dumps(karpathy))
+    coco = {"images": [{"id": 1, "file_name": "imgs/a.png"}, {"file_name": "imgs/b.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "a"}]}
+    (tmp / "coco.json").write_text(json.dumps(coco))
+    (tmp / "nocaption.csv").write_text("url,title\nimgs/a.png,a red circle\n")
+    # a good first row, then a Latin-1 line: the problem shows only once rows were written
+    (tmp / "latin1.csv").write_bytes("url,caption\nimgs/a.png,a red circle\nimgs/b.jpg,caf\u00e9\n".encode("latin-1"))
+    return [
+        (["--images", str(tmp / "empty_dir")], "empty_dir: no .jpg/.jpeg/.png/.webp files"),
+        (["--texts", str(tmp / "zero.txt")], "zero.txt (0 bytes): an empty file"),
+        (["--captions", str(tmp / "cut.json")], "cut.json (60 bytes): not valid JSON"),
+        (["--captions", str(tmp / "karpathy.json")], "karpathy.json: images[1] has no 'filename'"),
+        (["--captions", str(tmp / "coco.json")], "coco.json: images[1] has no 'id'"),
+        (["--captions", str(tmp / "nocaption.csv")], "nocaption.csv: no caption column"),
+        (["--captions", str(tmp / "latin1.csv")], "latin1.csv: line 3 is not UTF-8 text (byte b'\\xe9'"),
+    ]
+
+
+def test_a_bad_input_changes_nothing_and_says_one_line(tmp_path, filled, image_dir, capsys):
+    before = _snapshot(filled)
+    assert {"images-000000.tar", "texts-000000.tar", "pairs-000000.tar", MANIFEST} <= set(before)
+    capsys.readouterr()
+    for flags, problem in _bad_inputs(tmp_path, image_dir[0]):
+        assert main([*flags, "--output", str(filled)]) == 2, flags
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error" in line or "Traceback" in line]
+        assert lines == [lines[0]] and lines[0].startswith("beit3 data shards: error: "), err
+        assert problem in lines[0], (problem, lines[0])
+        assert _snapshot(filled) == before, flags  # shards and manifest byte-identical, no leftovers
+
+
+def test_an_interrupted_write_keeps_the_old_set(tmp_path, filled, monkeypatch):
+    """Killed (here: interrupted) half-way through the new shards: the old ones stay, the partial
+    set is removed."""
+    from beit3.data import shards
+    before = _snapshot(filled)
+    calls = []
+
+    def stop_on_third(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path)
+    real = shards._image_fields
+    monkeypatch.setattr(shards, "_image_fields", stop_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(filled, images=tmp_path / "imgs", shard_size=1)
+    assert _snapshot(filled) == before
+
+
+def test_a_damaged_manifest_entry_is_named(tmp_path, filled):
+    manifest = json.loads((filled / MANIFEST).read_text())
+    del manifest["kinds"]["texts"]["shards"][1]["name"]
+    (filled / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"manifest.json: kinds.texts.shards\[1\] has no 'name'"):
+        manifest_shards(filled, "texts")

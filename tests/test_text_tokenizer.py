@@ -145,3 +145,13 @@ def test_training_is_deterministic_and_cli(tmp_path, spm_model, capsys):
            [(again.sp.id_to_piece(i), again.sp.get_score(i)) for i in range(n)]
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train_spm([str(tmp_path / "nope.txt")], str(tmp_path / "x"))
+
+
+def test_an_empty_corpus_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    for name, size in (("empty.txt", 0), ("blank.txt", 5)):
+        assert main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out" / "m")]) == 2
+        assert capsys.readouterr().err == (f"beit3 data spm: error: {tmp_path / name} ({size} bytes): no text in it "
+                                           "(empty or blank lines only); sentencepiece needs sentences\n")
+    assert not (tmp_path / "out" / "m.model").exists()

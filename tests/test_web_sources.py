@@ -266,3 +266,57 @@ def test_shards_output_that_is_a_file_is_refused_before_reading(tmp_path, capsys
     (tmp_path / "t.txt").write_text("one line\n")
     assert shards_main(["--texts", str(tmp_path / "t.txt"), "--output", str(tmp_path / "out")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def write_img2dataset_files(folder, per_folder: int = 5, folders: int = 2):
+    """img2dataset's ``--output_format files``: 00000/000000001.jpg + .txt + .json, 00000_stats.json;
+    the second folder's samples carry their caption in the json alone."""
+    captions = {}
+    for s in range(folders):
+        sub = folder / f"{s:05d}"
+        sub.mkdir(parents=True)
+        for i in range(per_folder):
+            key, n = f"{s:05d}{i:04d}", s * per_folder + i
+            (sub / f"{key}.jpg").write_bytes(_jpeg(n))
+            (sub / f"{key}.json").write_text(json.dumps({"caption": _caption(n), "key": key}))
+            if s == 0:
+                (sub / f"{key}.txt").write_text(_caption(n))
+            captions[f"{s:05d}/{key}"] = _caption(n)
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"successes": per_folder}))
+    (folder / "00000" / "nocaption.jpg").write_bytes(_jpeg(99))  # an image without a caption: not a pair
+    return captions
+
+
+def test_img2dataset_files_layout_is_a_pairs_source(tmp_path, assets):
+    captions = write_img2dataset_files(tmp_path / "cc")
+    source = resolve_source("pairs", str(tmp_path / "cc"), min_shards=3)
+    assert (len(source.shards), source.samples, source.count_note) == (3, 10, "image files with captions")
+    from beit3.data.pretrain_loader import decode_image, decode_text
+    got = {s["__key__"]: decode_text(s) for shard in source.shards for s in read_samples(shard, SkipLog())}
+    assert got == captions
+    assert all(decode_image(s).size == (40, 40) for s in read_samples(source.shards[0], SkipLog()))
+    cfg = PretrainDataConfig(pair_shards=[str(tmp_path / "cc")], batch_images=0, batch_texts=0, batch_pairs=4,
+                             img_size=32, patch_size=8, tokenizer_img_size=16, max_text_len=16, shuffle_buffer=4)
+    batch = next(iter(PretrainLoader(cfg, assets[0])))
+    assert batch["pairs"]["image"].shape == (4, 3, 32, 32) and batch["stats"]["skipped"] == 0
+    empty = tmp_path / "only-images"
+    empty.mkdir()
+    (empty / "a.jpg").write_bytes(_jpeg(1))
+    with pytest.raises(DataSourceError, match="a folder without .tar shards or image files with a KEY.txt or "
+                                              "KEY.json caption beside them"):
+        resolve_source("pairs", str(empty))
+
+
+def test_a_manifest_entry_without_a_name_is_one_line(tmp_path, assets, capsys):
+    (tmp_path / "corpus.txt").write_text("".join(_caption(i) + "\n" for i in range(20)))
+    write_shards(tmp_path / "shards", texts=[tmp_path / "corpus.txt"], shard_size=5)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    del manifest["kinds"]["texts"]["shards"][2]["name"]
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    rc = pretrain_main(["--preset", "tiny", "--data", str(tmp_path / "shards"), "--spm", assets[0],
+                        "--tokenizer", assets[1], "--output", str(out), "--batch-images", "0", "--batch-pairs", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not out.exists()
+    assert err == (f"beit3 pretrain: error: {tmp_path / 'shards' / 'manifest.json'}: kinds.texts.shards[2] has no "
+                   "'name' (a file name in the folder); rewrite it with beit3 data shards")

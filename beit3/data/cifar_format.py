@@ -27,6 +27,9 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from ..errors import BadFileError, UserError, first_line
+from ..files import check_output_dir
+
 CIFAR10_DIR, CIFAR100_DIR = "cifar-10-batches-py", "cifar-100-python"
 CIFAR10_TRAIN_BATCHES = 5
 SIDE = 32
@@ -130,11 +133,21 @@ def load_split(folder: str | os.PathLike, classes: Sequence[str],
     samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))]
     images = np.empty((len(samples), SIDE, SIDE, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(samples):
-        with Image.open(path) as im:
-            images[i] = np.asarray(im.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BICUBIC))
+        images[i] = _thumbnail(path)
     labels = [label for _, label in samples]
     coarse = [coarse_of(classes[y]) for y in labels] if coarse_of else []
     return CifarSplit(images, labels, [os.path.basename(p) for p, _ in samples], coarse)
+
+
+def _thumbnail(path: str) -> np.ndarray:
+    """(32, 32, 3) uint8 of the image at ``path``; a file that is no image is a BadFileError."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BICUBIC))
+    except Image.DecompressionBombError as e:
+        raise BadFileError(path, f"too large to decode safely ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data
+        raise BadFileError(path, f"not a decodable image ({first_line(e)})") from None
 
 
 def cifar_from_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "cifar10",
@@ -172,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="CIFAR-100 superclasses from '{color}_{shape}' class names (the synthetic world's)")
     args = ap.parse_args(argv)
     coarse_of = (lambda c: c.rsplit("_", 1)[-1]) if args.coarse_by_shape else None
-    from ..errors import UserError
-    from ..files import check_output_dir
     try:
         check_output_dir(args.output)
         out = cifar_from_image_folder(args.src, args.output, args.kind, coarse_of)

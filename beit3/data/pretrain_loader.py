@@ -52,7 +52,8 @@ deterministic and a restored reader continues it exactly; each source keeps its 
 
 Bad data: an undecodable image, a missing, empty or non-UTF-8 text, an unreadable or truncated tar
 is skipped, counted per shard (``stats``) and logged as a warning naming the shard (the first
-``warnings_per_shard`` of each). A remote shard whose open or read fails is retried with backoff
+``warnings_per_shard`` of each). A remote shard whose open or read fails, or stalls (less than
+``shard_min_rate`` bytes/s for ``shard_read_timeout`` seconds), is retried with backoff
 (``shard_retries``, ``retry_backoff``), then given up and counted; a reader that gives up on more
 than ``max_bad_shard_fraction`` of a source's shards stops with a ``DataSourceError``. A pattern
 matching nothing, too few shards for the readers, or a source whose first shards hold no usable
@@ -82,7 +83,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .masking import (IMAGE_MASK_RATIO, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator,
                       default_num_masking_patches, mask_text)
-from .shards import manifest_shards, read_manifest
+from .remote import Timeouts
+from .shards import ShardError, manifest_shards, read_manifest
 from .sources import (IMAGE_KEYS, DataSourceError, RetryPolicy, Shard, SkipLog, Source, failed_in, first_usable,
                       read_samples, resolve_source)
 from .text_tokenizer import TextTokenizer
@@ -107,6 +109,9 @@ class PretrainDataConfig:
     pair_shards: str | Sequence[str] | None = None
     shard_retries: int = 3  # further attempts at a remote shard whose open or read failed
     retry_backoff: float = 1.0  # seconds before the first retry, doubled each time
+    shard_connect_timeout: float = 30.0  # seconds to connect to a remote shard's server
+    shard_read_timeout: float = 60.0  # window in which a remote read must deliver shard_min_rate bytes/s
+    shard_min_rate: float = 1024.0  # bytes/s; slower for a whole window is a stall or a trickle
     max_bad_shard_fraction: float = 0.1  # a reader stops the run when more of one source's shards fail
     batch_images: int = 16
     batch_texts: int = 16
@@ -157,7 +162,11 @@ class PretrainDataConfig:
         return [] if not given else [given] if isinstance(given, (str, os.PathLike)) else [os.fspath(g) for g in given]
 
     def retry(self) -> RetryPolicy:
-        return RetryPolicy(self.shard_retries, self.retry_backoff)
+        return RetryPolicy(self.shard_retries, self.retry_backoff, self.timeouts())
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(connect=self.shard_connect_timeout, read=self.shard_read_timeout,
+                        min_rate=self.shard_min_rate)
 
     def masked_patches(self) -> int:
         if self.num_masking_patches is not None:
@@ -183,6 +192,10 @@ class PretrainDataConfig:
         if self.shard_retries < 0 or self.retry_backoff < 0 or not 0 <= self.max_bad_shard_fraction <= 1:
             raise ValueError(f"need shard_retries >= 0, retry_backoff >= 0 and max_bad_shard_fraction in [0, 1]; "
                              f"got {self.shard_retries}, {self.retry_backoff}, {self.max_bad_shard_fraction}")
+        try:
+            self.timeouts().check()
+        except ValueError as e:
+            raise ValueError(f"remote shard reads: {e}") from None
         if self.max_text_len < 2 or self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"need max_text_len >= 2, num_workers >= 0, shuffle_buffer >= 1; got "
                              f"{self.max_text_len}, {self.num_workers}, {self.shuffle_buffer}")
@@ -207,7 +220,10 @@ def resolve_sources(cfg: PretrainDataConfig, readers: int = 1) -> dict[str, list
 def _dir_source(folder: str, kind: str) -> Source:
     if not os.path.isdir(folder):
         raise DataSourceError(f"shards folder {folder} does not exist")
-    listed = manifest_shards(folder, kind)
+    try:
+        listed = manifest_shards(folder, kind)
+    except ShardError as e:
+        raise DataSourceError(str(e)) from None
     if listed is not None:
         n = read_manifest(folder)["kinds"][kind].get("num_samples")
         if n == 0:

@@ -11,27 +11,39 @@ Karpathy-split JSON, or CSV/TSV/parquet tables with an image path/URL column and
 (img2dataset's inputs; see ``caption_samples``); text files hold one document a line.
 
 Unusable inputs (unknown image bytes, missing image files, empty or non-UTF-8 texts, bad JSON
-lines) are skipped with a warning and counted; no samples at all is an error.
+lines, image URLs that fail or miss their download deadline) are skipped with a warning and
+counted; no samples at all is an error. A source that cannot be used as a whole (an empty folder or
+file, a captions file that is not valid JSON or UTF-8, a table without its columns, a JSON entry
+without its image name) is a ``ShardError`` naming the file, raised before anything is written.
 
 ``manifest.json`` in the output folder lists, per kind, the source (relative to the folder), the
 shards with their sample counts and byte sizes, the totals and the skipped inputs; writing a kind
 replaces that kind's shards and entry only, so the images, texts and pairs of one dataset share
-one folder and one manifest.
+one folder and one manifest. The new shards are written into a hidden folder beside the old ones
+and moved in, with the manifest, once complete: an error or an interrupt leaves the old set.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
+import csv
+import http.client
 import json
 import logging
 import os
 import re
-import sys
+import shutil
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import webdataset as wds
+
+from ..errors import UserError, describe, first_line, report
+from ..files import check_output_dir, remove_stale_temps
+from .remote import ReadTimeout, Timeouts, download
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,9 @@ KINDS = ("images", "texts", "pairs")  # what the pretraining loader mixes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DEFAULT_SHARD_SIZE = 1000
 TAR_MTIME = 0  # fixed member time: identical shards from identical inputs (an int: a float needs a pax header)
+DOWNLOAD_TIMEOUT = 30.0  # seconds for one image URL of a captions table, retries not counted
+DOWNLOAD_CONNECT_TIMEOUT = 10.0  # seconds to connect, and the longest wait for any byte
+DOWNLOAD_RETRIES = 2
 
 
 class ShardError(ValueError):
@@ -59,7 +74,9 @@ def sniff_image_format(data: bytes) -> str | None:
 
 
 # --------------------------------------------------------------------------- sample sources
-# Each source yields ``(fields, None)`` for a sample or ``(None, reason)`` for a skipped input.
+# Each source checks what it can before anything is written (paths, formats, columns, the
+# structure of a JSON file) and raises ShardError; then it yields ``(fields, None)`` for a sample
+# or ``(None, reason)`` for a skipped input.
 Item = tuple[dict | None, str | None]
 
 
@@ -80,27 +97,33 @@ def image_folder_samples(folder: str | os.PathLike) -> Iterator[Item]:
     if not root.is_dir():
         raise ShardError(f"--images {folder}: no such directory")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ShardError(f"--images {folder}: no {'/'.join(IMAGE_SUFFIXES)} files in it (searched recursively)")
     return (_image_fields(path) for path in files)
 
 
 def caption_samples(source: str | os.PathLike, image_root: str | os.PathLike | None = None,
                     url_col: str | None = None, caption_col: str | None = None,
-                    split: Sequence[str] | None = None) -> Iterator[Item]:
+                    split: Sequence[str] | None = None, download_timeout: float = DOWNLOAD_TIMEOUT,
+                    download_retries: int = DOWNLOAD_RETRIES) -> Iterator[Item]:
     """Image-text pairs from a captions file, by its format:
 
     - ``.jsonl``: ``{"image": path, "caption": text}`` a line;
-    - ``.json``: COCO captions (``images`` with ``file_name`` + ``annotations`` with ``image_id``,
-      ``caption``), the Karpathy split (``images`` with ``filepath``/``filename``, ``sentences``
-      and ``split``; ``split`` keeps some splits), or a list of ``{"image", "caption"}``;
+    - ``.json``: COCO captions (``images`` with ``id`` and ``file_name`` + ``annotations`` with
+      ``image_id``, ``caption``), the Karpathy split (``images`` with ``filepath``/``filename``,
+      ``sentences`` and ``split``; ``split`` keeps some splits), or a list of ``{"image", "caption"}``;
     - ``.csv`` / ``.tsv`` / ``.parquet``: img2dataset's input tables, an image path or URL column
       (``url_col``, default the first of url, image, image_path, filepath, file_name) and a caption
       column (``caption_col``, default caption or text).
 
     Image paths are relative to ``image_root`` (default: the captions file's folder); http(s)
-    URLs are downloaded (a failed download is skipped and counted)."""
+    URLs are downloaded, each within ``download_timeout`` seconds (a failed download is retried
+    ``download_retries`` times, then skipped and counted; one that timed out is not retried)."""
     path = Path(source)
     if not path.is_file():
         raise ShardError(f"--captions {source}: no such file")
+    if path.stat().st_size == 0:
+        raise ShardError(f"--captions {describe(path)}: an empty file")
     root = Path(image_root) if image_root is not None else path.parent
     if image_root is not None and not root.is_dir():
         raise ShardError(f"--image-root {image_root}: no such directory")
@@ -113,7 +136,9 @@ def caption_samples(source: str | os.PathLike, image_root: str | os.PathLike | N
         rows = _table_rows(path, url_col, caption_col)
     else:
         raise ShardError(f"--captions {source}: unknown format {suffix!r} (.jsonl, .json, .csv, .tsv, .parquet)")
-    return _pair_items(rows, root)
+    timeouts = Timeouts(connect=min(DOWNLOAD_CONNECT_TIMEOUT, download_timeout),
+                        read=min(DOWNLOAD_CONNECT_TIMEOUT, download_timeout), total=download_timeout)
+    return _pair_items(rows, root, timeouts, download_retries)
 
 
 Row = tuple[str, "str | None", "str | None"]  # (where, image path or URL, caption); None: bad row
@@ -135,29 +160,59 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
 def _json_rows(path: Path, split: Sequence[str] | None) -> Iterator[Row]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"--captions {path}: not valid JSON: {e}") from e
-    if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO captions
-        files = {im["id"]: im["file_name"] for im in data["images"]}
-        for i, ann in enumerate(data["annotations"]):
-            image = files.get(ann.get("image_id"))
-            yield (f"{path}: annotation {i}", image, ann.get("caption")) if image else \
-                (f"{path}: annotation {i}", None, f"image_id {ann.get('image_id')!r} not among the images")
-    elif isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy split
-        for im in data["images"]:
-            if split and im.get("split") not in split:
-                continue
-            image = os.path.join(im.get("filepath", ""), im["filename"])
-            for sent in im.get("sentences", []):
-                yield f"{path}: {image}", image, sent.get("raw")
-    elif isinstance(data, list):
-        for i, entry in enumerate(data):
-            ok = isinstance(entry, dict) and "image" in entry
-            yield (f"{path}[{i}]", entry["image"], entry.get("caption")) if ok else \
-                (f"{path}[{i}]", None, "expected an object with 'image' and 'caption'")
-    else:
-        raise ShardError(f"--captions {path}: neither COCO captions, a Karpathy split nor a list of "
-                         "{image, caption} objects")
+    except json.JSONDecodeError as e:
+        raise ShardError(f"--captions {describe(path)}: not valid JSON ({e.msg} at line {e.lineno}, "
+                         f"column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ShardError(f"--captions {path}: not UTF-8 text (byte {e.start})") from None
+    if isinstance(data, dict) and "annotations" in data and "images" in data:
+        return _coco_rows(path, data)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return _karpathy_rows(path, data["images"], split)
+    if isinstance(data, list):
+        return _list_rows(path, data)
+    raise ShardError(f"--captions {path}: neither COCO captions, a Karpathy split nor a list of "
+                     "{image, caption} objects")
+
+
+def _entry_problem(path: Path, where: str, entry, keys: Sequence[str]) -> None:
+    if not isinstance(entry, dict):
+        raise ShardError(f"--captions {path}: {where} is a {type(entry).__name__}, not an object")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise ShardError(f"--captions {path}: {where} has no {', '.join(repr(k) for k in missing)} "
+                         f"(keys: {sorted(entry)[:8]})")
+
+
+def _coco_rows(path: Path, data: dict) -> Iterator[Row]:
+    if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+        raise ShardError(f"--captions {path}: COCO 'images' and 'annotations' must be lists")
+    for i, im in enumerate(data["images"]):
+        _entry_problem(path, f"images[{i}]", im, ("id", "file_name"))
+    for i, ann in enumerate(data["annotations"]):
+        _entry_problem(path, f"annotations[{i}]", ann, ("image_id",))
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    return ((f"{path}: annotation {i}", files[ann["image_id"]], ann.get("caption")) if ann["image_id"] in files
+            else (f"{path}: annotation {i}", None, f"image_id {ann['image_id']!r} not among the images")
+            for i, ann in enumerate(data["annotations"]))
+
+
+def _karpathy_rows(path: Path, images: list, split: Sequence[str] | None) -> Iterator[Row]:
+    for i, im in enumerate(images):
+        _entry_problem(path, f"images[{i}]", im, ("filename",))
+        if not isinstance(im.get("sentences", []), list):
+            raise ShardError(f"--captions {path}: images[{i}]['sentences'] is not a list")
+    chosen = [im for im in images if not split or im.get("split") in split]
+    return ((f"{path}: {image}", image, sent.get("raw") if isinstance(sent, dict) else None)
+            for im in chosen for image in [os.path.join(im.get("filepath", ""), im["filename"])]
+            for sent in im.get("sentences", []))
+
+
+def _list_rows(path: Path, data: list) -> Iterator[Row]:
+    for i, entry in enumerate(data):
+        ok = isinstance(entry, dict) and "image" in entry
+        yield (f"{path}[{i}]", entry["image"], entry.get("caption")) if ok else \
+            (f"{path}[{i}]", None, "expected an object with 'image' and 'caption'")
 
 
 IMAGE_COLUMNS = ("url", "image", "image_path", "filepath", "file_name")
@@ -166,26 +221,72 @@ CAPTION_COLUMNS = ("caption", "text")
 
 def _table_rows(path: Path, url_col: str | None, caption_col: str | None) -> Iterator[Row]:
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        columns, rows = table.column_names, (dict(zip(table.column_names, r)) for r in
-                                             zip(*(table.column(c).to_pylist() for c in table.column_names)))
+        columns, rows = _parquet_table(path)
     else:
-        import csv
-        f = open(path, newline="", encoding="utf-8")
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        columns, rows = reader.fieldnames or [], reader
+        columns, rows = _csv_table(path)
     image_col = url_col or next((c for c in IMAGE_COLUMNS if c in columns), None)
     text_col = caption_col or next((c for c in CAPTION_COLUMNS if c in columns), None)
     for name, col in (("image", image_col), ("caption", text_col)):
         if col is None or col not in columns:
             raise ShardError(f"--captions {path}: no {name} column ({col or 'none of the usual names'}; "
                              f"columns: {columns}); name it with --{'url' if name == 'image' else 'caption'}-col")
-    for i, row in enumerate(rows, 2 if path.suffix.lower() != ".parquet" else 0):
-        yield f"{path}:{i}", row[image_col], row[text_col]
+    return ((where, row[image_col], row[text_col]) if row.get(image_col) else (where, None, f"no {image_col!r} value")
+            for where, row in rows)
 
 
-def _pair_items(rows: Iterator[Row], root: Path) -> Iterator[Item]:
+def _parquet_table(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    import pyarrow  # optional heavy dependency, only for parquet captions
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ShardError(f"--captions {describe(path)}: not a readable parquet file ({first_line(e)})") from None
+    columns = table.column_names
+    values = zip(*(table.column(c).to_pylist() for c in columns))
+    return columns, ((f"{path}: row {i}", dict(zip(columns, r))) for i, r in enumerate(values))
+
+
+def _csv_table(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    _check_utf8(path)
+    f = open(path, newline="", encoding="utf-8")
+    reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        columns = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as e:
+        f.close()
+        raise ShardError(f"--captions {path}: unreadable header ({e})") from None
+    return list(columns), _csv_rows(path, f, reader)
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """A table in another encoding is refused before any row is used, naming the first bad line."""
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                bad = max(0, e.start - len(e.object) + len(block))  # the error's position in this block
+                line = lines + block[:bad].count(b"\n")
+                raise ShardError(f"--captions {path}: line {line} is not UTF-8 text (byte {block[bad:bad + 1]!r} at "
+                                 f"offset {offset + bad}); convert the file to UTF-8") from None
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ShardError(f"--captions {path}: ends inside a UTF-8 character (a truncated file?)") from None
+
+
+def _csv_rows(path: Path, f, reader: csv.DictReader) -> Iterator[tuple[str, dict]]:
+    with f:
+        try:
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        except (UnicodeDecodeError, csv.Error) as e:  # a file problem, not a row's: refuse the file
+            raise ShardError(f"--captions {path}: after line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def _pair_items(rows: Iterator[Row], root: Path, timeouts: Timeouts, retries: int) -> Iterator[Item]:
     for where, image, caption in rows:
         if image is None:
             yield None, f"{where}: {caption}"
@@ -193,24 +294,28 @@ def _pair_items(rows: Iterator[Row], root: Path) -> Iterator[Item]:
         if not isinstance(caption, str) or not caption.strip():
             yield None, f"{where}: empty caption"
             continue
-        fields, why = _url_fields(image) if re.match(r"https?://", str(image)) else _image_fields(root / image)
+        if re.match(r"https?://", str(image)):
+            fields, why = _url_fields(str(image), timeouts, retries)
+        else:
+            fields, why = _image_fields(root / str(image))
         if fields is None:
             yield None, f"{where}: {why}"
             continue
         yield {**fields, "txt": caption.strip()}, None
 
 
-def _url_fields(url: str, retries: int = 2) -> tuple[dict | None, str | None]:
-    import urllib.request
+def _url_fields(url: str, timeouts: Timeouts, retries: int = DOWNLOAD_RETRIES) -> tuple[dict | None, str | None]:
     error = None
     for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
         try:
-            with urllib.request.urlopen(url, timeout=20) as r:
-                data = r.read()
+            data = download(url, timeouts)
             break
-        except OSError as e:
+        except ReadTimeout as e:  # a stalled or trickling server: another try would take as long
+            return None, f"cannot download {url}: {e}"
+        except (OSError, http.client.HTTPException, ValueError) as e:
             error = e
-            time.sleep(0.5 * 2 ** attempt if attempt < retries else 0)
     else:
         return None, f"cannot download {url}: {error}"
     fmt = sniff_image_format(data)
@@ -221,9 +326,13 @@ def _url_fields(url: str, retries: int = 2) -> tuple[dict | None, str | None]:
 
 def text_samples(files: Sequence[str | os.PathLike]) -> Iterator[Item]:
     """One sample per non-blank line of each file; non-UTF-8 lines are skipped."""
+    if not files:
+        raise ShardError("--texts: no files given")
     for name in files:
         if not Path(name).is_file():
             raise ShardError(f"--texts {name}: no such file")
+        if Path(name).stat().st_size == 0:
+            raise ShardError(f"--texts {describe(name)}: an empty file")
     return _text_lines(files)
 
 
@@ -249,7 +358,9 @@ def write_shards(output_dir: str | os.PathLike, *, images: str | os.PathLike | N
 
     ``kind`` defaults to ``images``, ``pairs`` or ``texts`` after the source. A shard is closed
     after ``shard_size`` samples or once it holds ``max_bytes`` bytes (it can exceed that by one
-    sample; webdataset counts the samples' payload bytes, not tar headers). Returns the kind's
+    sample; webdataset counts the samples' payload bytes, not tar headers). The new shards are
+    written into a hidden folder beside the old ones and replace them (and the kind's manifest
+    entry) only once complete: a bad input leaves the folder as it was. Returns the kind's
     manifest entry.
     """
     sources = {"images": images, "pairs": captions, "texts": texts}
@@ -265,17 +376,22 @@ def write_shards(output_dir: str | os.PathLike, *, images: str | os.PathLike | N
     items = _source_items(content, sources[content], caption_options or {})
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_shards(out, kind)
-    counts, skipped = _write_items(items, out, kind, shard_size, max_bytes)
-    if not counts:
-        raise ShardError(f"no {content} samples in {sources[content]} ({skipped} inputs skipped); nothing written")
-    entry = {"content": content, "source": _source_name(sources[content], out), "shard_size": shard_size,
-             "max_bytes": max_bytes, "skipped": skipped,
-             "shards": [{"name": name, "samples": n, "bytes": (out / name).stat().st_size}
-                        for name, n in sorted(counts.items())]}
-    entry["num_samples"] = sum(s["samples"] for s in entry["shards"])
-    entry["num_bytes"] = sum(s["bytes"] for s in entry["shards"])
-    _update_manifest(out, kind, entry)
+    read_manifest(out)  # a damaged manifest stops us before the work, not after it
+    staging = _staging_dir(out, kind)
+    try:
+        counts, skipped = _write_items(items, staging, kind, shard_size, max_bytes)
+        if not counts:
+            raise ShardError(f"no {content} samples in {sources[content]} ({skipped} inputs skipped); "
+                             f"nothing written")
+        entry = {"content": content, "source": _source_name(sources[content], out), "shard_size": shard_size,
+                 "max_bytes": max_bytes, "skipped": skipped,
+                 "shards": [{"name": name, "samples": n, "bytes": (staging / name).stat().st_size}
+                            for name, n in sorted(counts.items())]}
+        entry["num_samples"] = sum(s["samples"] for s in entry["shards"])
+        entry["num_bytes"] = sum(s["bytes"] for s in entry["shards"])
+        _swap_in(out, staging, kind, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return entry
 
 
@@ -285,6 +401,16 @@ def _source_items(content: str, source, caption_options: dict) -> Iterator[Item]
     if content == "pairs":
         return caption_samples(source, **caption_options)
     return text_samples([source] if isinstance(source, (str, os.PathLike)) else source)
+
+
+def _staging_dir(out: Path, kind: str) -> Path:
+    """``out/.{kind}-shards.tmp-<host>-<pid>``: the temporary naming of ``beit3.files``, so that the
+    next writer removes what a killed one left."""
+    remove_stale_temps(out / f"{kind}-shards")
+    staging = out / f".{kind}-shards.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
 
 
 def _write_items(items: Iterator[Item], out: Path, kind: str, shard_size: int,
@@ -304,15 +430,38 @@ def _write_items(items: Iterator[Item], out: Path, kind: str, shard_size: int,
             n += 1
     finally:
         writer.close()
-    if not counts:
-        _remove_shards(out, kind)  # ShardWriter opens its first (here empty) shard up front
     return counts, skipped
 
 
-def _remove_shards(out: Path, kind: str) -> None:
-    for p in out.glob(f"{kind}-*.tar"):
-        if re.fullmatch(rf"{re.escape(kind)}-\d{{6}}\.tar", p.name):
-            p.unlink()
+def _kind_shards(folder: Path, kind: str) -> list[Path]:
+    return sorted(p for p in folder.glob(f"{kind}-*.tar") if re.fullmatch(rf"{re.escape(kind)}-\d{{6}}\.tar", p.name))
+
+
+def _swap_in(out: Path, staging: Path, kind: str, entry: dict) -> None:
+    """Replace ``kind``'s shards in ``out`` by the complete set in ``staging``, then the manifest:
+    renames within one folder, the old set moved aside first and put back if a rename fails."""
+    manifest = read_manifest(out)
+    manifest["kinds"][kind] = entry
+    manifest["kinds"] = dict(sorted(manifest["kinds"].items()))
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    old = staging / "previous"
+    old.mkdir()
+    new = _kind_shards(staging, kind)
+    moved_old, moved_new = [], []
+    try:
+        for p in _kind_shards(out, kind):
+            os.replace(p, old / p.name)
+            moved_old.append(p.name)
+        for p in new:
+            os.replace(p, out / p.name)
+            moved_new.append(p.name)
+        os.replace(staging / MANIFEST, out / MANIFEST)
+    except BaseException:
+        for name in moved_new:
+            os.replace(out / name, staging / name)
+        for name in moved_old:
+            os.replace(old / name, out / name)
+        raise
 
 
 def _source_name(source, out: Path) -> str | list[str]:
@@ -330,10 +479,30 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path} is not valid JSON: {e}") from e
+        raise ShardError(f"{describe(path)}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("kinds"), dict):
         raise ShardError(f"{path}: expected a shard manifest with a 'kinds' object")
+    for kind, entry in manifest["kinds"].items():
+        problem = _entry_problems(entry)
+        if problem:
+            raise ShardError(f"{path}: kinds.{kind}{problem}; rewrite it with beit3 data shards")
     return manifest
+
+
+def _entry_problems(entry) -> str | None:
+    """What makes a manifest entry unusable (``.shards[3] has no 'name'``), or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+        return " is not an object with a 'shards' list"
+    for i, shard in enumerate(entry["shards"]):
+        if not isinstance(shard, dict):
+            return f".shards[{i}] is not an object"
+        name, samples = shard.get("name"), shard.get("samples")
+        if not isinstance(name, str) or not name or os.path.basename(name) != name:
+            return f".shards[{i}] has no 'name' (a file name in the folder)" if name is None else \
+                f".shards[{i}] has 'name' {name!r}, not a file name in the folder"
+        if not (isinstance(samples, int) and samples >= 0):
+            return f".shards[{i}] ({name}) has 'samples' {samples!r}, not a count"
+    return None
 
 
 def manifest_shards(folder: str | os.PathLike, kind: str) -> list[str] | None:
@@ -342,15 +511,6 @@ def manifest_shards(folder: str | os.PathLike, kind: str) -> list[str] | None:
     if entry is None:
         return None
     return [os.path.join(folder, s["name"]) for s in entry["shards"]]
-
-
-def _update_manifest(out: Path, kind: str, entry: dict) -> None:
-    manifest = read_manifest(out)
-    manifest["kinds"][kind] = entry
-    manifest["kinds"] = dict(sorted(manifest["kinds"].items()))
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
 
 
 # --------------------------------------------------------------------------- command line
@@ -367,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url-col", help="--captions table: the image path or URL column")
     parser.add_argument("--caption-col", help="--captions table: the caption column")
     parser.add_argument("--split", nargs="+", help="--captions Karpathy JSON: keep these splits (e.g. train restval)")
+    parser.add_argument("--download-timeout", type=float, default=DOWNLOAD_TIMEOUT,
+                        help="--captions with URLs: seconds for one image's download, a stalled or trickling "
+                             f"server included (default {DOWNLOAD_TIMEOUT:g}); such an image is skipped and counted")
     parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
     parser.add_argument("--kind", help="shard name prefix (default: images, pairs or texts after the source)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard")
@@ -375,22 +538,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     start = time.perf_counter()
-    from ..errors import OutputError
-    from ..files import check_output_dir
     try:
+        if not 0 < args.download_timeout < float("inf"):
+            raise ShardError(f"--download-timeout must be a positive number of seconds, got {args.download_timeout}")
         check_output_dir(args.output)
-    except OutputError as e:
-        print(f"beit3 data shards: error: {e}", file=sys.stderr)
-        return 2
-    try:
         options = {"image_root": args.image_root, "url_col": args.url_col, "caption_col": args.caption_col,
-                   "split": args.split}
+                   "split": args.split, "download_timeout": args.download_timeout}
         entry = write_shards(args.output, images=args.images, captions=args.captions, texts=args.texts,
                              kind=args.kind, shard_size=args.shard_size, max_bytes=args.max_bytes,
                              caption_options={k: v for k, v in options.items() if v is not None})
-    except ShardError as e:
-        print(f"beit3 data shards: error: {e}", file=sys.stderr)
-        return 2
+    except (ShardError, UserError) as e:
+        return report("beit3 data shards", e, 2)
     print(f"{args.output}: {entry['num_samples']} {entry['content']} samples in {len(entry['shards'])} shards, "
           f"{entry['num_bytes'] / 1e6:.1f} MB, {entry['skipped']} inputs skipped, "
           f"{time.perf_counter() - start:.1f}s")

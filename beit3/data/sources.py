@@ -6,6 +6,7 @@ A *source* is one pattern with a weight, written ``PATTERN`` or ``PATTERN::WEIGH
     https://host/cc12m/{00000..01242}.tar::0.3        read through webdataset's opener (curl)
     pipe:aws s3 cp s3://bucket/{00000..41407}.tar -   any command writing a tar to stdout
     /data/imagenet/train/                             a folder: its *.tar, or its image files
+    /data/cc3m-files/                                 pairs: img2dataset's "files" output, KEY.jpg + KEY.txt/.json
     /data/corpus/{en,de}.txt  /data/cc.jsonl          text files: one document a line
 
 Tars are read as img2dataset and ``beit3 data shards`` write them: ``KEY.jpg|jpeg|png|webp`` and
@@ -13,7 +14,8 @@ Tars are read as img2dataset and ``beit3 data shards`` write them: ``KEY.jpg|jpe
 image source ignores captions). Folders of images and text files are cut into virtual shards
 (chunks of files, byte ranges of lines) so that every reader has its own.
 
-Reads of remote shards are retried with exponential backoff; a shard that still fails is skipped,
+Reads of remote shards are bounded in time (``remote.Timeouts``: connect, stall, trickle) and
+retried with exponential backoff; a shard that still fails is skipped,
 counted and logged with its URL (``SkipLog``), and the caller stops once too many of one source
 failed (``DataSourceError``). Local files are not retried: their errors do not go away.
 """
@@ -31,11 +33,15 @@ from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
+from .remote import ReadTimeout, Timeouts, open_stream
+from .shards import ShardError, read_manifest
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SEP = "::"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEXT_SUFFIXES = (".txt", ".jsonl")
+CAPTION_SUFFIXES = (".txt", ".json")  # beside an image file: img2dataset's "files" output
 IMAGES_PER_SHARD = 1000  # a folder of images: files per virtual shard
 TEXT_BYTES_PER_SHARD = 64 << 20  # a text file: bytes per virtual shard
 _REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
@@ -49,11 +55,13 @@ class DataSourceError(ValueError):
 @dataclass(frozen=True)
 class Shard:
     """One unit a reader reads whole: a tar (``url``), a chunk of image ``files``, or the lines of a
-    text file between byte ``start`` and ``end`` (-1: its end)."""
+    text file between byte ``start`` and ``end`` (-1: its end); image files with ``captions`` come
+    with the KEY.txt / KEY.json beside each."""
     url: str
     files: tuple[str, ...] = ()
     start: int = 0
     end: int = -1
+    captions: bool = False  # image files: read KEY.txt / KEY.json beside each (pairs)
 
     @property
     def name(self) -> str:
@@ -135,9 +143,18 @@ def _folder_source(kind: str, folder: str, pattern: str, weight: float, min_shar
         return _files_source(kind, images, pattern, weight, min_shards)
     if kind == "texts" and texts:
         return _files_source(kind, texts, pattern, weight, min_shards)
-    raise DataSourceError(f"{kind} source {folder}: a folder without .tar shards"
-                          + (" or image files" if kind == "images" else " or .txt/.jsonl files" if kind == "texts"
-                             else ""))
+    captioned = _captioned(images, found) if kind == "pairs" else []
+    if captioned:  # img2dataset's "files" output: 00000/000000001.jpg beside .txt and .json
+        return _files_source(kind, captioned, pattern, weight, min_shards)
+    what = {"images": " or image files", "texts": " or .txt/.jsonl files",
+            "pairs": " or image files with a KEY.txt or KEY.json caption beside them"}[kind]
+    raise DataSourceError(f"{kind} source {folder}: a folder without .tar shards{what}")
+
+
+def _captioned(images: list[str], files: list[str]) -> list[str]:
+    """The images with a caption file of the same name beside them (KEY.txt or KEY.json)."""
+    present = set(files)
+    return [p for p in images if any(os.path.splitext(p)[0] + s in present for s in CAPTION_SUFFIXES)]
 
 
 def _files_source(kind: str, paths: list[str], pattern: str, weight: float, min_shards: int) -> Source:
@@ -147,13 +164,16 @@ def _files_source(kind: str, paths: list[str], pattern: str, weight: float, min_
         return Source(kind, pattern, weight, [Shard(p) for p in paths], samples, note)
     if suffixes <= set(TEXT_SUFFIXES) and kind == "texts":
         return _text_source(paths, pattern, weight, min_shards)
-    if suffixes <= {"." + k for k in IMAGE_KEYS} and kind == "images":
+    if suffixes <= {"." + k for k in IMAGE_KEYS} and kind in ("images", "pairs"):
         n = max(min_shards, math.ceil(len(paths) / IMAGES_PER_SHARD))
         chunks = [tuple(c) for c in (paths[i::n] for i in range(n)) if c]
         folder = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-        return Source(kind, pattern, weight, [Shard(folder, files=c) for c in chunks], len(paths), "image files")
+        pairs = kind == "pairs"
+        return Source(kind, pattern, weight, [Shard(folder, files=c, captions=pairs) for c in chunks], len(paths),
+                      "image files with captions" if pairs else "image files")
     raise DataSourceError(f"{kind} source {pattern!r}: cannot read {sorted(suffixes)} files as {kind} "
-                          f"(tars for any kind, images for images, .txt/.jsonl for texts)")
+                          f"(tars for any kind, images for images and, with captions beside them, pairs; "
+                          f".txt/.jsonl for texts)")
 
 
 def _suffix(path: str) -> str:
@@ -183,9 +203,12 @@ def _tar_counts(paths: list[str]) -> tuple[int | None, str]:
             return sum(int(json.load(open(s))["successes"]) for s in stats), "img2dataset *_stats.json"
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("img2dataset stats next to %s unreadable (%s); counting instead", paths[0], e)
-    from .shards import read_manifest
     folder = os.path.dirname(paths[0])
-    listed = {s["name"]: s["samples"] for e in read_manifest(folder)["kinds"].values() for s in e["shards"]}
+    try:
+        listed = {s["name"]: s["samples"] for e in read_manifest(folder)["kinds"].values() for s in e["shards"]}
+    except ShardError as e:
+        log.warning("%s; counting instead", e)
+        listed = {}
     names = [os.path.basename(p) for p in paths]
     if names and all(n in listed for n in names):
         return sum(listed[n] for n in names), "manifest.json"
@@ -228,17 +251,17 @@ class SkipLog:
 class RetryPolicy:
     retries: int = 3  # further attempts after a failed open or read of a remote shard
     backoff: float = 1.0  # seconds before the first retry, doubled each time
+    timeouts: Timeouts = field(default_factory=Timeouts)  # of each attempt (connect, stall, trickle)
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
 
 # --------------------------------------------------------------------------- reading
-def open_url(url: str):
-    """A binary stream of ``url``: a local file, or webdataset's opener (curl for http(s), a
-    subprocess for ``pipe:``, gsutil/ais for their schemes)."""
+def open_url(url: str, timeouts: Timeouts | None = None):
+    """A binary stream of ``url``: a local file, or the command webdataset would run for it (curl
+    for http(s), the ``pipe:`` command, gsutil/ais for their schemes) with bounded reads."""
     if not is_remote(url):
         return open(url, "rb")
-    from webdataset.gopen import gopen
-    return gopen(url, "rb")
+    return open_stream(url, timeouts or Timeouts())
 
 
 def read_samples(shard: Shard, skips: SkipLog, retry: RetryPolicy | None = None) -> Iterator[dict]:
@@ -260,8 +283,23 @@ def _file_samples(shard: Shard, skips: SkipLog) -> Iterator[dict]:
             skips.add(shard.name, f"cannot read {path}: {e}")
             continue
         ext = _suffix(path)[1:]
-        yield {"__key__": os.path.splitext(os.path.relpath(path, shard.url))[0], "__url__": shard.name,
-               "jpg" if ext == "jpeg" else ext: data}
+        sample = {"__key__": os.path.splitext(os.path.relpath(path, shard.url))[0], "__url__": shard.name,
+                  "jpg" if ext == "jpeg" else ext: data}
+        if shard.captions:
+            sample.update(_caption_files(os.path.splitext(path)[0]))
+        yield sample
+
+
+def _caption_files(stem: str) -> dict[str, bytes]:
+    """``{"txt": ..., "json": ...}`` of the caption files beside an image (img2dataset's layout)."""
+    found = {}
+    for suffix in CAPTION_SUFFIXES:
+        try:
+            with open(stem + suffix, "rb") as f:
+                found[suffix[1:]] = f.read()
+        except OSError:
+            continue
+    return found
 
 
 def _line_samples(shard: Shard, skips: SkipLog) -> Iterator[dict]:
@@ -304,14 +342,12 @@ def _tar_samples(url: str, skips: SkipLog, retry: RetryPolicy) -> Iterator[dict]
             log.warning("shard %s: %s; retry %d of %d in %.1f s", url, error, attempt, retry.retries, wait)
             retry.sleep(wait)
         try:
-            stream = open_url(url)
+            stream = open_url(url, retry.timeouts)
         except Exception as e:  # noqa: BLE001 - OSError, a failing subprocess, a bad URL
             error = _why(e)
             continue
-        # Read every byte the subprocess delivered before judging its exit status: the tar then
-        # breaks off at the same sample whenever the same bytes arrived, not when the exit is seen.
-        if hasattr(stream, "ignore_errors"):
-            stream.ignore_errors = True
+        # Every byte the subprocess delivered is read before its exit status is judged: the tar
+        # then breaks off at the same sample whenever the same bytes arrived.
         try:
             members = ({**m, "__url__": url} for m in tar_file_iterator(stream, handler=reraise))
             for i, sample in enumerate(group_by_keys(members, handler=reraise)):
@@ -319,52 +355,22 @@ def _tar_samples(url: str, skips: SkipLog, retry: RetryPolicy) -> Iterator[dict]
                     continue
                 taken += 1
                 yield sample
-            why = _exit_status(stream) if remote else tar_truncation(url)  # a cut header reads as the end
+            why = stream.exit_problem() if remote else tar_truncation(url)  # a cut header reads as the end
             if why is None:
                 return
             error = why
             if not remote:
                 break
-        except Exception as e:  # noqa: BLE001 - tarfile, the stream, the subprocess's exit status
-            error = _exit_status(stream) or _why(e)
+        except Exception as e:  # noqa: BLE001 - tarfile, the stream, a read timeout
+            error = (stream.exit_problem() if remote else None) or _why(e)
         finally:
             _close_quietly(stream)
     skips.shard_failed(url, error or "unreadable")
 
 
-CURL_EXITS = {6: "host not found", 7: "connection refused", 18: "transfer cut short", 22: "HTTP error status",
-              28: "timed out", 35: "TLS handshake failed", 56: "connection reset"}
-
-
-def _exit_text(command: str, code: int) -> str:
-    """``curl exit 22 (HTTP error status)``, or ``command exit N`` for a ``pipe:`` command."""
-    if "'curl'" in command:
-        return f"curl exit {code}" + (f" ({CURL_EXITS[code]})" if code in CURL_EXITS else "")
-    return f"command exit {code}"
-
-
 def _why(e: Exception) -> str:
-    """One line for a failed read; a failing subprocess (curl, a pipe: command) by its exit status."""
-    text = str(e)
-    m = re.search(r"exit (\d+)", text)
-    if m and isinstance(e, OSError) and text.startswith("(("):  # webdataset's Pipe: "((args,), kw): exit N"
-        return _exit_text(text, int(m.group(1)))
-    return f"{type(e).__name__}: {text}"
-
-
-def _exit_status(stream) -> str | None:
-    """Why the subprocess behind ``stream`` (curl, a ``pipe:`` command) failed, or None."""
-    proc = getattr(stream, "proc", None)
-    if proc is None:
-        return None
-    try:
-        stream.stream.close()
-        code = proc.wait(timeout=30)
-    except Exception:  # noqa: BLE001 - a process that does not end is killed by the close
-        return None
-    if code in (0, *getattr(stream, "ignore_status", ())):
-        return None
-    return _exit_text(str(getattr(stream, "args", "")), code)
+    """One line for a failed open or read."""
+    return str(e) if isinstance(e, ReadTimeout) else f"{type(e).__name__}: {e}"
 
 
 def _close_quietly(stream) -> None:

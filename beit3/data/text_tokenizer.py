@@ -13,13 +13,16 @@ never produced by encoding text) land on ``<pad>`` and ``</s>`` and are never em
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
 import sentencepiece as spm
 import torch
+
+from ..errors import BadFileError, UserError, describe, first_line, report
+from ..files import check_output_file, sha256_of
 
 FAIRSEQ_OFFSET = 1  # fairseq prepends <s>, <pad>, </s>, <unk> and drops sentencepiece's own three
 
@@ -76,6 +79,28 @@ def train_spm(
     return model_path
 
 
+def spm_digest(path: str | os.PathLike) -> str:
+    """What identifies a SentencePiece model: the first 16 hex digits of its file's SHA-256 (its
+    contents, not its path: a moved copy is the same model, a retrained one of the same size is not).
+    Pretraining checkpoints and downstream index files record it."""
+    return sha256_of(path)[:16]
+
+
+class TokenizerMismatchError(UserError, ValueError):
+    """Data or weights made with one SentencePiece model, used with another."""
+
+
+def check_same_tokenizer(recorded: str, recorded_file: str, what: str, tokenizer: TextTokenizer | str,
+                         fix: str = "") -> None:
+    """Raise :class:`TokenizerMismatchError` unless ``tokenizer`` has the digest ``recorded``;
+    ``what`` names what was made with ``recorded_file`` (``"data/vqa.train.jsonl was tokenized"``)."""
+    path = tokenizer.model_file if isinstance(tokenizer, TextTokenizer) else os.fspath(tokenizer)
+    digest = tokenizer.digest if isinstance(tokenizer, TextTokenizer) else spm_digest(path)
+    if digest != recorded:
+        raise TokenizerMismatchError(f"{what} with {recorded_file} (sha256 {recorded}), but the tokenizer here is "
+                                     f"{path} (sha256 {digest}){'; ' + fix if fix else ''}")
+
+
 class TextTokenizer:
     """Tokenizer over a sentencepiece ``.spm``/``.model`` file, ids as ``XLMRobertaTokenizer`` gives them."""
 
@@ -103,6 +128,11 @@ class TextTokenizer:
             raise ValueError(
                 f"sentencepiece model {self.model_file!r} starts with pieces {pieces}; the fairseq/XLM-R "
                 "id layout needs <unk>=0 and control pieces at 1 and 2 (train with train_spm)")
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """``spm_digest`` of the model file."""
+        return spm_digest(self.model_file)
 
     @property
     def mask_id(self) -> int:
@@ -171,6 +201,18 @@ def _check_text(text: str) -> str:
     return text
 
 
+def check_corpus(files: Sequence[str]) -> None:
+    """Every input an existing file with some text in its first block (sentencepiece's own
+    errors for an empty corpus are internal assertions)."""
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--input {describe(path)}: not a file")
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if not head.strip():
+            raise BadFileError(path, "no text in it (empty or blank lines only); sentencepiece needs sentences")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="beit3 data spm", description="Train the sentencepiece model for BEiT-3 text (XLM-R id layout).")
@@ -182,20 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-sentence-size", type=int, default=10_000_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from ..errors import UserError
-    from ..files import check_output_file
     try:
         check_output_file(args.output + ".model")
-        missing = [p for p in args.input if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"--input: no such file: {', '.join(missing)}")
-    except (FileNotFoundError, UserError) as e:
-        print(f"beit3 data spm: error: {e}", file=sys.stderr)
-        return 2
-    path = train_spm(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
-                     character_coverage=args.character_coverage,
-                     input_sentence_size=args.input_sentence_size, seed=args.seed)
-    tok = TextTokenizer(path)
+        check_corpus(args.input)
+        path = train_spm(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
+                         character_coverage=args.character_coverage,
+                         input_sentence_size=args.input_sentence_size, seed=args.seed)
+        tok = TextTokenizer(path)
+    except (FileNotFoundError, ValueError, UserError) as e:
+        return report("beit3 data spm", first_line(e), 2)
     print(f"{path}: {tok.sp.get_piece_size()} sentencepiece pieces, vocab_size {tok.vocab_size} "
           f"(with <s> <pad> </s> <unk> <mask>)")
     return 0

@@ -7,8 +7,9 @@ for pretraining and vision-language tasks) and the visual-tokenizer view of the 
 raw [0, 1] pixels, as VQ-KD normalises its input itself.
 
 Fine-tuning follows unilm/beit3 ``datasets.build_transform``: vision-language tasks crop with scale
-(0.5, 1), flip and RandAugment(2, 7) over geometric/tone ops, and resize to S x S without a crop at
-eval; classification uses timm's ``create_transform`` with ImageNet mean/std.
+(0.5, 1), flip and unilm's RandomAugment(2, 7) over geometric/tone ops (``randaug``: translations
+of at most 7 px), and resize to S x S without a crop at eval; classification uses timm's
+``create_transform`` (timm's RandAugment) with ImageNet mean/std.
 
 All pretraining randomness comes from torch's global generator, so seeding it (the loader does, per
 batch, inside ``torch.random.fork_rng``) makes a view reproducible.
@@ -21,19 +22,16 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.data import create_transform
-from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from .randaug import VL_OPS, RandomAugment
+
 BEIT3_MEAN, BEIT3_STD = IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD  # (0.5,) * 3: pixels -> [-1, 1]
 BEIT_MIN_CROP_SCALE = 0.08  # BEiT / BEiT v2 pretraining `--min_crop_scale`
 VL_CROP_SCALE = (0.5, 1.0)  # unilm/beit3 build_transform for VQA, retrieval, captioning, NLVR2
-# unilm/beit3 RandomAugment(2, 7, augs=[...]) in timm's op names; no colour-changing op ("Color",
-# "Invert", "Solarize"): captions and answers name colours. timm has no "Identity" op; an op
-# applied with probability 0.5 already leaves the image unchanged half the time.
-VL_RANDAUG_OPS = ["AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
-                  "TranslateXRel", "TranslateYRel", "Rotate"]
+VL_RANDAUG_N, VL_RANDAUG_M = 2, 7  # unilm/beit3 RandomAugment(2, 7, isPIL=True, augs=VL_OPS)
 CLS_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # BEiT-3 ImageNet fine-tuning `--aa`
 
 
@@ -105,8 +103,8 @@ def build_vl_transform(img_size: int, train: bool, randaug: bool = True, hflip: 
                        scale: tuple[float, float] = VL_CROP_SCALE, interp: str = "bicubic") -> Callable:
     """Transform for VQA, retrieval, captioning and NLVR2 images (unilm/beit3 ``build_transform``).
 
-    train: RandomResizedCrop(scale) + RandomHorizontalFlip(hflip) + RandAugment(n=2, m=7) over
-    ``VL_RANDAUG_OPS``; eval: resize to (img_size, img_size), no crop. Both end in mean = std = 0.5.
+    train: RandomResizedCrop(scale) + RandomHorizontalFlip(hflip) + unilm's RandomAugment(n=2, m=7)
+    over ``randaug.VL_OPS``; eval: resize to (img_size, img_size), no crop. Both end in mean = std = 0.5.
     Set ``hflip=0`` where texts say "left"/"right" (the synthetic world's captions and questions).
     """
     mode = interpolation(interp)
@@ -117,8 +115,7 @@ def build_vl_transform(img_size: int, train: bool, randaug: bool = True, hflip: 
     if hflip > 0:
         t.append(T.RandomHorizontalFlip(hflip))
     if randaug:
-        hparams = {"img_mean": tuple(round(255 * m) for m in BEIT3_MEAN)}  # fill of sheared/moved borders
-        t.append(rand_augment_transform("rand-n2-m7-mstd0", hparams, transforms=VL_RANDAUG_OPS))
+        t.append(RandomAugment(VL_RANDAUG_N, VL_RANDAUG_M, VL_OPS))
     return T.Compose(t + tail)
 
 

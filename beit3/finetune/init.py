@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..weights.official import load_backbone
 from ..config import BEiT3Config
-from ..errors import BadFileError
+from ..data.text_tokenizer import check_same_tokenizer, spm_digest
+from ..errors import BadFileError, UserError
 from ..files import current_dir, read_json, size_problems
 from ..pretrained import LEGACY_META as META_FILE  # the run's record beside the saved model
 from ..pretrained import WEIGHTS_FILE
@@ -68,6 +70,30 @@ def _read_meta(path: str) -> dict:
     if isinstance(spm, str) and not os.path.isabs(spm) and os.path.isfile(os.path.join(os.path.dirname(path), spm)):
         meta["spm"] = os.path.join(os.path.dirname(path), spm)  # the tokenizer copied into the folder
     return meta
+
+
+def init_tokenizer(path: Optional[str]) -> Optional[str]:
+    """The SentencePiece model saved with ``--init``'s weights (a saved model of ours: a
+    pretraining run's ``final/``, a fine-tuning run's ``best/``), or None when it has none."""
+    if path is None:
+        return None
+    try:
+        _, meta = resolve_init(path)
+    except (OSError, UserError, ValueError):  # load_init reports these when it loads the weights
+        return None
+    spm = meta.get("spm")
+    return spm if isinstance(spm, str) and os.path.isfile(spm) else None
+
+
+def tokenizer_for(init: Optional[str], spm: Optional[str]) -> Optional[str]:
+    """The run's SentencePiece model: ``spm``, else ``init``'s own. Both given, they must be the
+    same model: the weights' text embeddings were trained on ``init``'s ids."""
+    own = init_tokenizer(init)
+    if spm is None or own is None:
+        return spm or own
+    check_same_tokenizer(spm_digest(own), own, f"--init {init} was trained", spm,
+                         fix="leave out --spm to use the model's own")
+    return spm
 
 
 def load_init(path: str, allow_pickle: bool = False) -> InitWeights:

@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..files import check_output_dir
 from ..flags import add_dataclass_flags, given
 from ..train.ds_config import ConfigError, default_ds_config, resolve_ds_config
+from .init import init_tokenizer
 from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, FinetuneConfig, get_recipe, recipe_names
 
 def add_config_flags(ap: argparse.ArgumentParser) -> None:
@@ -84,8 +85,9 @@ def check_paths(args: argparse.Namespace) -> None:
     if args.data != "synthetic":
         if not os.path.isdir(args.data):
             raise ConfigError(f"--data {args.data!r}: no such directory (expected index files, or 'synthetic')")
-        if args.spm is None:
-            raise ConfigError("--data with a real data root needs --spm (the model's sentencepiece file)")
+        if args.spm is None and init_tokenizer(args.init) is None:
+            raise ConfigError("--data with a real data root needs --spm (the model's sentencepiece file), "
+                              "unless --init is a saved model holding its tokenizer")
     for name in ("spm", "init", "vqa_annotations"):
         path = getattr(args, name)
         if path is not None and not os.path.exists(path):

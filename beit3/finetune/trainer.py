@@ -37,7 +37,7 @@ from ..train.run_dir import check_resume, check_same_run, find_checkpoint, on_ev
 from ..train.trainer import Trainer, compute_dtype, seed_everything, to_device
 from .batches import collate, epoch_batches
 from .heads import TaskModel, unreached_parameters
-from .init import InitWeights, apply_init, load_init
+from .init import InitWeights, apply_init, load_init, tokenizer_for
 from .recipes import FinetuneConfig
 from .tasks import build_task
 from .validation import evaluate, scalars
@@ -144,6 +144,7 @@ class FinetuneRun(Trainer):
             recovered = recover_dir(os.path.join(o.output, "best"))
             if recovered:
                 self.logger.write(recovered)
+        o.spm = tokenizer_for(o.init, o.spm)  # --init's own tokenizer, and no other
         if o.data == SYNTHETIC:
             o.data, spm = synthetic_data(self.dist, self.logger.write)
             o.spm = o.spm or spm

@@ -53,16 +53,19 @@ def pretrain_data_config(args: PretrainConfig, **model_sizes):
         batch_texts=args.batch_texts, batch_pairs=args.batch_pairs, max_text_len=args.max_text_len,
         text_padding=args.text_padding, num_workers=args.num_workers, seed=args.seed,
         mask_pair_images=args.mask_pair_images, shard_retries=args.shard_retries,
-        retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction, **model_sizes)
+        retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction,
+        shard_connect_timeout=args.shard_connect_timeout, shard_read_timeout=args.shard_read_timeout,
+        shard_min_rate=args.shard_min_rate, **model_sizes)
 
 
 def tokenizer_digests(spm: str, vqkd: str) -> dict:
     """What identifies the two tokenizers a run was trained with: their files' contents (not their
     paths: a moved copy is the same tokenizer; a retrained one of the same size is not)."""
+    from ..data.text_tokenizer import spm_digest
     from ..files import sha256_of
     from ..tokenizer.vqkd import trained_weights
     weights = str(trained_weights(vqkd) or vqkd) if os.path.isdir(vqkd) else vqkd
-    return {"text_tokenizer_sha256": sha256_of(spm)[:16], "visual_tokenizer_sha256": sha256_of(weights)[:16]}
+    return {"text_tokenizer_sha256": spm_digest(spm), "visual_tokenizer_sha256": sha256_of(weights)[:16]}
 
 
 class PretrainRun(Trainer):

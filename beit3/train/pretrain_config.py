@@ -49,6 +49,10 @@ class PretrainConfig:
     text_shards: Optional[list] = _f(None, "texts", metavar="PATTERN[::WEIGHT]")
     shard_retries: int = _f(3, "further attempts at a remote shard whose open or read failed")
     retry_backoff: float = _f(1.0, "seconds before the first retry, doubled for each further one")
+    shard_connect_timeout: float = _f(30.0, "seconds to connect to a remote shard's server")
+    shard_read_timeout: float = _f(60.0, "seconds in which a remote shard must deliver --shard-min-rate bytes/s; "
+                                   "a stalled or trickling read fails and is retried")
+    shard_min_rate: float = _f(1024.0, "bytes/s below which a remote read counts as stalled")
     max_bad_shard_fraction: float = _f(0.1, "stop when a reader has given up on more than this share of a "
                                        "source's shards")
     data_streams: Optional[int] = _f(None, "readers of the data stream over all ranks (default: ranks x max(1, "

@@ -14,7 +14,8 @@ Every index is JSON lines, one example a line, written into the data root next t
   identifier}``; ImageNet ``imagenet.{train,val}.index.jsonl`` ``{image_path, label}``.
 
 ``text_segment`` holds sentencepiece ids *without* ``<s>``/``</s>`` (``tokenize`` +
-``convert_tokens_to_ids``); the readers add them. Outputs are deterministic, so re-running a
+``convert_tokens_to_ids``); the readers add them. Which SentencePiece model wrote them is recorded
+in ``index_manifest.json`` beside the files (``provenance``) and checked when they are read. Outputs are deterministic, so re-running a
 builder rewrites identical files.
 """
 from __future__ import annotations
@@ -24,12 +25,13 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from beit3.data.downstream.provenance import record_tokenizer
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.vqa_normalize import normalize_answer
 
@@ -68,6 +70,15 @@ def write_jsonl(items: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> 
     return n
 
 
+def write_index(items: Iterable[Mapping[str, Any]], path: str | os.PathLike,
+                tokenizer: TextTokenizer | None = None) -> int:
+    """``write_jsonl``, then record which tokenizer wrote the file's ``text_segment`` ids (None:
+    it holds none) in the folder's ``index_manifest.json`` (``provenance``)."""
+    n = write_jsonl(items, path)
+    record_tokenizer(path, tokenizer)
+    return n
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     """``json.dump`` atomically."""
     path = Path(path)
@@ -79,16 +90,33 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Items of a JSON-lines index; a bad line is an error naming the file and line."""
-    items = []
-    with open(path, encoding="utf-8") as f:
+    return [item for _, item in _json_lines(path)]
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """``(where, entry)`` of a file of JSON lines or of one JSON array (NLVR2 is published as
+    lines, some copies hold an array); ``where`` is ``path:line`` or ``path[i]``."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        entries = load_json(path)
+        if not isinstance(entries, list):  # "[" starts a list, but be exact about the message
+            raise ValueError(f"{path}: expected a JSON array or JSON lines")
+        return [(f"{path}[{i}]", e) for i, e in enumerate(entries)]
+    return [(f"{path}:{lineno}", item) for lineno, item in _json_lines(path)]
+
+
+def _json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                items.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from e
-    return items
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
 
 
 def load_json(path: str | os.PathLike, key: str | None = None) -> Any:
@@ -100,6 +128,8 @@ def load_json(path: str | os.PathLike, key: str | None = None) -> Any:
         raise FileNotFoundError(f"raw annotation file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start})") from None
     if key is not None and not (isinstance(data, dict) and key in data):
         raise ValueError(f"{path}: expected a JSON object with a {key!r} field")
     return data if key is None else data[key]
@@ -221,6 +251,32 @@ def _vqa_split_items(questions: list[dict], annotations: list[dict] | None, imag
     return items, dropped
 
 
+VQA_QUESTION_KEYS = ("question_id", "image_id", "question")
+VQA_ANNOTATION_KEYS = ("question_id", "multiple_choice_answer", "answers")
+
+
+def _vqa_entries(path: Path, key: str, required: Sequence[str]) -> list[dict]:
+    """The ``key`` list of a VQA questions or annotations file, each entry holding ``required``
+    (and, for annotations, a list of ``{"answer": ...}``); otherwise an error naming the entry."""
+    entries = load_json(path, key)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: {key!r} is a {type(entries).__name__}, not a list")
+    for i, entry in enumerate(entries):
+        where = f"{path}: {key}[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is a {type(entry).__name__}, not an object")
+        missing = [k for k in required if k not in entry]
+        if missing:
+            qid = f" (question_id {entry['question_id']})" if "question_id" in entry else ""
+            raise ValueError(f"{where}{qid} has no {', '.join(repr(k) for k in missing)}; a VQA v2 {key[:-1]} "
+                             f"needs {', '.join(required)}")
+        answers = entry.get("answers", [])
+        if not isinstance(answers, list) or not all(isinstance(a, dict) and "answer" in a for a in answers):
+            raise ValueError(f"{where} (question_id {entry['question_id']}): 'answers' must be a list of "
+                             "{'answer': ...} objects")
+    return entries
+
+
 def _vqa_image_dir(split: str, data_root: str | os.PathLike, image_dirs: Mapping[str, str] | None) -> str:
     rel_dir = (image_dirs or {}).get(split) or first_existing_dir(data_root, VQA_IMAGE_DIR_CANDIDATES[split])
     if rel_dir is None:
@@ -245,7 +301,8 @@ def build_vqa_index(raw_dir: str | os.PathLike, data_root: str | os.PathLike, to
             raise FileNotFoundError(f"{raw_dir}: need the VQA {split} questions and annotations files "
                                     f"(v2_OpenEnded_mscoco_{split}2014_questions.json, "
                                     f"v2_mscoco_{split}2014_annotations.json)")
-    annotations = {s: load_json(files[s]["annotations"], "annotations") for s in ("train", "val")}
+    annotations = {s: _vqa_entries(files[s]["annotations"], "annotations", VQA_ANNOTATION_KEYS)
+                   for s in ("train", "val")}
     ans2label = build_answer_vocab(annotations["train"] + annotations["val"], min_answer_count)
     if not ans2label:
         raise ValueError(f"{raw_dir}: no answer is the multiple_choice_answer of >= {min_answer_count} "
@@ -254,19 +311,19 @@ def build_vqa_index(raw_dir: str | os.PathLike, data_root: str | os.PathLike, to
     split_items = {}
     for split in (s for s in VQA_SPLITS if "questions" in files.get(s, {})):
         rel_dir = _vqa_image_dir(split, data_root, image_dirs)
-        questions = load_json(files[split]["questions"], "questions")
+        questions = _vqa_entries(files[split]["questions"], "questions", VQA_QUESTION_KEYS)
         items, dropped = _vqa_split_items(questions, annotations.get(split), scan_image_ids(data_root, rel_dir),
                                           tokenizer, ans2label, split)
         if questions and dropped["image not found"] == len(questions):
             raise FileNotFoundError(f"VQA {split}: none of the images of its {len(questions)} questions is in "
                                     f"{Path(data_root, rel_dir)} (set the folder with --images-dir {split}=DIR)")
-        counts[f"vqa.{split}.jsonl"] = write_jsonl(items, out / f"vqa.{split}.jsonl")
+        counts[f"vqa.{split}.jsonl"] = write_index(items, out / f"vqa.{split}.jsonl", tokenizer)
         print(f"vqa.{split}.jsonl: {len(items)} questions on {len({i['image_path'] for i in items})} "
               f"images from {rel_dir}" + "".join(f"; {n} dropped ({why})" for why, n in dropped.items()))
         split_items[split] = items
     trainable, rest = split_rest_val(split_items["val"], rest_val_images, seed)
-    counts["vqa.trainable_val.jsonl"] = write_jsonl(trainable, out / "vqa.trainable_val.jsonl")
-    counts["vqa.rest_val.jsonl"] = write_jsonl(rest, out / "vqa.rest_val.jsonl")
+    counts["vqa.trainable_val.jsonl"] = write_index(trainable, out / "vqa.trainable_val.jsonl", tokenizer)
+    counts["vqa.rest_val.jsonl"] = write_index(rest, out / "vqa.rest_val.jsonl", tokenizer)
     counts["answer2label.txt"] = write_jsonl(({"answer": a, "label": i} for a, i in ans2label.items()),
                                              out / "answer2label.txt")
     print(f"vqa: {len(ans2label)} answers seen >= {min_answer_count} times; rest_val {len(rest)} questions "
@@ -310,7 +367,7 @@ def build_retrieval_index(karpathy_json: str | os.PathLike, tokenizer: TextToken
             rank = paths.setdefault(path, len(paths))
             items += [{"image_path": path, "text_segment": text_segment(tokenizer, s["raw"]), "image_id": rank}
                       for s in im["sentences"]]
-        counts[f"{task}.{name}.jsonl"] = write_jsonl(items, Path(output_dir) / f"{task}.{name}.jsonl")
+        counts[f"{task}.{name}.jsonl"] = write_index(items, Path(output_dir) / f"{task}.{name}.jsonl", tokenizer)
         print(f"{task}.{name}.jsonl: {len(items)} captions of {len(paths)} images")
     return counts
 
@@ -331,7 +388,8 @@ def build_captioning_index(karpathy_json: str | os.PathLike, tokenizer: TextToke
                       "image_id": _image_id(im)} for im in chosen]
             gt = out / f"coco_karpathy_{name}_gt.json"
             counts[gt.name] = _write_caption_gt(chosen, gt)
-        counts[f"coco_captioning.{name}.jsonl"] = write_jsonl(items, out / f"coco_captioning.{name}.jsonl")
+        counts[f"coco_captioning.{name}.jsonl"] = write_index(items, out / f"coco_captioning.{name}.jsonl",
+                                                              tokenizer if name == "train" else None)
         print(f"coco_captioning.{name}.jsonl: {len(items)} items of {len(chosen)} images")
     return counts
 
@@ -357,7 +415,7 @@ def build_nocaps_index(nocaps_json: str | os.PathLike, split: str, output_dir: s
     items = [{"image_path": f"{split}/{im['file_name']}", "text_segment": None, "image_id": im["id"]}
              for im in data["images"]]
     out, counts = Path(output_dir), {}
-    counts[f"nocaps.{split}.jsonl"] = write_jsonl(items, out / f"nocaps.{split}.jsonl")
+    counts[f"nocaps.{split}.jsonl"] = write_index(items, out / f"nocaps.{split}.jsonl")
     if data.get("annotations"):
         gt = {"annotations": data["annotations"], "images": [{"id": im["id"]} for im in data["images"]]}
         write_json(gt, out / f"nocaps_{split}_gt.json")
@@ -379,13 +437,26 @@ def nlvr2_image_prefix(entry: Mapping[str, Any], base: str, data_root: str | os.
     return f"{base}/{name}"
 
 
-def _nlvr2_label(entry: Mapping[str, Any], path: Path, lineno: int) -> int:
+NLVR2_KEYS = ("identifier", "sentence", "label")
+
+
+def _check_nlvr2_entry(entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an NLVR2 entry must be an object, got a {type(entry).__name__}")
+    missing = [k for k in NLVR2_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"{where}: NLVR2 entry without {', '.join(repr(k) for k in missing)}")
+    if not isinstance(entry["identifier"], str) or not isinstance(entry["sentence"], str):
+        raise ValueError(f"{where}: NLVR2 'identifier' and 'sentence' must be strings")
+
+
+def _nlvr2_label(entry: Mapping[str, Any], where: str) -> int:
     label = entry.get("label")
     if label in ("True", "true", True):
         return 1
     if label in ("False", "false", False):
         return 0
-    raise ValueError(f"{path}:{lineno}: NLVR2 label must be 'True' or 'False', got {label!r}")
+    raise ValueError(f"{where}: NLVR2 label must be 'True' or 'False', got {label!r}")
 
 
 def build_nlvr2_index(raw_dir: str | os.PathLike, data_root: str | os.PathLike, tokenizer: TextTokenizer,
@@ -408,13 +479,14 @@ def build_nlvr2_index(raw_dir: str | os.PathLike, data_root: str | os.PathLike, 
         candidates = NLVR2_IMAGE_DIR_CANDIDATES[raw_name]
         base = first_existing_dir(data_root, candidates) or candidates[0]
         items = []
-        for lineno, entry in enumerate(read_jsonl(path), 1):
+        for where, entry in read_records(path):
+            _check_nlvr2_entry(entry, where)
             prefix = nlvr2_image_prefix(entry, base, data_root)
             items.append({"image_path": f"{prefix}-img0.png", "image2_path": f"{prefix}-img1.png",
                           "text_segment": text_segment(tokenizer, entry["sentence"]),
-                          "label": _nlvr2_label(entry, path, lineno), "identifier": entry["identifier"]})
+                          "label": _nlvr2_label(entry, where), "identifier": entry["identifier"]})
         name = f"nlvr2.{split}.index.jsonl"
-        counts[name] = write_jsonl(items, Path(output_dir or data_root) / name)
+        counts[name] = write_index(items, Path(output_dir or data_root) / name, tokenizer)
         print(f"{name}: {len(items)} pairs, images under {base}")
     if not counts:
         raise FileNotFoundError(f"{raw_dir}: no NLVR2 train.json, dev.json or test1.json")
@@ -445,6 +517,6 @@ def build_imagenet_index(train_dir: str | os.PathLike, val_dir: str | os.PathLik
                 items += [{"image_path": _rel(os.path.join(root, n), data_root), "label": label}
                           for n in sorted(names) if os.path.splitext(n)[1].lower() in IMG_EXTENSIONS]
         name = f"imagenet.{split}.index.jsonl"
-        counts[name] = write_jsonl(items, Path(output_dir or data_root) / name)
+        counts[name] = write_index(items, Path(output_dir or data_root) / name)
         print(f"{name}: {len(items)} images in {len(classes)} classes")
     return counts

@@ -13,7 +13,8 @@ included) raises :class:`ImageLoadError` naming the file and the index it came f
 being skipped: a map-style dataset that drops items changes its length mid-epoch. Training skips
 such items with ``bad_images.SkipUnreadable``; evaluation does not. Each reader names the keys its
 entries need (``required_keys``) and the files they point to (``image_keys``), which
-``index_check`` verifies before a run starts.
+``index_check`` verifies before a run starts. Given a ``TextTokenizer``, a reader refuses index
+files that another SentencePiece model tokenized (``provenance``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from beit3.data.downstream.build import read_jsonl
+from beit3.data.downstream.provenance import check_index_tokenizer
 from beit3.errors import BadFileError, UserError
 from beit3.data.text_tokenizer import TextTokenizer
 
@@ -121,6 +123,8 @@ class IndexDataset(Dataset):
         self.transform = transform or T.ToTensor()
         self.tokenizer = tokenizer
         self.max_len = max_len
+        if isinstance(tokenizer, TextTokenizer):
+            check_index_tokenizer(self.index_paths, tokenizer)
 
     def __len__(self) -> int:
         return len(self.items)
