@@ -29,6 +29,7 @@ from beit3.pretrained import save_folder
 from beit3.pretrain import check_args, run_with_errors
 from beit3.train.checkpoint import MARKER, complete_checkpoints, file_crc32, latest_checkpoint
 from beit3.train.loop import PretrainRun
+from beit3.train.pretrain_config import PretrainConfig
 from beit3.train.run_dir import OutputLock
 from beit3.tokenizer.vqkd import VQKD, VQKDConfig, save_trained
 
@@ -202,6 +203,9 @@ def test_a_finished_pretraining_run_is_refused_resumed_or_moved_aside(pretrained
     assert [json.loads(line)["step"] for line in new["metrics.jsonl"].splitlines()] == [1, 2]
     assert json.loads(new["final/meta.json"])["step"] == 2
     assert {k.split("/")[1] for k in new if k.startswith("checkpoints/step_")} == {"step_00000002"}
+    # Recorded, but a --config replay of this run replaces nothing unless its own command line says so.
+    assert json.loads(new["run_config.json"])["args"]["overwrite"] is True
+    assert "overwrite" not in PretrainConfig.from_file(os.path.join(out, "run_config.json"))
 
 
 def test_resuming_with_other_settings_is_refused_before_building(pretrained, assets, tmp_path, capsys,
