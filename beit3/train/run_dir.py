@@ -9,11 +9,13 @@
   continued (``--resume``) or refused naming what it holds (``check_run_folder``), unless
   ``--overwrite`` is given: then its files are moved into ``<output>/replaced-<time>/``
   (``move_aside``) before the new run writes anything. Moved, not deleted: a rename is instant
-  whatever the run's size (a giant's checkpoints are ~100 GB), and an ``--overwrite`` given by
+  whatever the run's size (a giant run keeps ~90 GB of checkpoints), and an ``--overwrite`` given by
   mistake (a reused command line, a wrong ``--output``) loses nothing but the disk space until the
   folder is deleted. ``--resume auto`` in a folder without a complete checkpoint starts fresh (the
-  run before was stopped before its first one) unless the folder holds weights, which only a
-  checkpointed run writes: then its checkpoints were removed, and starting over would replace them.
+  run before was stopped before its first one) unless the folder holds weights: ``final/`` and a
+  tokenizer's are written after a checkpoint, so its checkpoints were removed, and starting over
+  would replace the weights (``best/`` comes just before the first checkpoint: a fine-tuning run
+  killed while writing it is refused too, and ``--overwrite`` starts it again).
 - Resume checked before anything is built: ``check_resume`` finds the checkpoint, verifies its
   files (``train.checkpoint.verify_checkpoint``) and compares what identifies the run (preset,
   layout, task, model config) with what the checkpoint recorded. A run writes ``run_config.json``
