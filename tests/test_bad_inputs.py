@@ -27,8 +27,9 @@ from beit3.export import main as export_main
 from beit3.finetune.main import main as finetune_main
 from beit3.pretrained import save_folder
 from beit3.pretrain import check_args, run_with_errors
-from beit3.train.checkpoint import MARKER, latest_checkpoint
+from beit3.train.checkpoint import MARKER, complete_checkpoints, file_crc32, latest_checkpoint
 from beit3.train.loop import PretrainRun
+from beit3.train.pretrain_config import PretrainConfig
 from beit3.train.run_dir import OutputLock
 from beit3.tokenizer.vqkd import VQKD, VQKDConfig, save_trained
 
@@ -89,11 +90,18 @@ def copy_run(src, dst):
 
 
 def reseal(ckpt):
-    """Rewrite the marker's file sizes, as an attacker who planted a file would."""
+    """Rewrite the marker's file sizes and digests, as an attacker who planted a file would."""
     marker = os.path.join(ckpt, MARKER)
     meta = json.load(open(marker))
     meta["files"] = {n: os.path.getsize(os.path.join(ckpt, n)) for n in meta["files"]}
+    meta["digests"] = {n: file_crc32(os.path.join(ckpt, n)) for n in meta["digests"]}
     json.dump(meta, open(marker, "w"))
+
+
+def tree(folder) -> dict:
+    """{path: bytes} of every file under ``folder`` but its lock (emptied when a run lets it go)."""
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names if n != ".lock"}
 
 
 def test_pickles_planted_in_a_checkpoint_do_not_run(pretrained, assets, tmp_path, capsys):
@@ -145,6 +153,59 @@ def test_a_damaged_checkpoint_is_named_and_the_run_folder_is_left_alone(pretrain
     assert pretrain(out, assets, "--resume", "auto") == 1
     error_line(capsys.readouterr().err, "beit3 pretrain", f"{marker} (", "bytes): not valid JSON")
     assert snapshot(out) == before and os.path.getsize(optim) == size // 2  # nothing rewritten or removed
+
+
+def test_changed_bytes_in_a_checkpoint_file_are_named_and_nothing_resumes(pretrained, assets, tmp_path, capsys):
+    out, ckpt = copy_run(pretrained, tmp_path / "run")
+    optim = next(os.path.join(ckpt, n) for n in os.listdir(ckpt) if n.endswith("optim_states.pt"))
+    good, size = open(optim, "rb").read(), os.path.getsize(optim)
+    with open(optim, "r+b") as f:  # 4 KiB of noise in the middle of the optimizer states: the size holds
+        f.seek(size // 2 - 2048)
+        f.write(os.urandom(4096))
+    before = tree(out)
+    assert os.path.getsize(optim) == size
+    assert pretrain(out, assets, "--resume", "auto", steps=3) == 1
+    error_line(capsys.readouterr().err, "beit3 pretrain", f"checkpoint {ckpt} is damaged",
+               f"{os.path.basename(optim)} does not hold the bytes written (crc32:", "cannot be resumed")
+    assert tree(out) == before
+
+    # A checkpoint written before digests were recorded: its sizes alone are checked, and it resumes.
+    open(optim, "wb").write(good)
+    meta = json.load(open(os.path.join(ckpt, MARKER)))
+    assert sorted(meta["digests"]) == sorted(meta["files"])
+    del meta["digests"]
+    json.dump(meta, open(os.path.join(ckpt, MARKER), "w"))
+    assert pretrain(out, assets, "--resume", "auto", steps=3) == 0
+    assert [s for s, _ in complete_checkpoints(os.path.join(out, "checkpoints"))] == [3]
+
+
+def test_a_finished_pretraining_run_is_refused_resumed_or_moved_aside(pretrained, assets, tmp_path, capsys):
+    out, _ = copy_run(pretrained, tmp_path / "run")
+    before = tree(out)
+    assert pretrain(out, assets) == 1  # the same command again, without --resume
+    error_line(capsys.readouterr().err, "beit3 pretrain",
+               f"{out} holds a run (checkpoint checkpoints/step_00000002, final/, run_config.json, metrics.jsonl); "
+               f"continue it with --resume auto, give another --output, or replace it with --overwrite")
+    assert tree(out) == before
+    assert pretrain(out, assets, "--overwrite", "--resume", "auto") == 1
+    error_line(capsys.readouterr().err, "beit3 pretrain", "--overwrite", "--resume auto", "give one")
+    assert tree(out) == before
+
+    assert pretrain(out, assets, "--resume", "auto", steps=3) == 0
+    resumed = tree(out)
+    assert json.loads(resumed["final/meta.json"])["step"] == 3
+    assert [json.loads(line)["step"] for line in resumed["metrics.jsonl"].splitlines()] == [1, 2, 3]
+
+    assert pretrain(out, assets, "--overwrite") == 0
+    [aside] = [n for n in os.listdir(out) if n.startswith("replaced-")]
+    assert tree(os.path.join(out, aside)) == resumed  # the old run, whole, apart from the new one
+    new = {k: v for k, v in tree(out).items() if not k.startswith(aside)}
+    assert [json.loads(line)["step"] for line in new["metrics.jsonl"].splitlines()] == [1, 2]
+    assert json.loads(new["final/meta.json"])["step"] == 2
+    assert {k.split("/")[1] for k in new if k.startswith("checkpoints/step_")} == {"step_00000002"}
+    # Recorded, but a --config replay of this run replaces nothing unless its own command line says so.
+    assert json.loads(new["run_config.json"])["args"]["overwrite"] is True
+    assert "overwrite" not in PretrainConfig.from_file(os.path.join(out, "run_config.json"))
 
 
 def test_resuming_with_other_settings_is_refused_before_building(pretrained, assets, tmp_path, capsys,
@@ -229,6 +290,27 @@ def test_finetune_resume_checks_the_checkpoint_and_the_task(finetuned, data, tmp
     assert finetune_main(["--task", "classification", "--preset", "tiny", *common]) == 1
     error_line(capsys.readouterr().err, "beit3 finetune", "rank_0.pt is missing")
     assert snapshot(out) == before
+
+
+def test_a_finished_finetuning_run_is_refused_resumed_or_moved_aside(finetuned, data, tmp_path, capsys):
+    out, _ = copy_run(finetuned, tmp_path / "run")
+    before = tree(out)
+    command = ["--task", "classification", "--preset", "tiny", "--data", data.world, "--spm", data.spm,
+               "--output", out, *COMMON, *SMALL]
+    assert finetune_main(command) == 1
+    error_line(capsys.readouterr().err, "beit3 finetune",
+               f"{out} holds a run (checkpoint checkpoints/step_00000002, best/, run_config.json, metrics.jsonl); "
+               f"continue it with --resume auto, give another --output, or replace it with --overwrite")
+    assert tree(out) == before
+    assert finetune_main([*command, "--resume", "auto"]) == 0  # resumed at its last step: nothing left to do
+    resumed = tree(out)
+    assert resumed["best/model.safetensors"] == before["best/model.safetensors"]
+    assert finetune_main([*command, "--overwrite"]) == 0
+    [aside] = [n for n in os.listdir(out) if n.startswith("replaced-")]
+    assert tree(os.path.join(out, aside)) == resumed
+    new = {k: v for k, v in tree(out).items() if not k.startswith(aside)}
+    assert {"best/model.safetensors", "run_config.json", "metrics.jsonl"} <= set(new)
+    assert [json.loads(line)["step"] for line in new["metrics.jsonl"].splitlines() if b'"loss"' in line] == [2]
 
 
 REPLACE_BEST_AND_DIE = textwrap.dedent("""

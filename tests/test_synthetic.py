@@ -3,6 +3,7 @@ import json
 import os
 import re
 import runpy
+import signal
 import sys
 import time
 from collections import Counter
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -361,3 +363,69 @@ def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
     ensure_synthetic_world(str(fresh), 0, 40, 32, log=lambda *_: None)
     meta = json.loads((fresh / "world.json").read_text())
     assert (fresh / "READY").is_file() and meta["complete"] and len(list((fresh / "images/val").glob("*"))) == 4
+
+
+def test_a_stopped_world_build_is_built_again(tmp_path, monkeypatch):
+    from beit3.synthetic import BuildStopped, ensure_synthetic_world
+    from beit3.synthetic import world as synthetic
+
+    real = synthetic.write_texts
+
+    def stopped(*a, **kw):  # SIGTERM halfway: the images are written, the texts not yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+    monkeypatch.setattr(synthetic, "write_texts", stopped)
+    lines = []
+    with pytest.raises(BuildStopped, match=r"stopped by SIGTERM while building the synthetic world in .*next run"):
+        ensure_synthetic_world(str(tmp_path / "w"), 0, 20, 32, log=lines.append)
+    assert not (tmp_path / "w" / "READY").exists()
+    monkeypatch.undo()
+    ensure_synthetic_world(str(tmp_path / "w"), 0, 20, 32, log=lines.append)
+    assert (tmp_path / "w" / "READY").is_file() and json.loads((tmp_path / "w" / "world.json").read_text())["complete"]
+    assert "again: its last build was stopped" in lines[-1]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stopped_demo_tokenizer_is_not_cached_and_the_next_run_finishes_it(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the demo's tokenizer build stops `beit3 pretrain --data synthetic` before it
+    pretrains; the next call resumes the build from its checkpoint, to the uninterrupted weights."""
+    import functools
+
+    import beit3.synthetic
+    from safetensors.torch import load_file
+
+    from beit3.pretrain import main as pretrain_main
+    from beit3.tokenizer import train as tokenizer_train
+    small = dict(seed=0, num_images=48, tokenizer_steps=6, tokenizer_batch=8)
+    reference = tmp_path / "reference"
+    monkeypatch.setenv("BEIT3_CACHE", str(reference))
+    uninterrupted = beit3.synthetic.demo_assets(**small, log=lambda *_: None).tokenizer
+
+    monkeypatch.setenv("BEIT3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(beit3.synthetic, "demo_assets", functools.partial(beit3.synthetic.demo_assets, **small))
+    real, calls = tokenizer_train.TokenizerRun.step, []
+
+    def step(self, images):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, images)
+    monkeypatch.setattr(tokenizer_train.TokenizerRun, "step", step)
+    out = tmp_path / "run"
+    command = ["--preset", "tiny", "--data", "synthetic", "--steps", "1", "--batch-images", "2", "--batch-texts",
+               "2", "--batch-pairs", "2", "--output", str(out), "--no-tensorboard"]
+    assert pretrain_main(command) == 1
+    err = capsys.readouterr().err
+    line = "beit3 pretrain: error: stopped by SIGTERM at step 3 of 6 while building the tiny VQ-KD visual tokenizer"
+    assert line in err and "next run resumes the build" in err and "Traceback" not in err
+    tok_dir = beit3.synthetic.demo_assets(build=False).tokenizer
+    assert not os.path.exists(os.path.join(tok_dir, "READY"))
+    assert os.listdir(out) == [".lock"]  # no pretraining started
+
+    assert pretrain_main(command) == 0
+    assert f"resuming the build of the tiny VQ-KD visual tokenizer in {tok_dir}: it stopped at step 3 of 6" \
+        in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(tok_dir, "READY")) and len(calls) == 3 + 3
+    a, b = (load_file(os.path.join(d, "model.safetensors")) for d in (uninterrupted, tok_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "final" / "meta.json").read_text())["step"] == 1

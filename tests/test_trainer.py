@@ -2,6 +2,7 @@
 folder released on failure. Fine-tuning is driven here; pretraining's side is tests/test_faults.py."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 
 from beit3.finetune import tasks
 from beit3.finetune.main import main as finetune_main
+from beit3.train.run_dir import RunDirError, check_run_folder, move_aside
 from beit3.train.trainer import NonFiniteLossError, NonFiniteSteps, Trainer
 
 from finetune_helpers import COMMON
@@ -35,6 +37,27 @@ def test_means_skip_missing_keys_per_micro_batch():
     logs = [{"loss": torch.tensor(2.0), "acc": torch.tensor(0.5)}, {"loss": torch.tensor(4.0)}, {"loss": 3.0}]
     assert t.mean_over_ranks(logs) == {"acc": 0.5, "loss": 3.0}
     assert t.mean_over_ranks([]) == {}
+
+
+def test_which_folders_a_new_run_may_start_in(tmp_path):
+    """Empty: anything. Run files of a run stopped before its first checkpoint: --resume auto starts
+    fresh there. Weights without a checkpoint (checkpoints removed): refused without --overwrite."""
+    out = str(tmp_path)
+    assert check_run_folder(out, None, False) == [] == check_run_folder(out, "auto", False)
+    (tmp_path / "run_config.json").write_text("{}")
+    assert check_run_folder(out, "auto", False) == ["run_config.json"]
+    with pytest.raises(RunDirError, match=re.escape(f"{out} holds a run (run_config.json); continue it with")):
+        check_run_folder(out, None, False)
+    os.makedirs(tmp_path / "best.old")  # a kill between best/'s two renames: best/ is still held
+    with pytest.raises(RunDirError, match=re.escape(f"--resume auto: {out} holds best/ but no complete checkpoint")):
+        check_run_folder(out, "auto", False)
+    assert check_run_folder(out, None, True) == ["best/", "run_config.json"]
+    with pytest.raises(RunDirError, match="--overwrite replaces .* and --resume auto continues it: give one"):
+        check_run_folder(out, "auto", True)
+    (tmp_path / "replaced-1").mkdir()
+    moved = move_aside(out)
+    assert sorted(os.listdir(tmp_path)) == ["replaced-1", os.path.basename(moved)]
+    assert sorted(os.listdir(moved)) == ["best.old", "run_config.json"] and check_run_folder(out, None, False) == []
 
 
 def _poison(monkeypatch, calls: set[int]):

@@ -2,6 +2,7 @@
 import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,6 +328,38 @@ def test_command_line(image_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def _tree(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.filterwarnings("ignore:skip")
+def test_a_finished_run_is_refused_resumed_or_moved_aside(image_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--images", str(image_dir), "--teacher", "pixel", "--steps", "3", "--batch-size", "4",
+            "--output", str(out), "--log-every", "1", "--no-tensorboard"]
+    assert main(argv) == 0
+    before = _tree(out)
+    broken = tmp_path / "broken"  # none of its images decodes: the run would fail after starting
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    for images in (image_dir, broken):
+        assert main([*argv, "--images", str(images)]) == 2
+        err = capsys.readouterr().err
+        assert f"beit3 train-tokenizer: error: {out} holds a run (checkpoint checkpoints/step_00000003, " \
+               f"model.safetensors, run_config.json, metrics.jsonl); continue it with --resume auto, give another " \
+               f"--output, or replace it with --overwrite" in err
+        assert _tree(out) == before
+    assert main([*argv, "--resume", "auto"]) == 0  # at its last step: nothing left to train
+    resumed = _tree(out)
+    assert resumed["model.safetensors"] == before["model.safetensors"]
+    assert main([*argv, "--overwrite", "--seed", "1"]) == 0
+    [aside] = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert _tree(aside) == resumed
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # another seed's weights
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_tokens_agree_with_cpu_float32():
@@ -391,7 +424,7 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_resume_refuses_another_run_and_a_planted_pickle(image_dir, tmp_path):
-    from beit3.train.checkpoint import CheckpointError
+    from beit3.train.checkpoint import CheckpointError, file_crc32
     from beit3.weights.io import UnsafeCheckpointError
     _pixel_run(image_dir, tmp_path, stop_after_steps=2)
     config = VQKDConfig.from_preset("tiny", teacher_dim=192)
@@ -405,7 +438,8 @@ def test_resume_refuses_another_run_and_a_planted_pickle(image_dir, tmp_path):
     size = state.stat().st_size
     marker = tmp_path / "checkpoints" / "step_00000002" / "COMPLETE"
     meta = json.loads(marker.read_text())
-    meta["files"]["engine_state.pt"] = size  # a planted file of the recorded size
+    meta["files"]["engine_state.pt"] = size  # a planted file of the recorded size and digest
+    meta["digests"]["engine_state.pt"] = file_crc32(str(state))
     marker.write_text(json.dumps(meta))
     with pytest.raises(UnsafeCheckpointError, match="engine_state.pt"):
         _pixel_run(image_dir, tmp_path, resume="auto")

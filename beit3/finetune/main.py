@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DeepSpeed JSON (default: ds_configs/zero3_bf16.json on GPU, cpu_zero3.json on CPU)")
     ap.add_argument("--grad-accum", type=int, default=None)
     ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
+    ap.add_argument("--overwrite", action="store_true", help="replace the run already in --output (refused "
+                    "otherwise, unless --resume): its files are first moved into <output>/replaced-<time>/")
     ap.add_argument("--allow-pickle", action="store_true", help="trust --init files and --resume checkpoints "
                     "that need unpickling (unilm's fine-tuned checkpoints pickle their argparse Namespace)")
     ap.add_argument("--max-bad-fraction", type=float, default=0.01,
@@ -126,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     options = RunOptions(
         output=output, data=args.data, spm=args.spm, ds_config=ds_config,
-        device=device, init=args.init, resume=args.resume, allow_pickle=args.allow_pickle,
+        device=device, init=args.init, resume=args.resume, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
         log_every=args.log_every, save_every=args.save_every, keep_last=args.keep_last,
         eval_every=args.eval_every, num_workers=args.num_workers if args.num_workers is not None else
         (0 if device == "cpu" else 6), tensorboard=not args.no_tensorboard,

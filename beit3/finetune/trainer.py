@@ -29,7 +29,7 @@ from ..data.text_tokenizer import TextTokenizer
 from ..files import recover_dir
 from ..pretrained import TOKENIZER_FILE, save_folder, saved_config
 from ..train.checkpoint import latest_checkpoint
-from ..train.distributed import DistInfo, all_reduce_flag, barrier
+from ..train.distributed import DistInfo, all_reduce_flag
 from ..train.engine import OptimConfig, build_engine
 from ..train.full_weights import full_state_dict
 from ..train.optim import param_groups
@@ -54,6 +54,7 @@ class RunOptions:
     device: str = "cpu"
     init: Optional[str] = None
     resume: Optional[str] = None  # "auto" or a checkpoint directory
+    overwrite: bool = False  # replace a run already in ``output`` (moved aside: beit3.train.run_dir)
     allow_pickle: bool = False
     log_every: int = 10
     save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = at epoch ends only
@@ -72,11 +73,11 @@ SYNTHETIC = "synthetic"
 
 
 def synthetic_data(dist: DistInfo, log=print) -> tuple[str, str]:
-    """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them)."""
+    """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them;
+    a stopped build stops every rank)."""
     from ..synthetic import finetune_world
 
-    world = finetune_world(build=dist.is_main, log=log)
-    barrier(dist)
+    world = on_every_rank(dist, lambda: finetune_world(build=dist.is_main, log=log))
     return world.world, world.spm
 
 
@@ -137,8 +138,8 @@ class FinetuneRun(Trainer):
     # building
     def build(self) -> None:
         o, c = self.opt, self.cfg
-        self.open_run(o.output, o.device, o.dist_timeout, 1, tensorboard=o.tensorboard, desc=c.task,
-                      max_bad_steps=o.max_bad_steps, keep_last=o.keep_last)
+        self.open_run(o.output, o.device, o.dist_timeout, 1, resume=o.resume, overwrite=o.overwrite,
+                      tensorboard=o.tensorboard, desc=c.task, max_bad_steps=o.max_bad_steps, keep_last=o.keep_last)
         cpu_flush_denormal(self.dist.device)
         if self.dist.is_main:  # holding the folder's lock: nobody else is replacing best/
             recovered = recover_dir(os.path.join(o.output, "best"))

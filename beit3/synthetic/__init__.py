@@ -8,11 +8,11 @@ the layout on disk).
     world.py        the world on disk (images, annotations, corpus, SentencePiece model, shards)
     demo_assets.py  the world, its SentencePiece model and a tiny VQ-KD, built once and cached
 """
-from .demo_assets import DemoAssets, demo_assets, ensure_synthetic_world, finetune_world, synthetic_root
+from .demo_assets import BuildStopped, DemoAssets, demo_assets, ensure_synthetic_world, finetune_world, synthetic_root
 from .language import NLVR2_STATEMENTS, nlvr2_candidates
 from .scenes import CLASSES, COLORS, SHAPES, Scene, Shape
 from .world import WORLD_VERSION, WorldConfig, main, make_synthetic_world, split_sizes, write_nlvr2
 
-__all__ = ["CLASSES", "COLORS", "DemoAssets", "NLVR2_STATEMENTS", "SHAPES", "Scene", "Shape", "WORLD_VERSION",
+__all__ = ["BuildStopped", "CLASSES", "COLORS", "DemoAssets", "NLVR2_STATEMENTS", "SHAPES", "Scene", "Shape", "WORLD_VERSION",
            "WorldConfig", "demo_assets", "ensure_synthetic_world", "finetune_world", "main", "make_synthetic_world",
            "nlvr2_candidates", "split_sizes", "synthetic_root", "write_nlvr2"]

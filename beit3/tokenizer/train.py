@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from beit3.train.plain_engine import PlainEngine
-from beit3.train.run_dir import check_resume, find_checkpoint
+from beit3.train.run_dir import check_resume, check_run_folder, find_checkpoint
 from beit3.train.trainer import StopRequested, Trainer, seed_everything
 from beit3.tokenizer.teachers import Teacher, build_teacher
 from beit3.tokenizer.train_config import TokenizerTrainConfig
@@ -208,8 +208,8 @@ class TokenizerRun(Trainer):
     def build(self) -> None:
         s = self.settings
         device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.open_run(s.output, str(device), 0.0, s.steps, tensorboard=s.tensorboard, desc="vq-kd",
-                      max_bad_steps=s.max_bad_steps, single_process=True)
+        self.open_run(s.output, str(device), 0.0, s.steps, resume=s.resume, overwrite=s.overwrite,
+                      tensorboard=s.tensorboard, desc="vq-kd", max_bad_steps=s.max_bad_steps, single_process=True)
         seed_everything(s.seed)
         model = VQKD(self.config).to(device).train()
         model.quantize.sync_ranks = self.dist.world_size > 1  # this job's world, not the process group's
@@ -309,7 +309,7 @@ class TokenizerRun(Trainer):
                     break
         finally:
             stop.restore()
-            self.step_reached = step
+            self.step_reached, self.stopped_by = step, stop.signal
 
     def train(self) -> Path:
         def body() -> Path:
@@ -330,13 +330,14 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
                     warmup_steps: int | None = None, min_crop_scale: float = 0.08, num_workers: int = 0,
                     usage_window: int = 50, save_every: int = 0, device: str | torch.device | None = None,
                     resume: str | None = None, max_bad_steps: int = 5, allow_pickle: bool = False,
-                    tensorboard: bool = True, stop_after_steps: int | None = None) -> Path:
+                    tensorboard: bool = True, stop_after_steps: int | None = None, overwrite: bool = False) -> Path:
     """Train a VQKD for ``steps`` updates against ``teacher``; returns the saved weights file.
 
     Cosine learning-rate decay to lr/10 after a linear warm-up (default: 5% of the steps).
     ``usage_window``: batches over which ``codebook/usage`` and ``codebook/perplexity`` are counted.
     ``save_every`` > 0 also checkpoints (and writes the weights) every that many steps;
-    ``resume="auto"`` continues from the newest checkpoint in ``output_dir``."""
+    ``resume="auto"`` continues from the newest checkpoint in ``output_dir``; a folder holding another
+    run is refused unless ``overwrite`` (its files are moved aside first)."""
     _check_compatible(config, teacher)
     settings = TokenizerTrainConfig(
         images=str(images_source), output=str(output_dir), steps=steps, teacher=type(teacher).__name__,
@@ -344,7 +345,7 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
         min_crop_scale=min_crop_scale, num_workers=num_workers, usage_window=usage_window, log_every=log_every,
         save_every=save_every, resume=resume, max_bad_steps=max_bad_steps, allow_pickle=allow_pickle,
         tensorboard=tensorboard, seed=seed, device=None if device is None else str(device),
-        stop_after_steps=stop_after_steps)
+        stop_after_steps=stop_after_steps, overwrite=overwrite)
     settings.check()
     return TokenizerRun(settings, config, teacher).train()
 
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = TokenizerTrainConfig(**given(args, TokenizerTrainConfig)).resolved()
         settings.check()  # before the teacher is loaded and the steps run
+        check_run_folder(settings.output, settings.resume, settings.overwrite)  # the run checks again, locked
         preset = VQKDConfig.from_preset(settings.preset)
         teacher = build_teacher(settings.teacher, settings.teacher_weights, grid=preset.grid_size,
                                 img_size=preset.img_size)

@@ -39,6 +39,8 @@ class TokenizerTrainConfig:
     save_every: int = _f(0, "also write a resumable checkpoint (and the weights) every N steps (0: at the end only)")
     resume: Optional[str] = _f(None, "'auto' (the newest complete checkpoint in OUTPUT/checkpoints, if any) "
                                "or a checkpoint directory")
+    overwrite: bool = _f(False, "replace the run already in --output (refused otherwise, unless --resume): its "
+                         "files are first moved into <output>/replaced-<time>/")
     stop_after_steps: Optional[int] = _f(None, "checkpoint and stop after this many steps of this process "
                                          "(a time-limited job; continue with --resume auto)")
     max_bad_steps: int = _f(5, "non-finite steps in a row that stop the run (each one is skipped)")

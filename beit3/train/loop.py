@@ -24,7 +24,7 @@ from ..errors import OutputError, UserError
 from ..files import recover_dir
 from ..pretrained import TOKENIZER_FILE, save_folder, saved_config
 from ..weights.official import load_backbone
-from .distributed import all_reduce_flag, barrier
+from .distributed import all_reduce_flag
 from .engine import OptimConfig, build_engine
 from .full_weights import full_state_dict
 from .flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
@@ -80,8 +80,8 @@ class PretrainRun(Trainer):
     # -- building ------------------------------------------------------------------------------
     def build(self) -> None:
         a = self.args
-        self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, tensorboard=a.tensorboard,
-                      desc="pretrain", max_bad_steps=a.max_bad_steps, keep_last=a.keep_last)
+        self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, resume=a.resume, overwrite=a.overwrite,
+                      tensorboard=a.tensorboard, desc="pretrain", max_bad_steps=a.max_bad_steps, keep_last=a.keep_last)
         if self.dist.is_main:  # holding the folder's lock: nobody else is replacing final/
             recovered = recover_dir(os.path.join(a.output, FINAL))
             if recovered:
@@ -146,8 +146,9 @@ class PretrainRun(Trainer):
         spm, tok, shards = a.spm, a.tokenizer, a.data
         if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
             from ..synthetic import demo_assets
-            assets = demo_assets(seed=0, build=self.dist.is_main, log=self.logger.write)
-            barrier(self.dist)
+            # Rank 0 builds; a stopped build (BuildStopped) stops every rank.
+            assets = on_every_rank(self.dist, lambda: demo_assets(seed=0, build=self.dist.is_main,
+                                                                  log=self.logger.write))
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         self.spm = spm  # copied into final/

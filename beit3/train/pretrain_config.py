@@ -97,6 +97,8 @@ class PretrainConfig:
     save_every: int = _f(100)
     keep_last: int = _f(3)
     resume: Optional[str] = _f(None, "'auto' (newest complete checkpoint in --output) or a path")
+    overwrite: bool = _f(False, "replace the run already in --output (refused otherwise, unless --resume): its "
+                         "files are first moved into <output>/replaced-<time>/")
     allow_pickle: bool = _f(False, "resume from a checkpoint whose files need full unpickling (only one you "
                             "trust: unpickling can run code)")
     final_weights: bool = _f(True, "when the run stops, write <output>/final/: the backbone's fp32 weights as a saved "
@@ -132,6 +134,8 @@ class PretrainConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"--config {path}: expected a JSON object, got {type(d).__name__}")
         d = d.get("args", d)
+        if isinstance(d, dict):  # a replayed run replaces another only when its own command line says so
+            d = {k: v for k, v in d.items() if k != "overwrite"}
         try:
             cls.from_dict(d)
         except TypeError as e:

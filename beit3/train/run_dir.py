@@ -4,6 +4,18 @@
   A second run pointed at the folder refuses, naming the holder's pid and host, instead of
   interleaving its metrics and checkpoints with the first's. The kernel drops the lock when the
   process dies, so a killed run leaves no stale lock (the file stays; only its lock counts).
+- A finished run is never overwritten: a folder that holds a run (``run_contents``: a complete
+  checkpoint, ``final/``, ``best/``, tokenizer weights, ``run_config.json``, ``metrics.jsonl``) is
+  continued (``--resume``) or refused naming what it holds (``check_run_folder``), unless
+  ``--overwrite`` is given: then its files are moved into ``<output>/replaced-<time>/``
+  (``move_aside``) before the new run writes anything. Moved, not deleted: a rename is instant
+  whatever the run's size (a giant run keeps ~90 GB of checkpoints), and an ``--overwrite`` given by
+  mistake (a reused command line, a wrong ``--output``) loses nothing but the disk space until the
+  folder is deleted. ``--resume auto`` in a folder without a complete checkpoint starts fresh (the
+  run before was stopped before its first one) unless the folder holds weights: ``final/`` and a
+  tokenizer's are written after a checkpoint, so its checkpoints were removed, and starting over
+  would replace the weights (``best/`` comes just before the first checkpoint: a fine-tuning run
+  killed while writing it is refused too, and ``--overwrite`` starts it again).
 - Resume checked before anything is built: ``check_resume`` finds the checkpoint, verifies its
   files (``train.checkpoint.verify_checkpoint``) and compares what identifies the run (preset,
   layout, task, model config) with what the checkpoint recorded. A run writes ``run_config.json``
@@ -23,11 +35,15 @@ import warnings
 from typing import Any, Callable, Optional
 
 from ..errors import UserError
-from ..files import atomic_write_bytes
-from .checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint
+from ..files import atomic_write_bytes, current_dir
+from .checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint, verify_checkpoint
 from .distributed import DistInfo, all_reduce_flag
 
 LOCK_FILE = ".lock"
+REPLACED = "replaced-"  # <output>/replaced-<time>/: a run moved aside by --overwrite
+WEIGHT_DIRS = ("final", "best")  # pretraining's and fine-tuning's weights
+WEIGHT_FILES = ("model.safetensors", "tokenizer.pth")  # a tokenizer's (tokenizer.pth: older versions')
+RUN_FILES = ("run_config.json", "metrics.jsonl")
 
 
 class RunDirError(UserError):
@@ -89,6 +105,59 @@ def lock_output(output: str, dist: DistInfo) -> Optional[OutputLock]:
     return on_every_rank(dist, lambda: OutputLock(output) if dist.is_main else None)
 
 
+def run_contents(output: str) -> tuple[list[str], list[str]]:
+    """(complete checkpoints, other run files) in ``output``: the newest checkpoint's path relative to
+    ``output`` (and how many older), then the weights and run files there, by name."""
+    found = complete_checkpoints(os.path.join(output, "checkpoints"))
+    checkpoints = []
+    if found:
+        older = f" and {len(found) - 1} older" if len(found) > 1 else ""
+        checkpoints = [f"checkpoint {os.path.relpath(found[-1][1], output)}{older}"]
+    weights = [f"{name}/" for name in WEIGHT_DIRS if current_dir(os.path.join(output, name))]  # .old after a kill too
+    files = [name for name in WEIGHT_FILES + RUN_FILES if os.path.isfile(os.path.join(output, name))]
+    return checkpoints, weights + files
+
+
+def check_run_folder(output: str, resume: Optional[str], overwrite: bool) -> list[str]:
+    """What ``output`` holds of a run (empty: nothing), once it is clear that this run may go on
+    there: it continues the run (``--resume``) or replaces it (``--overwrite``); else RunDirError."""
+    if overwrite and resume is not None:
+        raise RunDirError(f"--overwrite replaces the run in {output} and --resume {resume} continues it: give one")
+    checkpoints, files = run_contents(output)
+    held = checkpoints + files
+    if not held or overwrite:
+        return held
+    if resume is None:
+        raise RunDirError(f"{output} holds a run ({', '.join(held)}); continue it with --resume auto, give "
+                          f"another --output, or replace it with --overwrite (its files are moved into "
+                          f"{output}/{REPLACED}<time>/)")
+    weights = [name for name in files if name not in RUN_FILES]
+    if resume == "auto" and not checkpoints and weights:
+        raise RunDirError(f"--resume auto: {output} holds {', '.join(weights)} but no complete checkpoint to continue "
+                          f"from; give another --output, or replace the run with --overwrite (its files are moved into "
+                          f"{output}/{REPLACED}<time>/)")
+    return held
+
+
+def move_aside(output: str) -> str:
+    """Move everything in ``output`` but its lock and earlier replaced runs into a new
+    ``<output>/replaced-<time>/``; returns that folder. Only the folder's lock holder calls it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = os.path.join(output, REPLACED + stamp), 1
+    while os.path.lexists(dest):
+        n += 1
+        dest = os.path.join(output, f"{REPLACED}{stamp}-{n}")
+    try:
+        os.mkdir(dest)
+        for name in sorted(os.listdir(output)):
+            if name != LOCK_FILE and not name.startswith(REPLACED):
+                os.replace(os.path.join(output, name), os.path.join(dest, name))
+    except OSError as e:
+        raise RunDirError(f"--overwrite: could not move the run in {output} into {dest} ({e.strerror or e}); "
+                          f"what was moved is there, the rest in {output}") from None
+    return dest
+
+
 def find_checkpoint(ckpt_dir: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint ``--resume`` names ("auto": the newest complete one), or None."""
     if resume is None:
@@ -124,7 +193,7 @@ def check_same_run(path: str, meta: dict, identity: dict) -> None:
 def check_resume(path: str, dist: DistInfo, identity: dict, allow_pickle: bool = False) -> dict:
     """The checkpoint's metadata, once its files are verified and ``identity`` matches it."""
     def check():
-        meta = verify_checkpoint(path, dist.rank, allow_pickle)
+        meta = verify_checkpoint(path, dist.rank, allow_pickle, dist.world_size)
         check_same_run(path, meta, identity)
         return meta
     return on_every_rank(dist, check)

@@ -11,9 +11,10 @@ What a job supplies: ``build`` (model, engine, data, after ``open_run``), ``chec
 identifies a run, compared with the checkpoint before anything is built), the loop over its steps,
 and what its checkpoints hold. What the Trainer owns, the same in every job:
 
-- the run folder: distributed setup, the folder's lock, the metrics logger (``metrics.jsonl``,
-  ``tensorboard/``, a progress bar that starts at the resumed step), ``run_config.json`` with the
-  git commit, all released by ``run`` whatever happens;
+- the run folder: distributed setup, the folder's lock, the refusal of a folder holding another
+  run unless it is resumed or replaced (``--overwrite``: moved aside), the metrics logger
+  (``metrics.jsonl``, ``tensorboard/``, a progress bar that starts at the resumed step),
+  ``run_config.json`` with the git commit, all released by ``run`` whatever happens;
 - checkpoints: ``checkpoints/step_XXXXXXXX`` through ``beit3.train.checkpoint`` (atomic, verified);
 - seeding, the compute dtype of the DeepSpeed config, moving batches to the device;
 - logging means over the window's micro-batches and over the ranks;
@@ -34,7 +35,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, finish_distributed, init_distributed
 from .ds_config import precision
 from .metrics_log import MetricsLogger
-from .run_dir import lock_output, on_every_rank, write_run_config
+from .run_dir import check_run_folder, lock_output, move_aside, on_every_rank, write_run_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,19 +134,26 @@ class Trainer:
     keep_last: int = 1
 
     def open_run(self, output: str, device: str, dist_timeout: float, total_steps: int, *,
-                 tensorboard: bool = True, desc: str = "train", max_bad_steps: int = 5, keep_last: int = 1,
+                 resume: Optional[str] = None, overwrite: bool = False, tensorboard: bool = True,
+                 desc: str = "train", max_bad_steps: int = 5, keep_last: int = 1,
                  single_process: bool = False) -> None:
-        """Join the process group, lock ``output``, verify the checkpoint to resume from (the job's
+        """Join the process group, lock ``output``, check that a run it holds is resumed (``resume``)
+        or replaced (``overwrite``: moved aside), verify the checkpoint to resume from (the job's
         ``check_resume``) and open the logger: all before a model exists. ``single_process``: the
         job runs in this process alone (``DistInfo.single``), joining no group and waiting for no
         other rank, even when this process is one rank of a larger job."""
         self.output, self.keep_last = output, keep_last
         self.dist = DistInfo.single(device) if single_process else init_distributed(dist_timeout, device)
         self.lock = lock_output(output, self.dist)
+        held = on_every_rank(self.dist, lambda: check_run_folder(output, resume, overwrite))
         self.resume_path, self.resume_meta = self.check_resume()
         # The bar starts at the resumed step once it is loaded (MetricsLogger.start_at).
         self.logger = MetricsLogger(output, self.dist.is_main, total_steps, tensorboard=tensorboard, desc=desc)
         self.non_finite = NonFiniteSteps(max_bad_steps, self.ckpt_dir, self.logger.write)
+        if overwrite and held:
+            moved = on_every_rank(self.dist, lambda: move_aside(output) if self.dist.is_main else None)
+            self.logger.write(f"--overwrite: moved the run that was in {output} ({', '.join(held)}) into {moved}; "
+                              f"delete it once it is no longer needed")
 
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
         return None, None
