@@ -5,18 +5,23 @@
     beit3 predict MODEL --image photos/ --text "a black cat"                     (retrieval: rank the images)
     beit3 predict MODEL --image cat.jpg --text "a cat" --text "a dog"            (retrieval: rank the texts)
     beit3 predict MODEL --image left.jpg --image2 right.jpg --text "two cats"    (nlvr2)
+    beit3 predict MODEL --image room.jpg --output masks/                        (segmentation: masks/room_seg.png)
     beit3 predict MODEL --requests requests.jsonl
 
 MODEL is a folder written by ``save_pretrained`` or a fine-tuning run (its ``best/``). Each result
 is printed as one JSON line. ``--image`` may be a folder (every image in it, by name; for VQA,
 captioning, classification one line per image). A requests file holds one JSON object per line with
 the same keys (``image``, ``question``, ``text``, ``texts``, ``images``, ``image2``, ``top_k``,
-``num_beams``); its relative paths are taken from the requests file's folder. The work is done by
+``num_beams``); its relative paths are taken from the requests file's folder. A segmentation model
+writes each image's mask as ``<output>/<image name>_seg.png`` in the annotation format (class id + 1
+a pixel, 0 none; paletted, so it also shows the classes in colour) and prints its path and the
+classes covering most of the image. The work is done by
 ``beit3.predictor.Predictor`` (scores explained there); a bad input is one line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -24,7 +29,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from .data.ade20k import annotation_image
 from .errors import BadFileError, UserError
+from .files import atomic_write_bytes, check_output_dir
 from .predictor import Predictor, load_predictor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -43,8 +50,23 @@ def _paths(image: Optional[str]) -> list[str]:
     return folder_images(image) if os.path.isdir(image) else [image]
 
 
-def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
-    """The results of one request (keys as the command's flags) as JSON-ready dicts."""
+def write_mask(p: Predictor, image: str, output: str, k: int) -> dict:
+    """Segment ``image``, write its mask PNG into ``output``; the JSON line's content."""
+    result = p.segment(image, k)
+    mask = result["mask"]
+    path = os.path.join(output, os.path.splitext(os.path.basename(image))[0] + "_seg.png")
+    if os.path.abspath(path) == os.path.abspath(image):
+        raise UserError(f"the mask of {image} would replace it; give another --output folder")
+    buf = io.BytesIO()
+    annotation_image(mask.numpy()).save(buf, format="PNG")
+    os.makedirs(output, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return {"image": image, "mask": path, "size": [mask.shape[1], mask.shape[0]], "classes": result["classes"]}
+
+
+def run_request(p: Predictor, req: dict, top_k: int = 5, output: str = ".") -> Iterable[dict]:
+    """The results of one request (keys as the command's flags) as JSON-ready dicts; segmentation
+    masks go to ``output``."""
     known = {"image", "images", "image2", "question", "text", "texts", "top_k", "num_beams"}
     unknown = sorted(set(req) - known)
     if unknown:
@@ -69,6 +91,9 @@ def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
             yield {"image": img, "top_k": p.classify(img, k)}
     elif p.task == "retrieval":
         yield from _retrieval(p, images, texts, k)
+    elif p.task == "segmentation":
+        for img in _one_or_more(images):
+            yield write_mask(p, img, output, k)
     elif p.task == "nlvr2":
         if len(images) != 1 or req.get("image2") is None or len(texts) != 1:
             raise UserError("an nlvr2 model needs --image, --image2 and one --text")
@@ -129,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", help="JSON-lines file of requests (keys as these flags)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--num-beams", type=int, default=None, help="captioning beams (default: the model's)")
+    ap.add_argument("--output", default=".", help="folder for segmentation masks (default: the current folder)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return ap
 
@@ -142,6 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.top_k < 1:
             raise UserError(f"--top-k must be >= 1, got {args.top_k}")
         predictor = load_predictor(args.model, device)
+        if predictor.task == "segmentation":
+            check_output_dir(args.output)
         if args.requests is not None:
             requests = read_requests(args.requests)
         else:
@@ -152,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             requests = [("command line", {k: v for k, v in req.items() if v is not None})]
         for where, req in requests:
             try:
-                for result in run_request(predictor, req, args.top_k):
+                for result in run_request(predictor, req, args.top_k, args.output):
                     print(json.dumps(result), flush=True)
             except UserError as e:
                 raise UserError(f"{where}: {e}" if where != "command line" else str(e)) from None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..files import cache_root
+from ..files import cache_root, read_json
 from . import world as _world
+from .segmentation import has_segmentation, write_segmentation
 
 
 @dataclass
@@ -53,7 +54,8 @@ def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tok
 def finetune_world(seed: int = 0, num_images: int = 2000, image_size: int = 64, build: bool = True,
                    log=print) -> DemoAssets:
     """The cached world of ``demo_assets`` (so a model pretrained there fits its vocabulary) with its
-    fine-tuning index files, written once when ``build``; ``tokenizer`` is left empty."""
+    fine-tuning index files and segmentation masks, written once when ``build``; ``tokenizer`` is
+    left empty."""
     from ..data.downstream import build_all_indexes
 
     world = os.path.join(synthetic_root(seed, num_images, image_size), "world")
@@ -64,6 +66,9 @@ def finetune_world(seed: int = 0, num_images: int = 2000, image_size: int = 64, 
             log(f"writing the fine-tuning index files into {world} (once)")
             build_all_indexes(os.path.join(world, "raw"), world, spm, seed=seed, rest_val_images=num_images // 20)
             open(os.path.join(world, "INDEXES_READY"), "w").close()
+        if not has_segmentation(world):  # a world cached before the masks existed
+            log(f"writing the segmentation masks into {world} (once)")
+            write_segmentation(world, read_json(os.path.join(world, "scenes.json"))["images"])
     return DemoAssets(world=world, shards=os.path.join(world, "shards"), spm=spm, tokenizer="")
 
 
