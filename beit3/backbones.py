@@ -212,9 +212,9 @@ def vision_encoder(checkpoint: Source, preset_or_config: Union[str, BEiT3Config,
                    out_indices: Optional[Sequence[int]] = None, pool: str = "cls", img_size: Optional[int] = None,
                    allow_pickle: bool = False, prefix: Optional[str] = None) -> VisionEncoder:
     """The vision path of ``checkpoint`` (a ``BEiT3``, one of our state dicts or files, a saved-model or
-    run folder, an official checkpoint or a DeepSpeed directory), in eval mode. ``img_size`` overrides the config's image
-    size (patch positions interpolated). ``preset_or_config`` None infers the sizes from the weights
-    (``num_heads`` from the preset of that width)."""
+    run folder, an official checkpoint or a DeepSpeed directory), in eval mode. ``img_size`` overrides
+    the config's image size (patch positions interpolated). ``preset_or_config`` None infers the sizes
+    from the weights (``num_heads`` from the preset of that width)."""
     checkpoint, preset_or_config = saved_model_weights(checkpoint, preset_or_config)
     loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix, img_size=img_size, path="vision")
     make = functools.partial(VisionEncoder, loaded.config, out_indices or (), pool, loaded.final_norm)

@@ -186,7 +186,8 @@ def test_layer_decay_puts_the_adapter_and_heads_at_full_lr():
     assert scale["decode_head.classifier.conv.weight"] == scale["adapter.fpn1.0.weight"] == 1.0
     assert scale["beit3.layers.0.ffn.A.fc1.weight"] == pytest.approx(0.9 ** 4)
     decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
-    assert decay["decode_head.fpn_bottleneck.bn.weight"] == 0.0 and decay["decode_head.fpn_bottleneck.conv.weight"] == 0.05
+    assert decay["decode_head.fpn_bottleneck.bn.weight"] == 0.0
+    assert decay["decode_head.fpn_bottleneck.conv.weight"] == 0.05
 
 
 def test_poly_schedule_is_mmcvs():
@@ -277,3 +278,24 @@ def test_init_loads_the_backbone_from_any_source(source, tmp_path):
     heads = [k for k in want if not k.startswith("beit3.")]
     assert sorted(report.heads_loaded) == sorted(k for k in heads if k in init.heads)
     assert (len(report.heads_loaded) > 10) == (source == "segmentation_best")
+
+
+# -- recipes -----------------------------------------------------------------------------------------
+def test_ade20k_recipes_are_beit_v2s_and_settings_are_checked():
+    from beit3.finetune.recipes import get_recipe
+
+    base, large = get_recipe("ade20k-base"), get_recipe("ade20k-large")
+    assert (base.lr, base.layer_decay, base.drop_path, base.decoder_channels) == (5e-5, 0.75, 0.15, 768)
+    assert (large.lr, large.layer_decay, large.drop_path, large.decoder_channels) == (4e-5, 0.9, 0.2, 1024)
+    for c in (base, large):
+        assert (c.img_size, c.batch_size, c.max_steps, c.lr_schedule, c.stride, c.eval_batch) == (
+            512, 2, 160_000, "poly", 341, 1)
+        assert int(c.warmup_epochs * (20_210 // 16)) == 1500 and c.epochs * (20_210 // 16) >= 160_000
+        assert (c.seg_scale, c.seg_ratio_range, c.cat_max_ratio, c.aux_channels, c.aux_weight) == (
+            (2048, 512), (0.5, 2.0), 0.75, 256, 0.4)
+    assert get_recipe("segmentation-tiny").stride == 42  # 2/3 of the 64 px crop, as 341 of 512
+    for bad, match in [({"batch_size": 1}, "batch_size must be >= 2"), ({"eval_batch_size": 4}, "one image at a time"),
+                       ({"cat_max_ratio": 0.0}, "cat_max_ratio"), ({"slide_stride": 600}, "slide_stride"),
+                       ({"lr_schedule": "step"}, "lr_schedule")]:
+        with pytest.raises(ValueError, match=match):
+            get_recipe("ade20k-base", **bad)

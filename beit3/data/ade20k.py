@@ -165,10 +165,9 @@ class ADE20KDataset(Dataset):
     """Items: ``image`` and ``label`` (long, ``IGNORE_INDEX`` where unscored) after ``transform``
     (``transform(pil_image, label_array) -> (image, label)``; default: tensors as stored)."""
 
-    def __init__(self, data: str | os.PathLike, split: str, transform: Optional[Callable] = None,
-                 class_names: Optional[list[str]] = None):
+    def __init__(self, data: str | os.PathLike, split: str, transform: Optional[Callable] = None):
         self.root, self.split = find_root(data), split
-        self.classes = list(class_names) if class_names is not None else read_class_names(self.root)
+        self.classes = read_class_names(self.root)
         self.pairs = pair_files(self.root, split)
         self.transform = transform
 

@@ -166,7 +166,8 @@ class SegEvalTransform:
 
 
 def seg_preprocess(crop: int, scale: Sequence[float], interpolation: str = "bilinear",
-                   mean: Sequence[float] = IMAGENET_INCEPTION_MEAN, std: Sequence[float] = IMAGENET_INCEPTION_STD) -> dict:
+                   mean: Sequence[float] = IMAGENET_INCEPTION_MEAN,
+                   std: Sequence[float] = IMAGENET_INCEPTION_STD) -> dict:
     """The evaluation preprocessing as data (saved with a model; ``transforms.eval_transform`` rebuilds
     it): rescale to fit ``scale``, normalise; windows of ``crop`` pixels are the model's input."""
     return {"size": crop, "resize": "rescale", "scale": [int(s) for s in scale], "crop_pct": 1.0,

@@ -67,7 +67,8 @@ def format_class_table(scores: dict, title: str = "per-class IoU") -> str:
 
     lines = [title, f"{'class':<{width}} | {'IoU':>6} | {'Acc':>6}", "-" * (width + 18)]
     lines += [f"{name:<{width}} | {pct(r['iou']):>6} | {pct(r['acc']):>6}" for name, r in rows.items()]
-    lines.append(f"{'mean':<{width}} | {pct(scores['mIoU']):>6} | {pct(scores['mAcc']):>6}   aAcc {pct(scores['aAcc'])}")
+    means = f"{pct(scores['mIoU']):>6} | {pct(scores['mAcc']):>6}"
+    lines.append(f"{'mean':<{width}} | {means}   aAcc {pct(scores['aAcc'])}")
     return "\n".join(lines)
 
 
