@@ -18,6 +18,7 @@ Outputs (``EncoderFeatures``):
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from .weights.official import build_loaded, load_backbone
 from .config import BEiT3Config
 from .model.embeddings import POS_OFFSET
+from .pretrained import WEIGHTS_FILE, read_config
 
 
 @dataclass
@@ -131,6 +133,25 @@ class VisionEncoder(nn.Module):
         return EncoderFeatures(tokens, pooled, list(maps))
 
 
+    def forward_intermediates(self, image: Tensor, indices: Union[int, Sequence[int], None] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's ``VisionTransformer.forward_intermediates``: the patch tokens of the ``indices``
+        layers (int: the last n; list: those) as (B, D, h, w) maps (``output_fmt="NLC"``: (B, N, D)),
+        before the final norm unless ``norm``; with the final tokens unless ``intermediates_only``."""
+        return self.vit.forward_intermediates(image, indices=indices, return_prefix_tokens=return_prefix_tokens,
+                                              norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                                              intermediates_only=intermediates_only)
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False) -> list[int]:
+        """Drop the layers after the last of ``indices`` (and the final norm with ``prune_norm``), as
+        timm's; returns the absolute indices kept. ``forward`` then returns the pruned model's tokens."""
+        kept = self.vit.prune_intermediate_layers(list(indices) if not isinstance(indices, int) else indices,
+                                                  prune_norm=prune_norm)
+        self.out_indices = [i for i in self.out_indices if i < len(self.vit.blocks)]
+        return kept
+
+
 class TextEncoder(nn.Module):
     """The language path: token and position tables, timm ``Block``s with Sub-LN, a final norm."""
 
@@ -172,13 +193,29 @@ def _check_indices(out_indices: Sequence[int], depth: int) -> None:
 Source = Union[str, Mapping[str, Tensor], nn.Module]
 
 
+def saved_model_weights(checkpoint: Source, preset_or_config: Union[str, BEiT3Config, None]):
+    """A saved-model folder (``save_pretrained``, a fine-tuning run's ``best/``, a pretraining run's
+    ``final/``), or a run folder holding one, as (its weights file, its config unless one is given);
+    any other source as it is (a DeepSpeed checkpoint directory, a file, a state dict)."""
+    if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isdir(checkpoint):
+        return checkpoint, preset_or_config
+    for sub in ("", "best", "final"):
+        folder = os.path.join(checkpoint, sub)
+        if os.path.isfile(os.path.join(folder, WEIGHTS_FILE)):
+            saved = read_config(folder)
+            found = BEiT3Config.from_dict(saved["model"])
+            return os.path.join(folder, saved.get("weights", WEIGHTS_FILE)), preset_or_config or found
+    return checkpoint, preset_or_config
+
+
 def vision_encoder(checkpoint: Source, preset_or_config: Union[str, BEiT3Config, None] = None,
                    out_indices: Optional[Sequence[int]] = None, pool: str = "cls", img_size: Optional[int] = None,
                    allow_pickle: bool = False, prefix: Optional[str] = None) -> VisionEncoder:
-    """The vision path of ``checkpoint`` (a ``BEiT3``, one of our state dicts or files, an official
-    checkpoint or a DeepSpeed directory), in eval mode. ``img_size`` overrides the config's image
-    size (patch positions interpolated). ``preset_or_config`` None infers the sizes from the weights
-    (``num_heads`` from the preset of that width)."""
+    """The vision path of ``checkpoint`` (a ``BEiT3``, one of our state dicts or files, a saved-model or
+    run folder, an official checkpoint or a DeepSpeed directory), in eval mode. ``img_size`` overrides
+    the config's image size (patch positions interpolated). ``preset_or_config`` None infers the sizes
+    from the weights (``num_heads`` from the preset of that width)."""
+    checkpoint, preset_or_config = saved_model_weights(checkpoint, preset_or_config)
     loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix, img_size=img_size, path="vision")
     make = functools.partial(VisionEncoder, loaded.config, out_indices or (), pool, loaded.final_norm)
     return build_loaded(make, {"vit." + k: v for k, v in vision_state_dict(loaded.state_dict).items()}).eval()
@@ -188,10 +225,11 @@ def text_encoder(checkpoint: Source, preset_or_config: Union[str, BEiT3Config, N
                  out_indices: Optional[Sequence[int]] = None, allow_pickle: bool = False,
                  prefix: Optional[str] = None) -> TextEncoder:
     """The language path of ``checkpoint`` (as ``vision_encoder``), in eval mode."""
+    checkpoint, preset_or_config = saved_model_weights(checkpoint, preset_or_config)
     loaded = load_backbone(checkpoint, preset_or_config, allow_pickle, prefix, path="text")
     make = functools.partial(TextEncoder, loaded.config, out_indices or (), loaded.final_norm)
     return build_loaded(make, text_state_dict(loaded.state_dict)).eval()
 
 
-__all__ = ["EncoderFeatures", "TextEncoder", "VisionEncoder", "text_encoder", "text_state_dict",
+__all__ = ["EncoderFeatures", "TextEncoder", "VisionEncoder", "saved_model_weights", "text_encoder", "text_state_dict",
            "timm_vit_kwargs", "vision_encoder", "vision_state_dict"]

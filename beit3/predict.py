@@ -5,20 +5,24 @@
     beit3 predict MODEL --image photos/ --text "a black cat"                     (retrieval: rank the images)
     beit3 predict MODEL --image cat.jpg --text "a cat" --text "a dog"            (retrieval: rank the texts)
     beit3 predict MODEL --image left.jpg --image2 right.jpg --text "two cats"    (nlvr2)
+    beit3 predict MODEL --image room.jpg --output masks/                        (segmentation: masks/room_seg.png)
     beit3 predict MODEL --requests requests.jsonl
 
 MODEL is a folder written by ``save_pretrained`` or a fine-tuning run (its ``best/``). Each result
 is printed as one JSON line. ``--image`` may be given several times, each a file, an http(s) URL or
-a folder (every image in it, by name); VQA, captioning and classification print one line per image,
-retrieval ranks them all, NLVR2 takes one. A requests file holds one JSON object per line with the
-same keys (``image``, ``question``, ``text``, ``texts``, ``images``, ``image2``, ``top_k``,
-``num_beams``, ``ban_special``); its relative paths are taken from the requests file's folder. The
-work is done by ``beit3.predictor.Predictor`` (scores explained there); a bad input is one line and
-exit code 2.
+a folder (every image in it, by name); VQA, captioning, classification and segmentation print one
+line per image, retrieval ranks them all, NLVR2 takes one. A requests file holds one JSON object per
+line with the same keys (``image``, ``question``, ``text``, ``texts``, ``images``, ``image2``,
+``top_k``, ``num_beams``, ``ban_special``); its relative paths are taken from the requests file's
+folder. A segmentation model writes each image's mask as ``<output>/<image name>_seg.png`` in the
+annotation format (class id + 1 a pixel, 0 none; paletted, so it also shows the classes in colour)
+and prints its path and the classes covering most of the image. The work is done by
+``beit3.predictor.Predictor`` (scores explained there); a bad input is one line and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -26,7 +30,9 @@ from typing import Iterable, Optional
 
 import torch
 
+from .data.ade20k import annotation_image
 from .errors import BadFileError, UserError
+from .files import atomic_write_bytes, check_output_dir
 from .predictor import Predictor, load_predictor
 
 REQUEST_KEYS = {"image": str, "images": list, "image2": str, "question": str, "text": str, "texts": list,
@@ -46,6 +52,20 @@ def _paths(image: Optional[str]) -> list[str]:
     if image is None:
         return []
     return folder_images(image) if os.path.isdir(image) else [image]
+
+
+def write_mask(p: Predictor, image: str, output: str, k: int) -> dict:
+    """Segment ``image``, write its mask PNG into ``output``; the JSON line's content."""
+    result = p.segment(image, k)
+    mask = result["mask"]
+    path = os.path.join(output, os.path.splitext(os.path.basename(image))[0] + "_seg.png")
+    if os.path.abspath(path) == os.path.abspath(image):
+        raise UserError(f"the mask of {image} would replace it; give another --output folder")
+    buf = io.BytesIO()
+    annotation_image(mask.numpy()).save(buf, format="PNG")
+    os.makedirs(output, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return {"image": image, "mask": path, "size": [mask.shape[1], mask.shape[0]], "classes": result["classes"]}
 
 
 def check_request(req: dict) -> None:
@@ -68,8 +88,9 @@ def check_request(req: dict) -> None:
             raise UserError(f"{key} must be a {'boolean' if kind is bool else 'string'}, got {value!r:.80}")
 
 
-def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
-    """The results of one request (keys as the command's flags) as JSON-ready dicts."""
+def run_request(p: Predictor, req: dict, top_k: int = 5, output: str = ".") -> Iterable[dict]:
+    """The results of one request (keys as the command's flags) as JSON-ready dicts; segmentation
+    masks go to ``output``."""
     check_request(req)
     for key, tasks in (("question", ("vqa",)), ("image2", ("nlvr2",)), ("text", ("retrieval", "nlvr2")),
                        ("texts", ("retrieval",)), ("num_beams", ("captioning",)), ("ban_special", ("captioning",))):
@@ -91,6 +112,9 @@ def run_request(p: Predictor, req: dict, top_k: int = 5) -> Iterable[dict]:
             yield {"image": img, "top_k": p.classify(img, k)}
     elif p.task == "retrieval":
         yield from _retrieval(p, images, texts, k)
+    elif p.task == "segmentation":
+        for img in _one_or_more(images):
+            yield write_mask(p, img, output, k)
     elif p.task == "nlvr2":
         if len(images) != 1 or req.get("image2") is None or len(texts) != 1:
             several = f" (got {len(images)} images)" if len(images) > 1 else ""
@@ -165,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-beams", type=int, default=None, help="captioning beams (default: the model's)")
     ap.add_argument("--ban-special", action=argparse.BooleanOptionalAction, default=None,
                     help="captioning: never generate <s>, <pad>, [MASK] (default: the model's setting, else yes)")
+    ap.add_argument("--output", default=".", help="folder for segmentation masks (default: the current folder)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return ap
 
@@ -179,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
         predictor = load_predictor(args.model, device)
+        if predictor.task == "segmentation":
+            check_output_dir(args.output)
         if args.requests is not None:
             requests = read_requests(args.requests)
         else:
@@ -189,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             requests = [("command line", {k: v for k, v in req.items() if v is not None})]
         for where, req in requests:
             try:
-                for result in run_request(predictor, req, args.top_k):
+                for result in run_request(predictor, req, args.top_k, args.output):
                     print(json.dumps(result), flush=True)
             except UserError as e:
                 raise UserError(f"{where}: {e}" if where != "command line" else str(e)) from None

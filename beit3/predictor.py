@@ -7,6 +7,7 @@
     p.rank_images("a black cat", ["a.jpg", "b.jpg"])   # [{"image": "b.jpg", "score": 0.31}, ...] best first
     p.rank_texts("cat.jpg", ["a cat", "a dog"])        # [{"text": "a cat", "score": 0.28}, ...]
     p.nlvr2("left.jpg", "right.jpg", "two cats")       # {"answer": true, "score": 0.83}
+    p.segment("room.jpg")                               # {"mask": (H, W) class ids, "classes": [...]}
 
 An image is a file path, an ``http(s)://`` URL (read with a timeout), a PIL image or a numpy array
 (H, W, 3) or (H, W) of uint8, as HF pipelines take them; ``vqa``, ``classify`` and ``caption`` also
@@ -14,7 +15,8 @@ take a list of images and return a list of results. Images are transformed as th
 (the saved preprocessing); texts are cut to the model's text length as in training. Scores: VQA the
 answer's sigmoid (the head is trained with BCE), classification the softmax, retrieval the cosine
 similarity, captioning the beam's length-normalised log-probability, NLVR2 the softmax of "true".
-A missing or undecodable image, an empty text, a model of another task and a saved folder that does
+Segmentation gives a class a pixel at the image's own size (sliding windows, as the evaluation) and
+each class's share. A missing or undecodable image, an empty text, a model of another task and a saved folder that does
 not hold together (no preprocessing, labels that do not fit the head, a broken tokenizer) raise
 ``UserError`` with one line.
 """
@@ -36,6 +38,8 @@ from .data.text_tokenizer import TextTokenizer
 from .data.transforms import eval_transform
 from .errors import BadFileError, UserError, first_line
 from .finetune.captioning import DecodeConfig, generate
+from .finetune.segmentation_model import slide_logits
+from .finetune.upernet import resize
 from .pretrained import CONFIG_FILE, Pretrained, load_pretrained
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -43,7 +47,8 @@ URL_TIMEOUT = 30.0  # seconds an image URL may keep a read waiting
 HEAD_SIZE = {"vqa": "num_answers", "classification": "num_classes"}  # the head_args entry that labels name
 WHAT = {"vqa": "answers questions (--question)", "captioning": "writes captions",
         "classification": "classifies images", "retrieval": "ranks images for a text and texts for an image "
-        "(--text)", "nlvr2": "judges a statement about an image pair (--image2, --text)"}
+        "(--text)", "nlvr2": "judges a statement about an image pair (--image2, --text)",
+        "segmentation": "labels every pixel of an image"}
 
 
 class Predictor:
@@ -178,6 +183,21 @@ class Predictor:
         logits = self.model(image=self.images([image]), image2=self.images([image2]), text=ids, padding_mask=pad)
         p_true = float(logits[0].float().softmax(-1)[1])
         return {"answer": p_true > 0.5, "score": p_true}
+
+    @torch.no_grad()
+    def segment(self, image: ImageInput, k: int = 5) -> dict:
+        """``mask``: (H, W) long class indices at the image's size; ``classes``: the ``k`` classes
+        covering most of it, with their share of the pixels."""
+        self.require_task("segmentation")
+        pil = _pil(image)
+        inf = self.inference
+        logits = slide_logits(self.model, self.images([pil]), inf["slide_crop"], inf["slide_stride"])
+        mask = resize(logits, (pil.height, pil.width)).argmax(1)[0].cpu()  # as the evaluation scores it
+        share = torch.bincount(mask.flatten(), minlength=logits.shape[1]).double() / mask.numel()
+        top = share.topk(min(k, int((share > 0).sum())))
+        names = self.labels or [None] * logits.shape[1]
+        return {"mask": mask, "classes": [{"label": i, "class_name": names[i], "share": s}
+                                          for s, i in zip(top.values.tolist(), top.indices.tolist())]}
 
     def _need_labels(self) -> None:
         if not self.labels:

@@ -42,7 +42,9 @@ LEGACY_META = "meta.json"  # a fine-tuning run's best/ before config.json
 
 def _task_models() -> dict[str, type]:
     from .finetune.heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel
-    return {cls.task: cls for cls in (VQAModel, RetrievalModel, CaptioningModel, ImageClassifier, NLVR2Model)}
+    from .finetune.segmentation_model import SegmentationModel
+    return {cls.task: cls for cls in (VQAModel, RetrievalModel, CaptioningModel, ImageClassifier, NLVR2Model,
+                                      SegmentationModel)}
 
 
 def default_preprocess(task: Optional[str], img_size: int) -> dict:

@@ -99,6 +99,62 @@ def test_pixels_match_scene_and_class(world):
     assert len({im["label"] for im in scenes.values() if im["split"] == "train"}) == 18
 
 
+def test_segmentation_masks_cover_exactly_the_shapes(world, tmp_path):
+    """ADE20K's layout: the train and val pictures with one class id a pixel, 0 outside the shapes,
+    k = the k-th {color}_{shape}; inside every shape's box the mask holds its id exactly where the
+    picture has its flat colour."""
+    out, counts, _, scenes, meta = world
+    root = out / "ADEChallengeData2016"
+    classes = meta["classes"]
+    rows = (root / "objectInfo150.txt").read_text().splitlines()
+    assert rows[0].split("\t") == ["Idx", "Ratio", "Train", "Val", "Name"]
+    assert [r.split("\t")[4] for r in rows[1:]] == classes and len(classes) == 18
+    pairs = 0
+    for im in scenes.values():
+        if im["split"] == "test":
+            continue
+        folder = {"train": "training", "val": "validation"}[im["split"]]
+        name = os.path.basename(im["file"])
+        assert (root / "images" / folder / name).read_bytes() == (out / im["file"]).read_bytes()
+        mask = np.asarray(Image.open(root / "annotations" / folder / name))
+        px = _pixels(out, im["file"])
+        assert mask.shape == px.shape[:2] and mask.dtype == np.uint8
+        inside = np.zeros(mask.shape, dtype=bool)
+        for o in im["objects"]:
+            x0, y0, x1, y1 = o["box"]
+            k = classes.index(f"{o['color']}_{o['shape']}") + 1
+            painted = (px[y0:y1 + 1, x0:x1 + 1] == COLORS[o["color"]]).all(-1)
+            assert np.array_equal(mask[y0:y1 + 1, x0:x1 + 1] == k, painted), (im["file"], o)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+        assert (mask[~inside] == 0).all() and set(np.unique(mask)) - {0} == {
+            classes.index(f"{o['color']}_{o['shape']}") + 1 for o in im["objects"]}
+        pairs += 1
+    assert pairs == counts["segmentation_images"] == 36
+    # a world cached before the masks existed gets them on first use, the same bytes
+    from beit3.synthetic.segmentation import write_segmentation
+    assert write_segmentation(tmp_path, [dict(im, file=str(out / im["file"])) for im in scenes.values()]) == 36
+    again = tmp_path / "ADEChallengeData2016" / "annotations" / "training"
+    assert all((again / p.name).read_bytes() == p.read_bytes() for p in (root / "annotations" / "training").iterdir())
+
+
+def test_a_world_cached_without_masks_gets_them_on_first_use(world, tmp_path, monkeypatch):
+    import shutil
+    from beit3.synthetic import finetune_world, synthetic_root
+    monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
+    cached = Path(synthetic_root(SEED, N, 64)) / "world"
+    shutil.copytree(world[0], cached)
+    shutil.rmtree(cached / "ADEChallengeData2016")
+    for marker in ("READY", "INDEXES_READY"):
+        (cached / marker).touch()
+    logged = []
+    assets = finetune_world(SEED, N, 64, log=logged.append)
+    assert assets.world == str(cached) and logged == [f"writing the segmentation masks into {cached} (once)"]
+    masks = sorted(p.name for p in (cached / "ADEChallengeData2016/annotations/validation").iterdir())
+    assert masks == sorted(p.name for p in (world[0] / "ADEChallengeData2016/annotations/validation").iterdir())
+    finetune_world(SEED, N, 64, log=logged.append)
+    assert len(logged) == 1  # complete: not written again
+
+
 def _find(objs, color=None, shape=None, size=None):
     return [o for o in objs if (color in (None, o["color"])) and (shape in (None, o["shape"]))
             and (size in (None, o["size"]))]

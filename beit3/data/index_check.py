@@ -63,6 +63,8 @@ def image_files(ds) -> list[str]:
         paths = (str(ds.data_root / item[k]) for item in ds.items for k in ds.image_keys if item.get(k))
     elif isinstance(ds, ClassificationDataset):
         paths = (p for p, _ in ds.samples)
+    elif hasattr(ds, "image_files"):  # a reader that lists its own files (ADE20K: images and annotations)
+        paths = iter(ds.image_files())
     else:
         paths = iter(())
     return list(dict.fromkeys(paths))

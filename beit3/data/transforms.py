@@ -27,6 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from .randaug import VL_OPS, RandomAugment
+from .seg_transforms import Rescale
 
 BEIT3_MEAN, BEIT3_STD = IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD  # (0.5,) * 3: pixels -> [-1, 1]
 BEIT_MIN_CROP_SCALE = 0.08  # BEiT / BEiT v2 pretraining `--min_crop_scale`
@@ -153,7 +154,8 @@ def cls_preprocess(img_size: int, crop_pct: float = 1.0, interp: str = "bicubic"
 
 
 def eval_transform(p: dict) -> Callable:
-    """The PIL image -> (3, S, S) tensor transform that a preprocessing dict describes."""
+    """The PIL image -> (3, S, S) tensor transform that a preprocessing dict describes (segmentation's
+    "rescale": (3, H, W) fitting ``scale``)."""
     size, mode = int(p["size"]), interpolation(p["interpolation"])
     if p["resize"] == "square":
         t = [T.Resize((size, size), interpolation=mode)]
@@ -161,6 +163,8 @@ def eval_transform(p: dict) -> Callable:
         t = [T.Resize(int(size / p["crop_pct"]), interpolation=mode), T.CenterCrop(size)]
     elif p["resize"] == "none":
         t = []
+    elif p["resize"] == "rescale":  # segmentation: the whole image, aspect kept, to fit (long, short)
+        t = [Rescale(p["scale"], p["interpolation"])]
     else:
-        raise ValueError(f"preprocessing resize {p['resize']!r}: expected square, short_side or none")
+        raise ValueError(f"preprocessing resize {p['resize']!r}: expected square, short_side, rescale or none")
     return T.Compose(t + [T.ToTensor(), T.Normalize(tuple(p["mean"]), tuple(p["std"]))])

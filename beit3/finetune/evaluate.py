@@ -8,7 +8,8 @@
 Per task: VQA score (and the official accuracy with answer normalisation given the annotations)
 plus ``vqa_submission_<split>.json``; retrieval R@1/5/10 both ways; captioning BLEU-4, CIDEr
 (METEOR with Java) and ``captions_<split>.json``; classification acc@1/acc@5, the per-class report
-(in results.json) and ``confusion_matrix.png``; NLVR2 accuracy. Every rank evaluates a shard;
+(in results.json) and ``confusion_matrix.png``; NLVR2 accuracy; segmentation mIoU, mAcc, aAcc and the
+per-class IoU table (sliding windows, single scale). Every rank evaluates a shard;
 rows are gathered before scoring.
 """
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Optional
 from ..errors import UserError, first_line
 from ..train.ds_config import ConfigError
 from .main import add_config_flags, resolve_config
-from .recipes import TASKS, FinetuneConfig
+from .recipes import TASKS, TEXTLESS_TASKS, FinetuneConfig
 
-DEFAULT_SPLIT = {"vqa": "val", "retrieval": "test", "captioning": "test", "classification": "val", "nlvr2": "test"}
+DEFAULT_SPLIT = {"vqa": "val", "retrieval": "test", "captioning": "test", "classification": "val", "nlvr2": "test",
+                 "segmentation": "val"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,11 +158,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         spm = args.spm or world_spm
         if cfg.task == "vqa" and annotations is None:
             annotations = os.path.join(data, "raw", "vqa", f"v2_mscoco_{'val' if split == 'val' else 'test'}_annotations.json")
-    if spm is None or not os.path.isfile(spm):
+    textless = cfg.task in TEXTLESS_TASKS
+    if (spm is None or not os.path.isfile(spm)) and not (textless and args.spm is None):
         print(f"beit3 evaluate: error: no sentencepiece model (--spm; recorded: {spm!r})", file=sys.stderr)
         return 2
     try:
-        tokenizer = TextTokenizer(spm)
+        tokenizer = TextTokenizer(spm) if spm is not None and os.path.isfile(spm) else None
     except ValueError as e:  # a corrupt or foreign SentencePiece file
         print(f"beit3 evaluate: error: {first_line(e)}", file=sys.stderr)
         return 2
@@ -169,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         dataset = task.dataset(data, split, train=False)
         check_dataset(dataset, split, progress=dist.is_main)  # evaluation skips nothing: every image must be there
-        model = build_model(task, cfg, init, init.meta, dataset, tokenizer.vocab_size)
+        model = build_model(task, cfg, init, init.meta, dataset, tokenizer.vocab_size if tokenizer else None)
     except (ValueError, FileNotFoundError, UserError) as e:
         print(f"beit3 evaluate: error: {e}", file=sys.stderr)
         return 1
@@ -187,6 +190,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    **write_outputs(cfg.task, split, metrics, output)}
         shown = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
         print_results_table(shown, title=f"{cfg.task} ({cfg.dataset}, {split})")
+        report = task.report(metrics)
+        if report:
+            print(report)
         print(f"wrote {write_results_json(results, output)}")
     finish_distributed(dist)
     return 0

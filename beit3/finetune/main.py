@@ -1,4 +1,5 @@
-"""``beit3 finetune``: fine-tune BEiT-3 on VQA, retrieval, captioning, classification or NLVR2.
+"""``beit3 finetune``: fine-tune BEiT-3 on VQA, retrieval, captioning, classification, NLVR2 or
+semantic segmentation.
 
     beit3 finetune --task vqa                                   (tiny demo on the synthetic world, CPU)
     beit3 finetune --task retrieval --init runs/pretrain        (from our pretraining run)
@@ -21,7 +22,7 @@ from ..files import check_output_dir
 from ..flags import add_dataclass_flags, given
 from ..train.ds_config import ConfigError, default_ds_config, resolve_ds_config
 from .init import init_tokenizer
-from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, FinetuneConfig, get_recipe, recipe_names
+from .recipes import DEFAULT_RECIPE, RECIPES, TASKS, TEXTLESS_TASKS, FinetuneConfig, get_recipe, recipe_names
 
 def add_config_flags(ap: argparse.ArgumentParser) -> None:
     """One flag per FinetuneConfig field (not given = the recipe's value)."""
@@ -83,11 +84,11 @@ def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
     return get_recipe(name, **given(args, FinetuneConfig))
 
 
-def check_paths(args: argparse.Namespace) -> None:
+def check_paths(args: argparse.Namespace, needs_spm: bool = True) -> None:
     if args.data != "synthetic":
         if not os.path.isdir(args.data):
             raise ConfigError(f"--data {args.data!r}: no such directory (expected index files, or 'synthetic')")
-        if args.spm is None and init_tokenizer(args.init) is None:
+        if args.spm is None and needs_spm and init_tokenizer(args.init) is None:
             raise ConfigError("--data with a real data root needs --spm (the model's sentencepiece file), "
                               "unless --init is a saved model holding its tokenizer")
     for name in ("spm", "init", "vqa_annotations"):
@@ -114,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = resolve_config(args)
         if cfg.checkpoint_every is None:
             cfg = cfg.replace(checkpoint_every=0 if device == "cpu" else 1)
-        check_paths(args)
+        check_paths(args, needs_spm=cfg.task not in TEXTLESS_TASKS)
         output = args.output or f"runs/finetune-{cfg.task}"
         check_output_dir(output)
         ds_path = args.ds_config or default_ds_config(device)

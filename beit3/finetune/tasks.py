@@ -1,22 +1,13 @@
-"""The five fine-tuning tasks: each names its datasets, builds its model, computes its loss and its
-metric. The trainer (``trainer.py``) and the evaluator treat them alike.
-
-A task is used in three ways:
-
-    model = task.build_model(model_cfg, train_set)
-    loss, logs = task.train_step(model, batch, step)             # model: the module or a DeepSpeed engine
-    metrics = task.metrics({name: rows for each task.eval_passes(dataset)}, dataset)
-
-``eval_passes`` returns what to run over a split: a dataset view and a function from a batch to
-per-sample rows (tensors); the evaluator gathers the rows of every rank before ``metrics``.
+"""The fine-tuning tasks: each names its datasets, builds its model, computes its loss and its metric
+(the base ``Task`` and how a task is used: ``task_base.py``; segmentation: ``segmentation_task.py``).
+The trainer (``trainer.py``) and the evaluator treat them alike.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +17,7 @@ from torch.utils.data import Dataset
 from ..config import BEiT3Config
 from ..data.downstream import datasets as dd
 from ..data.text_tokenizer import TextTokenizer
-from ..data.transforms import build_cls_transform, build_vl_transform, cls_preprocess, vl_preprocess
+from ..data.transforms import build_cls_transform, cls_preprocess
 from ..eval.caption_metric import caption_scores, load_coco_captions
 from ..eval.classification_metric import classification_report
 from ..eval.distributed import gather_features
@@ -35,60 +26,11 @@ from ..eval.vqa_metric import vqa_accuracy_by_type
 from .captioning import DecodeConfig, caption_loss, generate, mask_caption
 from .heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, TaskModel, VQAModel
 from .recipes import FinetuneConfig
+from .segmentation_task import SegmentationTask
+from .task_base import EvalPass, Rows, Task, unwrap
 
-Rows = dict[str, Tensor]
-
-
-@dataclass
-class EvalPass:
-    name: str
-    dataset: Dataset
-    run: Callable[[Any, dict], Rows]  # (model, batch on device) -> per-sample rows
-
-
-def unwrap(model) -> TaskModel:
-    """The task model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-class Task:
-    name = ""
-    main_metric = ""  # higher is better; selects the best checkpoint
-    eval_split = "val"
-
-    def __init__(self, cfg: FinetuneConfig, tokenizer: Optional[TextTokenizer] = None):
-        self.cfg, self.tokenizer = cfg, tokenizer
-
-    def transform(self, train: bool):
-        c = self.cfg
-        return build_vl_transform(c.img_size, train, randaug=c.randaug, hflip=c.hflip, scale=c.crop_scale)
-
-    def preprocess(self) -> dict:
-        """The eval transform as data (saved with the model; ``transforms.eval_transform`` rebuilds it)."""
-        return vl_preprocess(self.cfg.img_size)
-
-    def labels(self, train_set: Dataset) -> Optional[list[str]]:
-        """What the head's outputs mean (answers, class names), saved with the model."""
-        return None
-
-    def inference(self) -> dict:
-        """Settings a saved model needs to be used as it was evaluated."""
-        return {"max_text_len": self.cfg.max_text_len}
-
-    def dataset(self, root: str, split: str, train: bool) -> Dataset:
-        raise NotImplementedError
-
-    def build_model(self, model_cfg: BEiT3Config, train_set: Dataset) -> TaskModel:
-        raise NotImplementedError
-
-    def train_step(self, model, batch: dict, step: int) -> tuple[Tensor, dict]:
-        raise NotImplementedError
-
-    def eval_passes(self, dataset: Dataset) -> list[EvalPass]:
-        raise NotImplementedError
-
-    def metrics(self, rows: dict[str, Rows], dataset: Dataset, output_dir: Optional[str] = None) -> dict:
-        raise NotImplementedError
+__all__ = ["CaptioningTask", "ClassificationTask", "EvalPass", "NLVR2Task", "RetrievalTask", "Rows",
+           "SegmentationTask", "TASK_CLASSES", "Task", "VQATask", "build_task", "unwrap"]
 
 
 # -- classification ------------------------------------------------------------------------------
@@ -472,7 +414,8 @@ class NLVR2Task(Task):
         return {"acc": (r["pred"] == r["label"]).double().mean().item(), "pairs": len(r["label"])}
 
 
-TASK_CLASSES = {t.name: t for t in (VQATask, RetrievalTask, CaptioningTask, ClassificationTask, NLVR2Task)}
+TASK_CLASSES = {t.name: t for t in (VQATask, RetrievalTask, CaptioningTask, ClassificationTask, NLVR2Task,
+                                     SegmentationTask)}
 
 
 def build_task(cfg: FinetuneConfig, tokenizer: Optional[TextTokenizer] = None, **kwargs) -> Task:

@@ -89,15 +89,18 @@ def cpu_flush_denormal(device: torch.device) -> None:
 
 
 # -- model -----------------------------------------------------------------------------------------
-def model_config(cfg: FinetuneConfig, init: Optional[InitWeights], vocab_size: int) -> BEiT3Config:
-    """The checkpoint's architecture (else the preset's) at the recipe's image size and drop path."""
+def model_config(cfg: FinetuneConfig, init: Optional[InitWeights], vocab_size: Optional[int]) -> BEiT3Config:
+    """The checkpoint's architecture (else the preset's) at the recipe's image size and drop path;
+    ``vocab_size`` None (a task without texts, no tokenizer): the text table as it is."""
     drop_path = 0.0 if cfg.linear_probe else cfg.drop_path
     if init is not None:
         mc = init.config.replace(img_size=cfg.img_size, drop_path_rate=drop_path)
     else:
-        mc = BEiT3Config.from_preset(cfg.preset, layout=cfg.layout, vocab_size=text_table_rows(vocab_size),
-                                     img_size=cfg.img_size, drop_path_rate=drop_path)
-    check_text_vocab(vocab_size, mc.vocab_size, init.source if init is not None else "the model")
+        rows = {} if vocab_size is None else {"vocab_size": text_table_rows(vocab_size)}
+        mc = BEiT3Config.from_preset(cfg.preset, layout=cfg.layout, img_size=cfg.img_size, drop_path_rate=drop_path,
+                                     **rows)
+    if vocab_size is not None:
+        check_text_vocab(vocab_size, mc.vocab_size, init.source if init is not None else "the model")
     if cfg.max_text_len > mc.max_text_len:
         raise ValueError(f"max_text_len {cfg.max_text_len} exceeds the model's {mc.max_text_len} text positions")
     return mc
@@ -119,7 +122,7 @@ def optimizer_setup(model: TaskModel, cfg: FinetuneConfig, total_steps: int, war
     depth = model.cfg.depth
     opt = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
                       warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
-                      grad_clip=cfg.grad_clip, layer_decay=cfg.layer_decay, depth=depth)
+                      grad_clip=cfg.grad_clip, layer_decay=cfg.layer_decay, depth=depth, schedule=cfg.lr_schedule)
     head = (lambda name: cfg.head_lr_scale if name.startswith("head.") else 1.0)  # unilm: get_is_head_flag_for_vit
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, lr_scale=head)
     return opt, groups
@@ -151,7 +154,7 @@ class FinetuneRun(Trainer):
             o.spm = o.spm or spm
             if o.vqa_annotations is None and c.task == "vqa":
                 o.vqa_annotations = os.path.join(o.data, "raw", "vqa", "v2_mscoco_val_annotations.json")
-        self.tokenizer = TextTokenizer(o.spm)
+        self.tokenizer = TextTokenizer(o.spm) if o.spm else None  # None: a task without texts (main checks)
         self.task = build_task(c, self.tokenizer, **({"annotations": o.vqa_annotations} if c.task == "vqa" else {}))
         self.train_set = self.task.dataset(o.data, "train", train=True)
         self.val_set = self.task.dataset(o.data, self.task.eval_split, train=False)
@@ -211,7 +214,7 @@ class FinetuneRun(Trainer):
     def build_model(self) -> TaskModel:
         o, c = self.opt, self.cfg
         init = load_init(o.init, o.allow_pickle) if o.init else None
-        mc = model_config(c, init, self.tokenizer.vocab_size)
+        mc = model_config(c, init, self.tokenizer.vocab_size if self.tokenizer is not None else None)
         self.same_as_checkpoint(model=mc.to_dict())
         model = self.task.build_model(mc, self.train_set)
         self.same_as_checkpoint(head_args=model.head_args)
@@ -368,7 +371,8 @@ class FinetuneRun(Trainer):
         sd = full_state_dict(self.engine.module, masters=False, keep=self.dist.is_main)
         meta = {**self.meta(), "spm": TOKENIZER_FILE, "step": step, "epoch": epoch,
                 "metric": self.task.main_metric, "value": self.best, "val": scalars(self.best_metrics, "val")}
-        config = saved_config(self.model, self.task.preprocess(), self.labels, self.task.inference(), tokenizer=True)
+        config = saved_config(self.model, self.task.preprocess(), self.labels, self.task.inference(),
+                              tokenizer=self.opt.spm is not None)
 
         def write():
             if self.dist.is_main:

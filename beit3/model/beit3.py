@@ -23,6 +23,7 @@ from .block import MultiwayBlock
 from .activation_checkpointing import CHECKPOINT_MODES, checkpoint_block
 from .embeddings import TextEmbedding, VisionEmbedding
 from .init import subln_scale, trunc_normal_
+from .intermediates import Indices, vision_intermediates
 from .multiway import Multiway, Streams, join
 
 
@@ -122,7 +123,7 @@ class BEiT3(nn.Module):
                         text_padding_mask: Optional[Tensor] = None, image_mask: Optional[Tensor] = None,
                         attn_mask: Optional[Tensor] = None, out_layers: Sequence[int] = (),
                         kv_cache: Optional[list] = None, text_start: int = 0,
-                        fusion: Optional[bool] = None) -> EncoderOutput:
+                        fusion: Optional[bool] = None, num_layers: Optional[int] = None) -> EncoderOutput:
         """
         image: (B, C, H, W) float; text: (B, L) long; text_padding_mask: (B, L) bool, True = padding.
         image_mask: (B, N) bool, True = patch replaced by the mask token (masked image modeling).
@@ -132,6 +133,7 @@ class BEiT3(nn.Module):
         kv_cache / text_start / fusion: incremental decoding (see beit3.finetune captioning): a list
             with one dict per layer, the position of the first text token, and whether the cached
             context holds an image (routes to the VL-FFN).
+        num_layers: run only the first this many layers (dense features that stop early).
         """
         self._check_inputs(image, text, text_padding_mask, image_mask)
         img = None if image is None else self.vision_embed(image, image_mask)
@@ -143,7 +145,8 @@ class BEiT3(nn.Module):
         if fusion is None:
             fusion = img is not None and txt is not None
         hidden = {}
-        for i, layer in enumerate(self.layers):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for i, layer in enumerate(layers):
             cache = None if kv_cache is None else kv_cache[i]
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0 and cache is None:
                 xs = checkpoint_block(layer, xs, mask, fusion, self.checkpoint_mode)
@@ -153,6 +156,14 @@ class BEiT3(nn.Module):
                 hidden[i] = xs
         img, txt = self.norm(xs)
         return EncoderOutput(img, txt, hidden)
+
+    def forward_intermediates(self, image: Tensor, indices: Indices = None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The vision path's patch tokens of the ``indices`` layers as (B, D, h, w) maps, with the
+        arguments of timm's ``forward_intermediates`` (``beit3.model.intermediates``)."""
+        return vision_intermediates(self, image, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                    intermediates_only)
 
     @staticmethod
     def _attention_mask(xs: Streams, text_padding_mask: Optional[Tensor],

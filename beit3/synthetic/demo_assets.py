@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import UserError
-from ..files import atomic_write_bytes, cache_root
+from ..files import atomic_write_bytes, cache_root, read_json
 from . import world as _world
+from .segmentation import has_segmentation, write_segmentation
 
 READY = "READY"  # written into a cached folder once its build is complete
 
@@ -89,7 +90,8 @@ def demo_assets(seed: int = 0, num_images: int = 2000, image_size: int = 64, tok
 def finetune_world(seed: int = 0, num_images: int = 2000, image_size: int = 64, build: bool = True,
                    log=print) -> DemoAssets:
     """The cached world of ``demo_assets`` (so a model pretrained there fits its vocabulary) with its
-    fine-tuning index files, written once when ``build``; ``tokenizer`` is left empty."""
+    fine-tuning index files and segmentation masks, written once when ``build``; ``tokenizer`` is
+    left empty."""
     from ..data.downstream import build_all_indexes
 
     world = os.path.join(synthetic_root(seed, num_images, image_size), "world")
@@ -101,6 +103,9 @@ def finetune_world(seed: int = 0, num_images: int = 2000, image_size: int = 64, 
             with stop_raises(f"writing the fine-tuning index files into {world}", "the next run writes them again"):
                 build_all_indexes(os.path.join(world, "raw"), world, spm, seed=seed, rest_val_images=num_images // 20)
             atomic_write_bytes(os.path.join(world, "INDEXES_READY"), b"")
+        if not has_segmentation(world):  # a world cached before the masks existed
+            log(f"writing the segmentation masks into {world} (once)")
+            write_segmentation(world, read_json(os.path.join(world, "scenes.json"))["images"])
     return DemoAssets(world=world, shards=os.path.join(world, "shards"), spm=spm, tokenizer="")
 
 

@@ -13,15 +13,20 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
     img = Image.fromarray(_background(rng, scene.background, scene.width, scene.height))
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
-        x0, y0, x1, y1 = o.box
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse(o.box, fill=fill)
-        elif o.shape == "square":
-            draw.rectangle(o.box, fill=fill)
-        else:
-            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+        draw_shape(draw, o.shape, o.box, COLORS[o.color])
     return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+    """One flat shape in its (x0, y0, x1, y1) box: the pictures and their class masks draw the same
+    pixels."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(tuple(box), fill=fill)
+    elif shape == "square":
+        draw.rectangle(tuple(box), fill=fill)
+    else:
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
 
 
 def _background(rng: np.random.Generator, kind: str, w: int, h: int) -> np.ndarray:

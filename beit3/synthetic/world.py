@@ -42,6 +42,9 @@ Layout of ``output_dir``::
     shards/{images,texts,pairs}-NNNNNN.tar, shards/manifest.json
                                            pretraining shards: images/train (NLVR2 train pairs
                                            included), corpus.txt, pretrain_pairs.jsonl
+    ADEChallengeData2016/                  per-pixel class masks of the train and val pictures in
+                                           ADE20K's layout (``segmentation.py``): 0 background,
+                                           1..18 the {color}_{shape} classes
     world.json                             the arguments and the counts ("complete": false while
                                            it is being written)
 
@@ -68,6 +71,7 @@ from ..data.text_tokenizer import train_spm
 from .language import annotator_answers, ask, corpus_sentences, describe, nlvr2_set
 from .render import encode_image, render_scene
 from .scenes import CLASSES, COLORS, Scene, sample_scene, scene_size, seeded_rng
+from .segmentation import FOLDER as SEGMENTATION_FOLDER, write_segmentation
 
 WORLD_VERSION = 2  # bump when the generated content changes: cached worlds are keyed on it
 SPLITS = ("train", "val", "test")
@@ -289,7 +293,7 @@ def write_world_shards(out: Path, cfg: WorldConfig) -> dict[str, int]:
 
 
 WORLD_ENTRIES = ("images", "raw", "classification", "spm", "shards", "scenes.json", "corpus.txt",
-                 "pretrain_pairs.jsonl", "world.json")
+                 "pretrain_pairs.jsonl", "world.json", SEGMENTATION_FOLDER)
 
 
 def _prepare_output(out: Path) -> None:
@@ -333,6 +337,7 @@ def make_synthetic_world(output_dir: str | os.PathLike, num_images: int = 2000, 
     counts |= {f"shard_{k}": n for k, n in write_world_shards(out, cfg).items()}
     scenes = [{"image_id": im.image_id, "split": im.split, "file": im.path, **im.scene.to_dict()} for im in images]
     _write_json({"classes": list(CLASSES), "colors": COLORS, "images": scenes, "nlvr2": pairs}, out / "scenes.json")
+    counts["segmentation_images"] = write_segmentation(out, scenes)
     _write_json({"config": asdict(cfg), "counts": counts, "spm": os.path.relpath(spm, out), "complete": True},
                 out / "world.json")
     return counts

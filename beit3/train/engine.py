@@ -22,10 +22,11 @@ class OptimConfig:
     grad_clip: Optional[float] = None
     layer_decay: Optional[float] = None  # fine-tuning: lr x decay^(depth + 1 - layer)
     depth: int = 0
+    schedule: str = "cosine"  # after the warmup: "cosine" or "poly" (optim.SCHEDULES)
 
 
 def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Optional[list] = None):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup + cosine schedule.
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup + cosine (or poly) schedule.
 
     A torch AdamW is passed as a client optimizer (no JIT-compiled extension). With ZeRO-Offload
     DeepSpeed needs its own CPU Adam, which it builds from an "optimizer" section we add here.
@@ -40,7 +41,7 @@ def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Op
     if groups is None:
         groups = param_groups(model, opt.weight_decay, opt.layer_decay, opt.depth)
     def schedule(o):
-        return build_scheduler(o, opt.warmup_steps, opt.total_steps, opt.min_lr_ratio)
+        return build_scheduler(o, opt.warmup_steps, opt.total_steps, opt.min_lr_ratio, opt.schedule)
     if "offload_optimizer" in ds_config.get("zero_optimization", {}):
         ds_config["optimizer"] = {"type": "AdamW", "params": {
             "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay}}

@@ -1,4 +1,4 @@
-"""AdamW with the BEiT-3 recipe: parameter groups, layer-wise lr decay, cosine schedule."""
+"""AdamW with the BEiT-3 recipe: parameter groups, layer-wise lr decay, cosine (or poly) schedule."""
 from __future__ import annotations
 
 import math
@@ -68,7 +68,26 @@ def cosine_lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0
     return f
 
 
+def poly_lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0, power: float = 1.0,
+                   warmup_ratio: float = 1e-6) -> Callable[[int], float]:
+    """mmcv's ``poly`` policy with its linear warmup (BEiT's segmentation): (1 - step / total) ** power
+    from 1 to ``min_ratio``; over the first ``warmup_steps`` that value times a factor rising
+    linearly from ``warmup_ratio`` to 1."""
+    def f(step: int) -> float:
+        t = min(step, total_steps) / max(1, total_steps)
+        value = min_ratio + (1.0 - min_ratio) * (1.0 - t) ** power
+        if step < warmup_steps:
+            value *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+        return value
+    return f
+
+
+SCHEDULES = {"cosine": cosine_lr_lambda, "poly": poly_lr_lambda}
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+                    min_ratio: float = 0.0, schedule: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
     # LambdaLR multiplies each group's initial lr, which already holds its lr_scale.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr_lambda(warmup_steps, total_steps, min_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES[schedule](warmup_steps, total_steps, min_ratio))
