@@ -16,7 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import check_fields
+from ..config import LAYOUTS, PRESETS, check_fields
+from ..eval.vqa_metric import VQA_EVAL_VERSIONS
+from ..flags import SettingError, check_settings, setting as _f
 
 TASKS = ("vqa", "retrieval", "captioning", "classification", "nlvr2")
 DATASETS = {
@@ -31,85 +33,85 @@ DATASETS = {
 @dataclass
 class FinetuneConfig:
     task: str
-    dataset: str = ""  # "" = the task's first (see DATASETS)
+    dataset: str = _f("", "the task's dataset (default: its first, see DATASETS)")
     # model (used when --init does not fix them)
-    preset: str = "tiny"
-    layout: str = "paper"
-    img_size: int = 224
-    max_text_len: int = 64  # tokens including <s> and </s> (--num_max_bpe_tokens)
-    drop_path: float = 0.1
-    checkpoint_every: Optional[int] = None  # activation checkpointing; None = 1 on GPU, 0 on CPU
+    preset: str = _f("tiny", choices=sorted(PRESETS))
+    layout: str = _f("paper", choices=list(LAYOUTS))
+    img_size: int = _f(224, "image side in pixels (a multiple of the patch size)", ge=1)
+    max_text_len: int = _f(64, "tokens including <s> and </s> (unilm --num_max_bpe_tokens)", ge=3)
+    drop_path: float = _f(0.1, ge=0, lt=1)
+    checkpoint_every: Optional[int] = _f(None, "activation checkpointing every k-th layer (0 = off; default 1 on "
+                                         "GPU, 0 on CPU)", ge=0)
     # schedule
-    epochs: float = 20
-    warmup_epochs: float = 5
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule too)
-    batch_size: int = 64  # per rank and micro-step
-    eval_batch_size: Optional[int] = None  # default 1.5 x batch_size, as unilm/beit3
+    epochs: float = _f(20, gt=0)
+    warmup_epochs: float = _f(5, ge=0)
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; warm-up and decay are scaled to "
+                                  "them when they are fewer than the epochs' steps", ge=1)
+    batch_size: int = _f(64, "per rank and micro-step", ge=1)
+    eval_batch_size: Optional[int] = _f(None, "default 1.5 x --batch-size, as unilm/beit3", ge=1)
     # optimizer
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    layer_decay: float = 1.0  # lr of layer l times layer_decay ** (depth + 1 - l)
-    head_lr_scale: float = 1.0  # lr multiplier of ``head.*`` (unilm --task_head_lr_weight)
-    grad_clip: float = 0.0  # max gradient norm; 0 = none (unilm's --clip_grad default), replaces the DeepSpeed config's
+    lr: float = _f(5e-4, "peak lr", gt=0)
+    min_lr: float = _f(1e-6, "the cosine's end", ge=0)
+    weight_decay: float = _f(0.05, ge=0)
+    betas: tuple = _f((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW eps", gt=0)
+    layer_decay: float = _f(1.0, "lr of layer l times layer_decay ** (depth + 1 - l); 1 = none", gt=0, le=1)
+    head_lr_scale: float = _f(1.0, "lr multiplier of head.* (unilm --task_head_lr_weight), only without layer "
+                              "decay, as there", ge=1)
+    grad_clip: float = _f(0.0, "max gradient norm; 0 = none (unilm's --clip_grad default); replaces the DeepSpeed "
+                          "config's", ge=0)
     # augmentation and loss
-    randaug: bool = False  # vision-language tasks
-    hflip: float = 0.5
-    crop_scale: tuple = (0.5, 1.0)  # vision-language tasks: RandomResizedCrop area range
-
-    label_smoothing: float = 0.1  # classification (without mixup) and captioning
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # classification
-    color_jitter: float = 0.4
-    re_prob: float = 0.25
-    crop_pct: float = 1.0
-    linear_probe: bool = False  # classification: frozen backbone, BatchNorm + linear head
+    randaug: bool = _f(False, "RandAugment (vision-language tasks)")
+    hflip: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
+    crop_scale: tuple = _f((0.5, 1.0), "RandomResizedCrop area range (vision-language tasks)", gt=0, le=1)
+    label_smoothing: float = _f(0.1, "classification (without mixup) and captioning", ge=0, lt=1)
+    mixup: float = _f(0.0, "mixup alpha (classification; 0 = off)", ge=0)
+    cutmix: float = _f(0.0, "cutmix alpha (classification; 0 = off)", ge=0)
+    auto_augment: Optional[str] = _f("rand-m9-mstd0.5-inc1", "timm auto-augment policy (classification)")
+    color_jitter: float = _f(0.4, "classification", ge=0)
+    re_prob: float = _f(0.25, "random erasing probability (classification)", ge=0, le=1)
+    crop_pct: float = _f(1.0, "eval centre-crop fraction (classification)", gt=0, le=1)
+    linear_probe: bool = _f(False, "classification: frozen backbone, BatchNorm + linear head")
     # captioning
-    mask_prob: float = 0.6
-    drop_worst_ratio: float = 0.2
-    drop_worst_after: int = 12000
-    num_beams: int = 3
-    length_penalty: float = 0.6
-    logit_scale_max: Optional[float] = None  # retrieval: clamp of exp(logit_scale); None = unilm (none), 100 = CLIP
-    vqa_eval: str = "2016"  # vqaEval.py version of vqa_accuracy: "2016" (server) or "2021" (beit3.eval.vqa_metric)
+    mask_prob: float = _f(0.6, "share of caption tokens masked", gt=0, le=1)
+    drop_worst_ratio: float = _f(0.2, "share of the worst token losses dropped", ge=0, lt=1)
+    drop_worst_after: int = _f(12000, "optimizer steps before the worst losses are dropped", ge=0)
+    num_beams: int = _f(3, ge=1)
+    length_penalty: float = _f(0.6, "beam search: score / length ** this", finite=True)
+    logit_scale_max: Optional[float] = _f(None, "retrieval: clamp of exp(logit_scale); none = unilm (no clamp), "
+                                          "100 = CLIP's", gt=0)
+    vqa_eval: str = _f("2016", "vqaEval.py version of vqa_accuracy: 2016 (the server's) or 2021 "
+                       "(beit3.eval.vqa_metric)", choices=list(VQA_EVAL_VERSIONS))
     # EMA of the weights (timm ModelEmaV3), validated beside the model
-    model_ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 0
+    model_ema: bool = _f(False, "also keep and validate an EMA of the weights")
+    ema_decay: float = _f(0.9999, ge=0, le=1)
+    seed: int = _f(0, ge=0, lt=2**32)
 
     def __post_init__(self):
+        check_settings(self)
         self.betas, self.crop_scale = tuple(self.betas), tuple(self.crop_scale)
         if not self.dataset and self.task in DATASETS:
             self.dataset = DATASETS[self.task][0]
         self.validate()
 
     def validate(self) -> None:
+        """The checks across fields (each field's type and range: ``check_settings``)."""
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choices: {', '.join(TASKS)}")
+            raise SettingError(f"unknown --task {self.task!r}; choices: {', '.join(TASKS)}")
         if self.dataset not in DATASETS[self.task]:
-            raise ValueError(f"task {self.task} has no dataset {self.dataset!r}; choices: "
-                             f"{', '.join(DATASETS[self.task])}")
-        for name in ("epochs", "batch_size", "lr", "img_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_epochs < 0 or self.layer_decay <= 0 or self.head_lr_scale <= 0:
-            raise ValueError("warmup_epochs must be >= 0 and layer_decay, head_lr_scale > 0")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if self.max_text_len < 3:
-            raise ValueError(f"max_text_len={self.max_text_len} leaves no token between <s> and </s>")
+            raise SettingError(f"task {self.task} has no --dataset {self.dataset!r}; choices: "
+                               f"{', '.join(DATASETS[self.task])}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise ValueError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
+            raise SettingError(f"--mixup/--cutmix need an even --batch-size, got {self.batch_size}")
         if self.linear_probe and self.task != "classification":
-            raise ValueError("linear_probe is a classification mode")
-        from ..eval.vqa_metric import VQA_EVAL_VERSIONS
-        if self.vqa_eval not in VQA_EVAL_VERSIONS:
-            raise ValueError(f"vqa_eval {self.vqa_eval!r}: expected one of {VQA_EVAL_VERSIONS}")
-        if self.logit_scale_max is not None and self.logit_scale_max <= 0:
-            raise ValueError(f"logit_scale_max must be positive (or None), got {self.logit_scale_max}")
+            raise SettingError("--linear-probe is a classification mode")
+        if self.warmup_epochs > self.epochs:
+            raise SettingError(f"--warmup-epochs {self.warmup_epochs:g} is longer than --epochs {self.epochs:g}")
+        if self.min_lr > self.lr:
+            raise SettingError(f"--min-lr {self.min_lr:g} is above the peak --lr {self.lr:g}")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise SettingError(f"--crop-scale {self.crop_scale[0]:g} {self.crop_scale[1]:g}: the smallest area "
+                               f"comes first")
 
     @property
     def eval_batch(self) -> int:
@@ -207,6 +209,6 @@ def get_recipe(name: str, **overrides) -> FinetuneConfig:
     """The named recipe with ``overrides`` (FinetuneConfig fields) applied."""
     if name not in RECIPES:
         lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
-        raise ValueError(f"unknown recipe {name!r}; choices:\n" + "\n".join(lines))
+        raise SettingError(f"unknown --recipe {name!r}; choices:\n" + "\n".join(lines))
     check_fields(FinetuneConfig, overrides)
     return FinetuneConfig(**{**RECIPES[name], **overrides})
