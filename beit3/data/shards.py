@@ -33,6 +33,8 @@ from pathlib import Path
 
 import webdataset as wds
 
+from ..flags import SettingError, add_flag, check_args
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -354,7 +356,7 @@ def _update_manifest(out: Path, kind: str, entry: dict) -> None:
 
 
 # --------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beit3 data shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -369,17 +371,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", nargs="+", help="--captions Karpathy JSON: keep these splits (e.g. train restval)")
     parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
     parser.add_argument("--kind", help="shard name prefix (default: images, pairs or texts after the source)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard")
-    parser.add_argument("--max-bytes", type=float, default=None,
-                        help="close a shard once its samples hold this many bytes (e.g. 1e9)")
+    add_flag(parser, "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard", ge=1)
+    add_flag(parser, "--max-bytes", type=float, default=None,
+             help="close a shard once its samples hold this many bytes (e.g. 1e9)", gt=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     start = time.perf_counter()
     from ..errors import OutputError
     from ..files import check_output_dir
     try:
+        check_args(parser, args)
         check_output_dir(args.output)
-    except OutputError as e:
+    except (OutputError, SettingError) as e:
         print(f"beit3 data shards: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import sentencepiece as spm
 import torch
 
+from ..flags import add_flag, check_args
+
 FAIRSEQ_OFFSET = 1  # fairseq prepends <s>, <pad>, </s>, <unk> and drops sentencepiece's own three
 
 
@@ -171,20 +173,26 @@ def _check_text(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beit3 data spm", description="Train the sentencepiece model for BEiT-3 text (XLM-R id layout).")
     parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence a line")
     parser.add_argument("--output", required=True, help="model prefix; writes PREFIX.model, PREFIX.vocab")
-    parser.add_argument("--vocab-size", type=int, default=64000)
+    add_flag(parser, "--vocab-size", type=int, default=64000, help="pieces (a soft limit)", ge=8)
     parser.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
-    parser.add_argument("--character-coverage", type=float, default=0.9999)
-    parser.add_argument("--input-sentence-size", type=int, default=10_000_000)
-    parser.add_argument("--seed", type=int, default=0)
+    add_flag(parser, "--character-coverage", type=float, default=0.9999, gt=0, le=1)
+    add_flag(parser, "--input-sentence-size", type=int, default=10_000_000, help="sentences sampled (0: all)", ge=0)
+    add_flag(parser, "--seed", type=int, default=0, ge=0, lt=2**32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from ..errors import UserError
     from ..files import check_output_file
     try:
+        check_args(parser, args)
         check_output_file(args.output + ".model")
         missing = [p for p in args.input if not os.path.isfile(p)]
         if missing:
