@@ -36,20 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
-    args = BenchmarkConfig(**given(ns, BenchmarkConfig), command="beit3 benchmark " + shlex.join(argv))
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("beit3 benchmark: error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    args = args.resolved(device)
+    from .train.distributed import pick_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        args = BenchmarkConfig(**given(ns, BenchmarkConfig), command="beit3 benchmark " + shlex.join(argv))
+        device = pick_device(args.device)
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        args = args.resolved(device)
         mix, ds_config = args.check(world)
-    except (ValueError, UserError) as e:  # ConfigError is a ValueError
+    except (ValueError, UserError) as e:  # ConfigError and SettingError are ValueErrors
         print(f"beit3 benchmark: error: {e}", file=sys.stderr)
         return 2
     if args.threads:

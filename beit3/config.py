@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
+
+from .flags import check_values
 
 LAYOUTS = ("paper", "released")
 # The official checkpoints and unilm/beit3 (vocab_size=64010) have 64010 text rows for beit3.spm,
@@ -51,9 +53,11 @@ def check_fields(cls, keys) -> None:
         raise TypeError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
 
 
-def checked_from_dict(cls, d):
-    """``cls(**d)`` for a dataclass, naming the unknown keys."""
+def checked_from_dict(cls, d, naming: Optional[Callable[[str], str]] = None):
+    """``cls(**d)`` for a dataclass, naming the unknown keys and the first value of the wrong type or
+    outside its field's range (``naming``: how a field is named; default ``Class.field``)."""
     check_fields(cls, d)
+    check_values(cls, d, naming or (lambda name: f"{cls.__name__}.{name}"))
     return cls(**d)
 
 

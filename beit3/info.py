@@ -2,23 +2,48 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .config import PRESETS, BEiT3Config
+from .flags import SettingError, add_dataclass_flags, check_settings, given, setting as _f
 from .model import BEiT3
 from .model.params import count_parameters, format_parameter_table
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class InfoSettings:
+    preset: str = _f("tiny", choices=sorted(PRESETS))
+    layout: str = _f("paper", choices=["paper", "released"])
+    batch_size: int = _f(2, "samples of the timed pass", ge=1)
+    text_len: int = _f(16, "text tokens of the timed pass (the last quarter padding), at most the preset's "
+                       "position table (1022)", ge=2)
+    meta: bool = _f(False, "count only; build on the meta device")
+
+    def __post_init__(self):
+        check_settings(self)
+        positions = BEiT3Config.from_preset(self.preset, layout=self.layout).max_text_len
+        if self.text_len > positions:
+            raise SettingError(f"--text-len {self.text_len}: the {self.preset} preset's text position table holds "
+                               f"{positions} tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="beit3 info", description=__doc__)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--layout", default="paper", choices=["paper", "released"])
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--text-len", type=int, default=16)
-    ap.add_argument("--meta", action="store_true", help="count only; build on the meta device")
-    args = ap.parse_args(argv)
+    add_dataclass_flags(ap, InfoSettings)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        args = InfoSettings(**given(ns, InfoSettings))
+    except SettingError as e:
+        print(f"beit3 info: error: {e}", file=sys.stderr)
+        return 2
     cfg = BEiT3Config.from_preset(args.preset, layout=args.layout)
     print(f"preset {args.preset}, layout {args.layout}: depth {cfg.depth}, width {cfg.embed_dim}, "
           f"FFN {cfg.ffn_dim}, heads {cfg.num_heads}, image {cfg.img_size}/{cfg.patch_size}")

@@ -56,6 +56,12 @@ def defaults_for(args: argparse.Namespace | PretrainConfig, device: str) -> Pret
 def check_args(cfg: PretrainConfig, world_size: int) -> dict:
     """Every check that needs no model: fails before any GPU time is spent."""
     ds_config = cfg.check(world_size)
+    if cfg.tokenizer is not None:
+        from .tokenizer.vqkd import check_tokenizer_file  # imports timm
+        try:
+            check_tokenizer_file(cfg.tokenizer, trained=cfg.tokenizer_preset is None)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--tokenizer {cfg.tokenizer}: {e}") from None
     if cfg.data != "synthetic":
         check_data_sources(cfg, world_size)
     return ds_config
@@ -85,11 +91,11 @@ def _peer_failure(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    import torch
+    from .train.distributed import pick_device  # imports torch
 
     try:
         cfg = config_from_args(ns)
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(cfg.device)
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         cfg = cfg.resolved(device)

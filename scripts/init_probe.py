@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit3.config import BEiT3Config
+from beit3.config import PRESETS, BEiT3Config
 from beit3.data.masking import BlockMaskGenerator, default_num_masking_patches, mask_text
+from beit3.flags import add_flag, check_args
 from beit3.train.objective import MaskedDataModeling, prepare_batch
 from beit3.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -101,26 +103,37 @@ def summary(log: list[dict], window: int) -> dict:
             "finite": all(math.isfinite(m["loss"]) for m in log)}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="init_probe.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     for name in ("depth", "embed-dim", "num-heads", "ffn-dim", "img-size", "patch-size"):
-        ap.add_argument(f"--{name}", type=int, help="overrides the preset's")
-    ap.add_argument("--init-std", type=float, default=0.02, help="unilm's, also for --preset tiny")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--lr", type=float, nargs="+", default=[2e-3])
-    ap.add_argument("--batch", type=int, default=8, help="images, texts and pairs each")
-    ap.add_argument("--text-len", type=int, default=16)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--threads", type=int, default=2)
+        add_flag(ap, f"--{name}", type=int, help="overrides the preset's", ge=1)
+    add_flag(ap, "--init-std", type=float, default=0.02, help="unilm's, also for --preset tiny", gt=0)
+    add_flag(ap, "--steps", type=int, default=100, ge=1)
+    add_flag(ap, "--warmup", type=int, default=10, ge=0)
+    add_flag(ap, "--lr", type=float, nargs="+", default=[2e-3], gt=0)
+    add_flag(ap, "--batch", type=int, default=8, help="images, texts and pairs each", ge=1)
+    add_flag(ap, "--text-len", type=int, default=16, ge=2)
+    add_flag(ap, "--seeds", type=int, nargs="+", default=[0], ge=0, lt=2**32)
+    add_flag(ap, "--threads", type=int, default=2, ge=1)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)  # Adam moments go denormal, which x86 computes with 10-100x slower
     over = {k: getattr(a, k) for k in ("depth", "embed_dim", "num_heads", "ffn_dim", "img_size", "patch_size")
             if getattr(a, k)}
-    base = BEiT3Config.from_preset(a.preset, vocab_size=VOCAB, drop_path_rate=0.1, max_text_positions=a.text_len + 2,
-                                   init_std=a.init_std, **over)
+    try:
+        check_args(ap, a)
+        base = BEiT3Config.from_preset(a.preset, vocab_size=VOCAB, drop_path_rate=0.1,
+                                       max_text_positions=a.text_len + 2, init_std=a.init_std, **over)
+    except ValueError as e:  # SettingError too
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)  # Adam moments go denormal, which x86 computes with 10-100x slower
     window = max(1, a.steps // 10)
     print(f"preset {a.preset} {over}: depth {base.depth}, width {base.embed_dim}, {a.steps} steps, batch "
           f"{a.batch}/{a.batch}/{a.batch}, text {a.text_len}; means over the first / last {window} steps\n")
@@ -137,7 +150,8 @@ def main(argv=None) -> None:
                       f"{s['last image']:.3f} / {s['last text']:.3f} / {s['last pair']:.3f} | "
                       f"{s['first grad norm']:.2f} / {s['last grad norm']:.2f} / {s['max grad norm']:.2f} | "
                       f"{time.time() - t0:.0f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

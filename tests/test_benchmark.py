@@ -158,7 +158,7 @@ def test_synthetic_batch_masks_and_counts():
     assert ((labels != -100) & pad).sum() == 0 and ((labels != -100).sum(1) >= 1).all()
     assert batch_counts(TINY, batch) == (7, 2 * 65 + 3 * 15 + 2 * (65 + 15))
     assert synthetic_batch(TINY, mix, 64, seed=0)[0]["texts"]["text"].equal(batch["texts"]["text"])
-    with pytest.raises(ValueError, match="text_padding"):
+    with pytest.raises(ValueError, match="--text-padding 1.0"):
         BatchMix(1, 1, 0, 8, text_padding=1.0)
     assert mix.scaled(5) == BatchMix(5, 5, 5, 20, 0.25, True)
     assert mix.as_image_only() == BatchMix(7, 0, 0, 20, 0.25, True)

@@ -128,12 +128,12 @@ def test_linear_probe_with_mixup_and_ema_trains_only_the_head(data, pretrained_t
 
 
 def test_resume_equals_an_uninterrupted_run(data, tmp_path):
-    """Stopped after 5 steps (mid-epoch, after a validation) and resumed to 10: the same losses as
-    10 steps in one go (both schedules are still in their warmup at step 5)."""
-    args = ["--max-steps", "5", "--save-every", "3", "--log-every", "1", "--img-size", "40"]
-    _finetune("classification", data, None, tmp_path / "split", *args)
+    """Stopped after 5 steps (mid-epoch) of a 10-step schedule and resumed: the same losses as 10
+    steps in one go."""
+    args = ["--max-steps", "10", "--save-every", "3", "--log-every", "1", "--img-size", "40"]
+    _finetune("classification", data, None, tmp_path / "split", *args, "--stop-after-steps", "5")
     assert os.path.isdir(tmp_path / "split" / "checkpoints" / "step_00000005")
-    args[1] = "10"
+    assert not os.path.isdir(tmp_path / "split" / "checkpoints" / "step_00000006")
     _finetune("classification", data, None, tmp_path / "split", *args, "--resume", "auto")
     _finetune("classification", data, None, tmp_path / "whole", *args)
 

@@ -74,9 +74,9 @@ def _official_names(name: str, p: torch.Tensor) -> list[str]:
 
 # -- layer-wise lr decay ---------------------------------------------------------------------------
 def test_layer_decay_scales_with_known_numbers():
-    """depth 4, decay 0.5, head x 20: embeddings 0.5^5, layer i 0.5^(4 - i), the final norm and the
-    pooler 1, the task head 1 x 20 (the two multiply here; unilm takes the head weight only
-    without layer decay, and no recipe sets both, see below)."""
+    """depth 4, decay 0.5, head x 20: embeddings 0.5^5, layer i 0.5^(4 - i), the final norm, the
+    pooler and the task head 1: under layer decay unilm ignores the head weight (it takes one or the
+    other, never their product)."""
     model = VQAModel(_tiny(), num_answers=5)
     cfg = FinetuneConfig(task="vqa", layer_decay=0.5, head_lr_scale=20.0)
     _, groups = optimizer_setup(model, cfg, total_steps=100, warmup_steps=10)
@@ -92,10 +92,10 @@ def test_layer_decay_scales_with_known_numbers():
             want = 1.0
         else:
             assert name.startswith("head."), name
-            want = 20.0
+            want = 1.0  # not 20 x 1
         assert scale == pytest.approx(want, rel=1e-12), name
-    # One group per (decay, scale): 6 scales (embeddings, 4 layers, top) x 2 decays, plus the head's 2.
-    assert len(groups) == 14
+    # One group per (decay, scale): 6 scales (embeddings, 4 layers, top with the head) x 2 decays.
+    assert len(groups) == 12
     per_scale = {}
     for g in groups:
         per_scale[g["lr_scale"]] = per_scale.get(g["lr_scale"], 0) + len(g["params"])
@@ -103,16 +103,22 @@ def test_layer_decay_scales_with_known_numbers():
     # final norm 4 + pooler 4; head 6 (Linear, LayerNorm, Linear).
     layers = [sum(1 for n, _ in model.named_parameters() if n.startswith(f"beit3.layers.{i}.")) for i in range(4)]
     assert layers == [24, 24, 24, 32]  # 8 attention + 2 experts x 8; the VL layer has a third expert
-    assert per_scale == {0.03125: 7, 0.0625: 24, 0.125: 24, 0.25: 24, 0.5: 32, 1.0: 8, 20.0: 6}
+    assert per_scale == {0.03125: 7, 0.0625: 24, 0.125: 24, 0.25: 24, 0.5: 32, 1.0: 14}
+    # Without decay the head weight applies: 20 on the head's 6 tensors, 1 everywhere else.
+    _, groups = optimizer_setup(model, FinetuneConfig(task="vqa", head_lr_scale=20.0), 100, 10)
+    assert {n: s for n, s in _scales(groups).items() if s != 1.0} == {
+        n: 20.0 for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert len(groups) == 4
 
 
 @pytest.mark.parametrize("task", sorted(HEADS))
 def test_layer_decay_and_head_lr_are_unilms(task):
     """Each parameter's lr scale equals unilm's for its official name: the released layout, every
-    task head, the settings the recipes use (one of layer decay and head lr at a time)."""
+    task head, the settings the recipes use (one of layer decay and head lr at a time) and both at
+    once (then unilm takes the layer decay alone)."""
     model = HEADS[task](_tiny("released"))
     depth = model.cfg.depth
-    for layer_decay, head in ((0.65, 1.0), (1.0, 20.0), (1.0, 1.0)):
+    for layer_decay, head in ((0.65, 1.0), (1.0, 20.0), (1.0, 1.0), (0.65, 20.0)):
         cfg = FinetuneConfig(task=task, layer_decay=layer_decay, head_lr_scale=head)
         _, groups = optimizer_setup(model, cfg, total_steps=100, warmup_steps=10)
         got = _scales(groups)
@@ -121,15 +127,15 @@ def test_layer_decay_and_head_lr_are_unilms(task):
             want = {unilm_lr_scale(o, depth, layer_decay, head) for o in _official_names(name, p)}
             assert len(want) == 1, name
             assert got[name] == pytest.approx(want.pop(), rel=1e-12), (layer_decay, head, name)
-        if head != 1.0:  # these have a ``head`` module; retrieval's and captioning's heads are named otherwise
+        if head != 1.0 and layer_decay == 1.0:  # retrieval's and captioning's heads are not named ``head``
             assert max(got.values()) == (head if task in ("vqa", "classification", "nlvr2") else 1.0)
         if layer_decay != 1.0:
             assert min(got.values()) == pytest.approx(layer_decay ** (depth + 1))
 
 
 def test_every_recipe_sets_at_most_one_of_layer_decay_and_head_lr():
-    """unilm applies --task_head_lr_weight only without layer decay; ours multiplies both (a
-    documented extension), so the recipes must keep to one of them to be unilm's."""
+    """unilm applies --task_head_lr_weight only without layer decay, and so does ours (beit3 finetune
+    refuses both at once): a recipe sets at most one of them."""
     from beit3.finetune.recipes import RECIPES
     both = [n for n, r in RECIPES.items()
             if r.get("layer_decay", 1.0) != 1.0 and r.get("head_lr_scale", 1.0) != 1.0]

@@ -40,7 +40,7 @@ def test_recipes_hold_the_papers_settings():
     tiny = PretrainConfig.from_recipe("pretrain-tiny").resolved("cpu")
     assert tiny == PretrainConfig(output="runs/demo", data="synthetic").resolved("cpu")
     assert set(RECIPES) >= {"pretrain-tiny", "pretrain-base", "pretrain-giant"}
-    with pytest.raises(ValueError, match="unknown pretraining recipe"):
+    with pytest.raises(ValueError, match="unknown pretraining --recipe"):
         PretrainConfig.from_recipe("pretrain-huge")
 
 

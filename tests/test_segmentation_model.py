@@ -294,8 +294,8 @@ def test_ade20k_recipes_are_beit_v2s_and_settings_are_checked():
         assert (c.seg_scale, c.seg_ratio_range, c.cat_max_ratio, c.aux_channels, c.aux_weight) == (
             (2048, 512), (0.5, 2.0), 0.75, 256, 0.4)
     assert get_recipe("segmentation-tiny").stride == 42  # 2/3 of the 64 px crop, as 341 of 512
-    for bad, match in [({"batch_size": 1}, "batch_size must be >= 2"), ({"eval_batch_size": 4}, "one image at a time"),
-                       ({"cat_max_ratio": 0.0}, "cat_max_ratio"), ({"slide_stride": 600}, "slide_stride"),
-                       ({"lr_schedule": "step"}, "lr_schedule")]:
+    for bad, match in [({"batch_size": 1}, "--batch-size must be >= 2"), ({"eval_batch_size": 4}, "one image at a time"),
+                       ({"cat_max_ratio": 0.0}, "--cat-max-ratio"), ({"slide_stride": 600}, "--slide-stride"),
+                       ({"lr_schedule": "step"}, "--lr-schedule"), ({"seg_ratio_range": (2.0, 0.5)}, "low end")]:
         with pytest.raises(ValueError, match=match):
             get_recipe("ade20k-base", **bad)

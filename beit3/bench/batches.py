@@ -33,13 +33,13 @@ class BatchMix:
     def __post_init__(self):
         for name in ("images", "texts", "pairs"):
             if getattr(self, name) < 0:
-                raise ValueError(f"batch {name}={getattr(self, name)}: expected >= 0")
+                raise ValueError(f"--batch-{name} {getattr(self, name)}: expected >= 0")
         if self.samples == 0:
-            raise ValueError("empty batch mix: images, texts and pairs are all 0")
+            raise ValueError("empty batch mix: --batch-images, --batch-texts and --batch-pairs are all 0")
         if (self.texts or self.pairs) and self.text_len < 2:
-            raise ValueError(f"text_len={self.text_len}: expected >= 2")
+            raise ValueError(f"--text-len {self.text_len}: expected >= 2")
         if not 0.0 <= self.text_padding < 1.0:
-            raise ValueError(f"text_padding={self.text_padding}: expected a fraction in [0, 1)")
+            raise ValueError(f"--text-padding {self.text_padding}: expected a fraction in [0, 1)")
 
     @property
     def samples(self) -> int:
@@ -70,7 +70,7 @@ def synthetic_batch(cfg: BEiT3Config, mix: BatchMix, num_visual_tokens: int,
     """(batch, targets): batch as ``MaskedDataModeling.forward`` takes it, images (B, C, H, W) in
     [-1, 1]; targets {"images": (B, N) long[, "pairs": (B, N)]} random visual tokens."""
     if mix.text_len > cfg.max_text_len and not mix.image_only:
-        raise ValueError(f"text_len={mix.text_len}: the model's position table holds {cfg.max_text_len}")
+        raise ValueError(f"--text-len {mix.text_len}: the model's position table holds {cfg.max_text_len}")
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     masker = BlockMaskGenerator(cfg.grid_size, default_num_masking_patches(cfg.grid_size, cfg.grid_size))

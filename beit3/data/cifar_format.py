@@ -175,7 +175,7 @@ def cifar_from_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, 
     return write_cifar100(out_dir, train, test, classes, coarse_names)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="beit3 data cifar", description="Write an ImageFolder tree "
                                  "(SRC/train, SRC/val) as a CIFAR-10 or CIFAR-100 python-pickle folder.")
     ap.add_argument("--src", required=True, help="e.g. the synthetic world's classification/ folder")
@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=["cifar10", "cifar100"], default="cifar10")
     ap.add_argument("--coarse-by-shape", action="store_true",
                     help="CIFAR-100 superclasses from '{color}_{shape}' class names (the synthetic world's)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     coarse_of = (lambda c: c.rsplit("_", 1)[-1]) if args.coarse_by_shape else None
     try:
         check_output_dir(args.output)

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import webdataset as wds
 
-from ..errors import UserError, describe, first_line, report
+from ..errors import OutputError, UserError, describe, first_line, report
 from ..files import check_output_dir, remove_stale_temps
+from ..flags import SettingError, add_flag, check_args
 from .remote import ReadTimeout, Timeouts, download
 
 log = logging.getLogger(__name__)
@@ -514,7 +515,7 @@ def manifest_shards(folder: str | os.PathLike, kind: str) -> list[str] | None:
 
 
 # --------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beit3 data shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
@@ -527,21 +528,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url-col", help="--captions table: the image path or URL column")
     parser.add_argument("--caption-col", help="--captions table: the caption column")
     parser.add_argument("--split", nargs="+", help="--captions Karpathy JSON: keep these splits (e.g. train restval)")
-    parser.add_argument("--download-timeout", type=float, default=DOWNLOAD_TIMEOUT,
-                        help="--captions with URLs: seconds for one image's download, a stalled or trickling "
-                             f"server included (default {DOWNLOAD_TIMEOUT:g}); such an image is skipped and counted")
+    add_flag(parser, "--download-timeout", type=float, default=DOWNLOAD_TIMEOUT,
+             help="--captions with URLs: seconds for one image's download, a stalled or trickling "
+                  f"server included (default {DOWNLOAD_TIMEOUT:g}); such an image is skipped and counted", gt=0)
     parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
     parser.add_argument("--kind", help="shard name prefix (default: images, pairs or texts after the source)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard")
-    parser.add_argument("--max-bytes", type=float, default=None,
-                        help="close a shard once its samples hold this many bytes (e.g. 1e9)")
+    add_flag(parser, "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard", ge=1)
+    add_flag(parser, "--max-bytes", type=float, default=None,
+             help="close a shard once its samples hold this many bytes (e.g. 1e9)", gt=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     start = time.perf_counter()
     try:
-        if not 0 < args.download_timeout < float("inf"):
-            raise ShardError(f"--download-timeout must be a positive number of seconds, got {args.download_timeout}")
+        check_args(parser, args)
         check_output_dir(args.output)
+    except (OutputError, SettingError) as e:
+        return report("beit3 data shards", e, 2)
+    try:
         options = {"image_root": args.image_root, "url_col": args.url_col, "caption_col": args.caption_col,
                    "split": args.split, "download_timeout": args.download_timeout}
         entry = write_shards(args.output, images=args.images, captions=args.captions, texts=args.texts,

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import BadFileError, UserError, describe, first_line, report
 from ..files import check_output_file, sha256_of
+from ..flags import add_flag, check_args
 
 FAIRSEQ_OFFSET = 1  # fairseq prepends <s>, <pad>, </s>, <unk> and drops sentencepiece's own three
 
@@ -213,18 +214,24 @@ def check_corpus(files: Sequence[str]) -> None:
             raise BadFileError(path, "no text in it (empty or blank lines only); sentencepiece needs sentences")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beit3 data spm", description="Train the sentencepiece model for BEiT-3 text (XLM-R id layout).")
     parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence a line")
     parser.add_argument("--output", required=True, help="model prefix; writes PREFIX.model, PREFIX.vocab")
-    parser.add_argument("--vocab-size", type=int, default=64000)
+    add_flag(parser, "--vocab-size", type=int, default=64000, help="pieces (a soft limit)", ge=8)
     parser.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
-    parser.add_argument("--character-coverage", type=float, default=0.9999)
-    parser.add_argument("--input-sentence-size", type=int, default=10_000_000)
-    parser.add_argument("--seed", type=int, default=0)
+    add_flag(parser, "--character-coverage", type=float, default=0.9999, gt=0, le=1)
+    add_flag(parser, "--input-sentence-size", type=int, default=10_000_000, help="sentences sampled (0: all)", ge=0)
+    add_flag(parser, "--seed", type=int, default=0, ge=0, lt=2**32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_args(parser, args)
         check_output_file(args.output + ".model")
         check_corpus(args.input)
         path = train_spm(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,

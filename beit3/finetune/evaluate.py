@@ -21,6 +21,7 @@ import sys
 from typing import Optional
 
 from ..errors import UserError, first_line
+from ..flags import add_flag, check_args
 from ..train.ds_config import ConfigError
 from .main import add_config_flags, resolve_config
 from .recipes import TASKS, TEXTLESS_TASKS, FinetuneConfig
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-pickle", action="store_true", help="trust checkpoint files that need unpickling")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default bf16 on GPU, fp32 on CPU")
-    ap.add_argument("--num-workers", type=int, default=None)
-    ap.add_argument("--dist-timeout", type=float, default=1800.0)
+    add_flag(ap, "--num-workers", type=int, default=None, help="data loader workers (default 0 on CPU, 6 on GPU)", ge=0)
+    add_flag(ap, "--dist-timeout", type=float, default=1800.0, help="seconds a collective may wait for a peer", gt=0)
     add_config_flags(ap)
     return ap
 
@@ -124,21 +125,23 @@ def repair_best(path: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import torch
 
     from ..data.index_check import check_dataset
     from ..data.text_tokenizer import TextTokenizer
     from ..eval.report import print_results_table, write_results_json
     from ..files import check_output_dir
-    from ..train.distributed import finish_distributed, init_distributed
+    from ..train.distributed import finish_distributed, init_distributed, pick_device
     from .init import load_init
     from .tasks import build_task
     from .trainer import SYNTHETIC, cpu_flush_denormal, synthetic_data
     from .validation import evaluate
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        check_args(parser, args)
+        device = pick_device(args.device)
         repair_best(args.init)
         init = load_init(args.init, args.allow_pickle)
         cfg = config_for(args, init.meta)

@@ -16,7 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import check_fields
+from ..config import LAYOUTS, PRESETS, check_fields
+from ..eval.vqa_metric import VQA_EVAL_VERSIONS
+from ..flags import SettingError, check_settings, setting as _f
 
 TASKS = ("vqa", "retrieval", "captioning", "classification", "nlvr2", "segmentation")
 DATASETS = {
@@ -34,67 +36,77 @@ LR_SCHEDULES = ("cosine", "poly")
 @dataclass
 class FinetuneConfig:
     task: str
-    dataset: str = ""  # "" = the task's first (see DATASETS)
+    dataset: str = _f("", "the task's dataset (default: its first, see DATASETS)")
     # model (used when --init does not fix them)
-    preset: str = "tiny"
-    layout: str = "paper"
-    img_size: int = 224
-    max_text_len: int = 64  # tokens including <s> and </s> (--num_max_bpe_tokens)
-    drop_path: float = 0.1
-    checkpoint_every: Optional[int] = None  # activation checkpointing; None = 1 on GPU, 0 on CPU
+    preset: str = _f("tiny", choices=sorted(PRESETS))
+    layout: str = _f("paper", choices=list(LAYOUTS))
+    img_size: int = _f(224, "image side in pixels (a multiple of the patch size)", ge=1)
+    max_text_len: int = _f(64, "tokens including <s> and </s> (unilm --num_max_bpe_tokens)", ge=3)
+    drop_path: float = _f(0.1, ge=0, lt=1)
+    checkpoint_every: Optional[int] = _f(None, "activation checkpointing every k-th layer (0 = off; default 1 on "
+                                         "GPU, 0 on CPU)", ge=0)
     # schedule
-    epochs: float = 20
-    warmup_epochs: float = 5
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule too)
-    batch_size: int = 64  # per rank and micro-step
-    eval_batch_size: Optional[int] = None  # default 1.5 x batch_size, as unilm/beit3
+    epochs: float = _f(20, gt=0)
+    warmup_epochs: float = _f(5, ge=0)
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; warm-up and decay are scaled to "
+                                  "them when they are fewer than the epochs' steps", ge=1)
+    batch_size: int = _f(64, "per rank and micro-step", ge=1)
+    eval_batch_size: Optional[int] = _f(None, "default 1.5 x --batch-size, as unilm/beit3", ge=1)
     # optimizer
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    layer_decay: float = 1.0  # lr of layer l times layer_decay ** (depth + 1 - l)
-    head_lr_scale: float = 1.0  # lr multiplier of ``head.*`` (unilm --task_head_lr_weight)
-    grad_clip: float = 0.0  # max gradient norm; 0 = none (unilm's --clip_grad default), replaces the DeepSpeed config's
+    lr: float = _f(5e-4, "peak lr", gt=0)
+    min_lr: float = _f(1e-6, "the cosine's end", ge=0)
+    weight_decay: float = _f(0.05, ge=0)
+    betas: tuple = _f((0.9, 0.999), "AdamW betas", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW eps", gt=0)
+    layer_decay: float = _f(1.0, "lr of layer l times layer_decay ** (depth + 1 - l); 1 = none", gt=0, le=1)
+    head_lr_scale: float = _f(1.0, "lr multiplier of head.* (unilm --task_head_lr_weight), only without layer "
+                              "decay, as there", ge=1)
+    grad_clip: float = _f(0.0, "max gradient norm; 0 = none (unilm's --clip_grad default); replaces the DeepSpeed "
+                          "config's", ge=0)
     # augmentation and loss
-    randaug: bool = False  # vision-language tasks
-    hflip: float = 0.5
-    crop_scale: tuple = (0.5, 1.0)  # vision-language tasks: RandomResizedCrop area range
-
-    label_smoothing: float = 0.1  # classification (without mixup) and captioning
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # classification
-    color_jitter: float = 0.4
-    re_prob: float = 0.25
-    crop_pct: float = 1.0
-    linear_probe: bool = False  # classification: frozen backbone, BatchNorm + linear head
+    randaug: bool = _f(False, "RandAugment (vision-language tasks)")
+    hflip: float = _f(0.5, "probability of a horizontal flip", ge=0, le=1)
+    crop_scale: tuple = _f((0.5, 1.0), "RandomResizedCrop area range (vision-language tasks)", gt=0, le=1)
+    label_smoothing: float = _f(0.1, "classification (without mixup) and captioning", ge=0, lt=1)
+    mixup: float = _f(0.0, "mixup alpha (classification; 0 = off)", ge=0)
+    cutmix: float = _f(0.0, "cutmix alpha (classification; 0 = off)", ge=0)
+    auto_augment: Optional[str] = _f("rand-m9-mstd0.5-inc1", "timm auto-augment policy (classification)")
+    color_jitter: float = _f(0.4, "classification", ge=0)
+    re_prob: float = _f(0.25, "random erasing probability (classification)", ge=0, le=1)
+    crop_pct: float = _f(1.0, "eval centre-crop fraction (classification)", gt=0, le=1)
+    linear_probe: bool = _f(False, "classification: frozen backbone, BatchNorm + linear head")
     # captioning
-    mask_prob: float = 0.6
-    drop_worst_ratio: float = 0.2
-    drop_worst_after: int = 12000
-    num_beams: int = 3
-    length_penalty: float = 0.6
-    ban_special: bool = True  # decoding never generates <s>, <pad>, [MASK] (unilm/beit3 bans nothing)
-    logit_scale_max: Optional[float] = None  # retrieval: clamp of exp(logit_scale); None = unilm (none), 100 = CLIP
-    vqa_eval: str = "2016"  # vqaEval.py version of vqa_accuracy: "2016" (server) or "2021" (beit3.eval.vqa_metric)
+    mask_prob: float = _f(0.6, "share of caption tokens masked", gt=0, le=1)
+    drop_worst_ratio: float = _f(0.2, "share of the worst token losses dropped", ge=0, lt=1)
+    drop_worst_after: int = _f(12000, "optimizer steps before the worst losses are dropped", ge=0)
+    num_beams: int = _f(3, ge=1)
+    length_penalty: float = _f(0.6, "beam search: score / length ** this", finite=True)
+    ban_special: bool = _f(True, "decoding never generates <s>, <pad>, [MASK] (unilm/beit3 bans nothing)")
+    logit_scale_max: Optional[float] = _f(None, "retrieval: clamp of exp(logit_scale); none = unilm (no clamp), "
+                                          "100 = CLIP's", gt=0)
+    vqa_eval: str = _f("2016", "vqaEval.py version of vqa_accuracy: 2016 (the server's) or 2021 "
+                       "(beit3.eval.vqa_metric)", choices=list(VQA_EVAL_VERSIONS))
     # segmentation (BEiT's ADE20K pipeline; docs/segmentation.md). img_size is the crop.
-    seg_scale: tuple = (2048, 512)  # images rescaled to fit (long, short) x a ratio drawn in seg_ratio_range
-    seg_ratio_range: tuple = (0.5, 2.0)
-    cat_max_ratio: float = 0.75  # crops redrawn while one class covers this share of the scored pixels
-    photometric: bool = True  # mmseg's PhotoMetricDistortion
-    slide_stride: Optional[int] = None  # sliding-window evaluation; None = 2/3 of img_size (341 at 512)
-    decoder_channels: int = 512  # UperNet width
-    aux_channels: int = 256  # auxiliary FCN head width; 0 = no auxiliary head
-    aux_weight: float = 0.4
-    lr_schedule: str = "cosine"  # after the linear warmup: "cosine", or "poly" (power 1, mmseg's)
+    seg_scale: tuple = _f((2048, 512), "images rescaled to fit (long, short) x a ratio drawn in --seg-ratio-range",
+                          gt=0)
+    seg_ratio_range: tuple = _f((0.5, 2.0), "range of the random rescale ratio", gt=0)
+    cat_max_ratio: float = _f(0.75, "crops redrawn while one class covers this share of the scored pixels",
+                              gt=0, le=1)
+    photometric: bool = _f(True, "mmseg's PhotoMetricDistortion")
+    slide_stride: Optional[int] = _f(None, "sliding-window evaluation step; none = 2/3 of --img-size (341 at 512)",
+                                     ge=1)
+    decoder_channels: int = _f(512, "UperNet width", ge=1)
+    aux_channels: int = _f(256, "auxiliary FCN head width; 0 = no auxiliary head", ge=0)
+    aux_weight: float = _f(0.4, "auxiliary loss weight", ge=0)
+    lr_schedule: str = _f("cosine", "after the linear warm-up: cosine, or poly (power 1, mmseg's)",
+                          choices=list(LR_SCHEDULES))
     # EMA of the weights (timm ModelEmaV3), validated beside the model
-    model_ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 0
+    model_ema: bool = _f(False, "also keep and validate an EMA of the weights")
+    ema_decay: float = _f(0.9999, ge=0, le=1)
+    seed: int = _f(0, ge=0, lt=2**32)
 
     def __post_init__(self):
+        check_settings(self)
         self.betas, self.crop_scale = tuple(self.betas), tuple(self.crop_scale)
         self.seg_scale, self.seg_ratio_range = tuple(self.seg_scale), tuple(self.seg_ratio_range)
         if not self.dataset and self.task in DATASETS:
@@ -102,50 +114,37 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
+        """The checks across fields (each field's type and range: ``check_settings``)."""
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choices: {', '.join(TASKS)}")
+            raise SettingError(f"unknown --task {self.task!r}; choices: {', '.join(TASKS)}")
         if self.dataset not in DATASETS[self.task]:
-            raise ValueError(f"task {self.task} has no dataset {self.dataset!r}; choices: "
-                             f"{', '.join(DATASETS[self.task])}")
-        for name in ("epochs", "batch_size", "lr", "img_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_epochs < 0 or self.layer_decay <= 0 or self.head_lr_scale <= 0:
-            raise ValueError("warmup_epochs must be >= 0 and layer_decay, head_lr_scale > 0")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
-        if self.max_text_len < 3:
-            raise ValueError(f"max_text_len={self.max_text_len} leaves no token between <s> and </s>")
+            raise SettingError(f"task {self.task} has no --dataset {self.dataset!r}; choices: "
+                               f"{', '.join(DATASETS[self.task])}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise ValueError(f"mixup/cutmix need an even batch_size, got {self.batch_size}")
+            raise SettingError(f"--mixup/--cutmix need an even --batch-size, got {self.batch_size}")
         if self.linear_probe and self.task != "classification":
-            raise ValueError("linear_probe is a classification mode")
-        from ..eval.vqa_metric import VQA_EVAL_VERSIONS
-        if self.vqa_eval not in VQA_EVAL_VERSIONS:
-            raise ValueError(f"vqa_eval {self.vqa_eval!r}: expected one of {VQA_EVAL_VERSIONS}")
-        if self.logit_scale_max is not None and self.logit_scale_max <= 0:
-            raise ValueError(f"logit_scale_max must be positive (or None), got {self.logit_scale_max}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+            raise SettingError("--linear-probe is a classification mode")
+        if self.warmup_epochs > self.epochs:
+            raise SettingError(f"--warmup-epochs {self.warmup_epochs:g} is longer than --epochs {self.epochs:g}")
+        if self.min_lr > self.lr:
+            raise SettingError(f"--min-lr {self.min_lr:g} is above the peak --lr {self.lr:g}")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise SettingError(f"--crop-scale {self.crop_scale[0]:g} {self.crop_scale[1]:g}: the smallest area "
+                               f"comes first")
         if self.task == "segmentation":
             self.validate_segmentation()
 
     def validate_segmentation(self) -> None:
         lo, hi = self.seg_ratio_range
-        if not 0 < lo <= hi or min(self.seg_scale) <= 0:
-            raise ValueError(f"seg_ratio_range {self.seg_ratio_range} and seg_scale {self.seg_scale} must be positive, "
-                             f"the range (low, high)")
-        if not 0 < self.cat_max_ratio <= 1:
-            raise ValueError(f"cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
-        if self.slide_stride is not None and not 0 < self.slide_stride <= self.img_size:
-            raise ValueError(f"slide_stride must be in [1, img_size={self.img_size}], got {self.slide_stride}")
-        if self.decoder_channels < 1 or self.aux_channels < 0 or self.aux_weight < 0:
-            raise ValueError("decoder_channels must be >= 1, aux_channels and aux_weight >= 0")
+        if lo > hi:
+            raise SettingError(f"--seg-ratio-range {lo:g} {hi:g}: the low end comes first")
+        if self.slide_stride is not None and self.slide_stride > self.img_size:
+            raise SettingError(f"--slide-stride {self.slide_stride} is beyond the --img-size {self.img_size} window")
         if self.batch_size < 2:  # a BatchNorm over the 1 x 1 pooled map needs two values per channel
-            raise ValueError(f"segmentation trains BatchNorm heads: batch_size must be >= 2, got {self.batch_size}")
+            raise SettingError(f"segmentation trains BatchNorm heads: --batch-size must be >= 2, got {self.batch_size}")
         if self.eval_batch_size not in (None, 1):
-            raise ValueError("segmentation evaluates one image at a time (its windows are the batch): "
-                             f"eval_batch_size must be 1, got {self.eval_batch_size}")
+            raise SettingError("segmentation evaluates one image at a time (its windows are the batch): "
+                               f"--eval-batch-size must be 1, got {self.eval_batch_size}")
 
     @property
     def eval_batch(self) -> int:
@@ -275,6 +274,6 @@ def get_recipe(name: str, **overrides) -> FinetuneConfig:
     """The named recipe with ``overrides`` (FinetuneConfig fields) applied."""
     if name not in RECIPES:
         lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
-        raise ValueError(f"unknown recipe {name!r}; choices:\n" + "\n".join(lines))
+        raise SettingError(f"unknown --recipe {name!r}; choices:\n" + "\n".join(lines))
     check_fields(FinetuneConfig, overrides)
     return FinetuneConfig(**{**RECIPES[name], **overrides})

@@ -12,11 +12,11 @@ resumable checkpoints (``checkpoints/step_*``, as pretraining), metrics.jsonl / 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,6 +38,7 @@ from ..train.trainer import Trainer, compute_dtype, seed_everything, to_device
 from .batches import collate, epoch_batches
 from .heads import TaskModel, unreached_parameters
 from .init import InitWeights, apply_init, load_init, tokenizer_for
+from .options import SYNTHETIC, RunOptions
 from .recipes import FinetuneConfig
 from .tasks import build_task
 from .validation import evaluate, scalars
@@ -45,33 +46,7 @@ from .validation import evaluate, scalars
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
 
-@dataclass
-class RunOptions:
-    output: str
-    data: str  # data root holding the index files
-    spm: str
-    ds_config: dict  # resolved (batch sizes filled in)
-    device: str = "cpu"
-    init: Optional[str] = None
-    resume: Optional[str] = None  # "auto" or a checkpoint directory
-    overwrite: bool = False  # replace a run already in ``output`` (moved aside: beit3.train.run_dir)
-    allow_pickle: bool = False
-    log_every: int = 10
-    save_every: int = 0  # optimizer steps between resumable checkpoints; 0 = at epoch ends only
-    keep_last: int = 1
-    eval_every: int = 1  # epochs
-    num_workers: int = 0
-    tensorboard: bool = True
-    vqa_annotations: Optional[str] = None  # VQA v2 annotation file of the val split (official accuracy)
-    dist_timeout: float = 1800.0
-    max_bad_fraction: float = 0.01  # of the training images that may be missing or undecodable (skipped)
-    max_bad_steps: int = 5  # non-finite steps in a row that stop the run (beit3.train.trainer.NonFiniteSteps)
-
-
 # -- the default data -------------------------------------------------------------------------------
-SYNTHETIC = "synthetic"
-
-
 def synthetic_data(dist: DistInfo, log=print) -> tuple[str, str]:
     """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them;
     a stopped build stops every rank)."""
@@ -102,7 +77,8 @@ def model_config(cfg: FinetuneConfig, init: Optional[InitWeights], vocab_size: O
     if vocab_size is not None:
         check_text_vocab(vocab_size, mc.vocab_size, init.source if init is not None else "the model")
     if cfg.max_text_len > mc.max_text_len:
-        raise ValueError(f"max_text_len {cfg.max_text_len} exceeds the model's {mc.max_text_len} text positions")
+        raise ValueError(f"--max-text-len {cfg.max_text_len}: the model's text position table holds {mc.max_text_len} "
+                         f"tokens")
     return mc
 
 
@@ -118,12 +94,32 @@ def freeze_unreached(model: TaskModel, linear_probe: bool) -> list[str]:
     return sorted(frozen)
 
 
+def schedule_steps(cfg: FinetuneConfig, steps_per_epoch: int) -> tuple[int, int, Optional[str]]:
+    """(optimizer steps, warm-up steps, a note or None): ``epochs`` and ``warmup_epochs`` of
+    ``steps_per_epoch`` steps. A ``max_steps`` below the epochs' steps scales the warm-up and the
+    cosine decay to the steps that run (as HF's Trainer does with max_steps): the warm-up keeps its
+    share of the schedule, and the lr reaches ``min_lr`` at the last step; the note says so."""
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.max_steps is None or cfg.max_steps >= total:
+        return total, warmup, None
+    scaled = int(cfg.max_steps * cfg.warmup_epochs / cfg.epochs)
+    return cfg.max_steps, scaled, (f"--max-steps {cfg.max_steps} < the {total} steps of {cfg.epochs:g} epochs: "
+                                   f"warm-up ({warmup} -> {scaled} steps) and cosine decay scaled to "
+                                   f"{cfg.max_steps} steps")
+
+
 def optimizer_setup(model: TaskModel, cfg: FinetuneConfig, total_steps: int, warmup_steps: int):
+    """AdamW's settings and parameter groups. The lr scales are unilm/beit3's (run_beit3_finetuning.py):
+    layer decay when ``layer_decay`` < 1, else ``head_lr_scale`` on ``head.*`` (its
+    get_is_head_flag_for_vit); never both, so the head takes the top layer's scale under decay."""
     depth = model.cfg.depth
     opt = OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
                       warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
                       grad_clip=cfg.grad_clip, layer_decay=cfg.layer_decay, depth=depth, schedule=cfg.lr_schedule)
-    head = (lambda name: cfg.head_lr_scale if name.startswith("head.") else 1.0)  # unilm: get_is_head_flag_for_vit
+    head = None
+    if cfg.layer_decay == 1.0 and cfg.head_lr_scale != 1.0:
+        head = lambda name: cfg.head_lr_scale if name.startswith("head.") else 1.0  # noqa: E731
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, lr_scale=head)
     return opt, groups
 
@@ -133,8 +129,9 @@ class FinetuneRun(Trainer):
     """One task's fine-tuning (``FinetuneConfig``, the task's head, data and metric) in the Trainer's
     run folder; ``best/`` holds the best validated model as a saved model."""
 
-    def __init__(self, cfg: FinetuneConfig, options: RunOptions):
-        self.cfg, self.opt = cfg, options
+    def __init__(self, cfg: FinetuneConfig, options: RunOptions, ds_config: dict):
+        """``options`` resolved (``RunOptions.resolved``); ``ds_config`` with its batch sizes filled in."""
+        self.cfg, self.opt, self.ds_config = cfg, options, ds_config
         self.best: Optional[float] = None
         self.history: list[dict] = []
 
@@ -165,8 +162,8 @@ class FinetuneRun(Trainer):
         self.model = self.build_model()
         self.ema = self.build_ema()
         opt, groups = optimizer_setup(self.model, c, self.total_steps, self.warmup_steps)
-        self.engine = build_engine(self.model, self.opt.ds_config, opt, groups)
-        self.dtype = compute_dtype(o.ds_config)
+        self.engine = build_engine(self.model, self.ds_config, opt, groups)
+        self.dtype = compute_dtype(self.ds_config)
         seed_everything(c.seed + self.dist.rank)  # augmentations differ per rank
 
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
@@ -198,16 +195,15 @@ class FinetuneRun(Trainer):
         self.unreadable = UnreadableImages(images, o.max_bad_fraction, rank_log, known=missing)
 
     def build_schedule(self) -> None:
-        c, ga = self.cfg, self.opt.ds_config["gradient_accumulation_steps"]
+        c, ga = self.cfg, self.ds_config["gradient_accumulation_steps"]
         self.micro_per_epoch = (len(self.train_set) // self.dist.world_size) // c.batch_size
         self.steps_per_epoch = self.micro_per_epoch // ga
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training samples do not fill one step of "
-                             f"{c.batch_size} x {ga} x {self.dist.world_size} ranks")
-        self.total_steps = math.ceil(c.epochs * self.steps_per_epoch)
-        if c.max_steps is not None:
-            self.total_steps = min(self.total_steps, c.max_steps)
-        self.warmup_steps = int(c.warmup_epochs * self.steps_per_epoch)
+            raise ValueError(f"{len(self.train_set)} training samples do not fill one step of --batch-size "
+                             f"{c.batch_size} x {ga} accumulation steps x {self.dist.world_size} ranks")
+        self.total_steps, self.warmup_steps, note = schedule_steps(c, self.steps_per_epoch)
+        if note:
+            self.logger.write(note)
         if self.logger.bar is not None:
             self.logger.bar.total = self.total_steps
 
@@ -250,8 +246,8 @@ class FinetuneRun(Trainer):
 
     def write_run_info(self) -> None:
         self.write_run_config({
-            "finetune": self.cfg.to_dict(), "options": {k: v for k, v in vars(self.opt).items() if k != "ds_config"},
-            "deepspeed": self.opt.ds_config, "model": self.model.cfg.to_dict(), "head_args": self.model.head_args,
+            "finetune": self.cfg.to_dict(), "options": dataclasses.asdict(self.opt),
+            "deepspeed": self.ds_config, "model": self.model.cfg.to_dict(), "head_args": self.model.head_args,
             "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
             "train_samples": len(self.train_set), "val_samples": len(self.val_set)})
 
@@ -275,13 +271,18 @@ class FinetuneRun(Trainer):
                           f"({self.steps_per_epoch}/epoch) on {self.dist.world_size} x "
                           f"{self.dist.device.type}; output {self.opt.output}")
         self.logger.start_at(step)
-        while step < self.total_steps:
+        stop = self.opt.stop_after_steps
+        self.end_step = self.total_steps if stop is None else min(self.total_steps, step + stop)
+        while step < self.end_step:
             step, micro = self.train_epoch(epoch, step, skip)
             complete = micro >= self.micro_per_epoch
             epoch, skip = (epoch + 1, 0) if complete else (epoch, micro)
             if step >= self.total_steps or (complete and epoch % self.opt.eval_every == 0):
                 self.validate(step, epoch)
             self.save(step, epoch, skip)
+        if step < self.total_steps:
+            self.logger.write(f"stopped at step {step} of {self.total_steps} (--stop-after-steps {stop}); "
+                              f"continue with --resume auto")
 
     def train_epoch(self, epoch: int, step: int, skip: int) -> tuple[int, int]:
         """Micro-batches ``skip``.. of ``epoch`` until the epoch or the schedule ends; returns the
@@ -323,7 +324,7 @@ class FinetuneRun(Trainer):
             self.after_step(step, window)
             if self.opt.save_every and step % self.opt.save_every == 0 and micro + 1 < len(batches):
                 self.save(step, epoch, micro + 1)
-            if step >= self.total_steps:
+            if step >= self.end_step:
                 break
         return step, done
 

@@ -68,6 +68,7 @@ from PIL import Image
 
 from ..data.shards import write_shards
 from ..data.text_tokenizer import train_spm
+from ..flags import add_flag, check_args
 from .language import annotator_answers, ask, corpus_sentences, describe, nlvr2_set
 from .render import encode_image, render_scene
 from .scenes import CLASSES, COLORS, Scene, sample_scene, scene_size, seeded_rng
@@ -343,22 +344,29 @@ def make_synthetic_world(output_dir: str | os.PathLike, num_images: int = 2000, 
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beit3 data synthetic", description="Write the synthetic world "
                                      "(images, raw task annotations, corpus, SentencePiece model, shards).")
     parser.add_argument("--output", required=True, help="new or empty folder (or a previous world, replaced)")
-    parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64, help="shortest image side in pixels")
-    parser.add_argument("--max-image-size", type=int, default=None, help="longest side (default 1.5 x --image-size)")
+    add_flag(parser, "--num-images", type=int, default=2000, help="one per split at least", ge=3)
+    add_flag(parser, "--seed", type=int, default=0, ge=0, lt=2**32)
+    add_flag(parser, "--image-size", type=int, default=64, help="shortest image side in pixels", ge=32)
+    add_flag(parser, "--max-image-size", type=int, default=None, help="longest side (default 1.5 x --image-size)",
+             ge=32)
     parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
-    parser.add_argument("--num-nlvr2-pairs", type=int, default=None)
-    parser.add_argument("--shards-per-kind", type=int, default=32)
+    add_flag(parser, "--num-nlvr2-pairs", type=int, default=None, help="default --num-images // 4", ge=6)
+    add_flag(parser, "--shards-per-kind", type=int, default=32, ge=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     start = time.perf_counter()
     from ..errors import UserError
     from ..files import check_output_dir
     try:
+        check_args(parser, args)
         check_output_dir(args.output)
         counts = make_synthetic_world(args.output, args.num_images, args.image_size, args.seed,
                                       max_image_size=args.max_image_size, image_format=args.image_format,

@@ -13,6 +13,7 @@ Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import BadFileError, first_line
 
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -139,7 +142,20 @@ def _weights_file(weights: str | os.PathLike | None, name: str) -> str:
                          "nothing is downloaded")
     if not Path(weights).is_file():
         raise FileNotFoundError(f"weights file {weights} for teacher {name!r} does not exist")
+    if os.path.getsize(weights) == 0:
+        raise BadFileError(weights, f"empty file, not the weights of teacher {name!r} (--teacher-weights)")
     return str(weights)
+
+
+@contextlib.contextmanager
+def _reading(path: str, name: str):
+    """A weights file the library cannot load (truncated, another format, another model's): one line
+    naming it, whatever the library raised."""
+    try:
+        yield
+    except Exception as e:  # timm and open_clip raise EOFError, RuntimeError, pickle and safetensors errors
+        raise BadFileError(path, f"cannot be loaded as the weights of teacher {name!r} (--teacher-weights): "
+                                 f"{type(e).__name__}: {first_line(e)}") from None
 
 
 class TimmTeacher(Teacher):
@@ -154,8 +170,9 @@ class TimmTeacher(Teacher):
         # pretrained=True with a file overlay: timm reads the file (weights_only), applies the
         # model's checkpoint filter (e.g. OpenAI CLIP -> timm names) and drops the classifier.
         # A set 'file' with source '' is the branch of timm's resolver that never downloads.
-        self.model = timm.create_model(name, pretrained=True, num_classes=0,
-                                       pretrained_cfg_overlay=dict(file=path, source=""))
+        with _reading(path, name):
+            self.model = timm.create_model(name, pretrained=True, num_classes=0,
+                                           pretrained_cfg_overlay=dict(file=path, source=""))
         cfg = resolve_model_data_config(self.model)
         self.prep = _ResizeNormalize(cfg["input_size"][1:], cfg["mean"], cfg["std"])
         self.dim = self.model.num_features
@@ -184,7 +201,8 @@ class OpenClipTeacher(Teacher):
             raise ImportError(f"teacher {OPEN_CLIP_PREFIX}{name} needs the open_clip package: "
                               "pip install open_clip_torch") from e
         path = _weights_file(weights, OPEN_CLIP_PREFIX + name)
-        model = open_clip.create_model(name, pretrained=path)
+        with _reading(path, OPEN_CLIP_PREFIX + name):
+            model = open_clip.create_model(name, pretrained=path)
         self.visual = model.visual
         self.visual.output_tokens = True
         size = self.visual.image_size

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from beit3.train.distributed import pick_device
 from beit3.train.plain_engine import PlainEngine
 from beit3.train.run_dir import check_resume, check_run_folder, find_checkpoint
 from beit3.train.trainer import StopRequested, Trainer, seed_everything
@@ -46,10 +47,10 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | os.PathLike, img_size: int, min_crop_scale: float = 0.08):
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"image directory {root} does not exist")
+            raise FileNotFoundError(f"--images {root}: image directory does not exist")
         self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+            raise ValueError(f"--images {root}: no images ({', '.join(IMAGE_SUFFIXES)}) found in it")
         self.transform = T.Compose([
             T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
@@ -156,10 +157,10 @@ def build_optimizer(model: VQKD, lr: float, weight_decay: float) -> torch.optim.
 
 def _check_compatible(config: VQKDConfig, teacher: Teacher) -> None:
     if teacher.dim != config.teacher_dim:
-        raise ValueError(f"teacher {type(teacher).__name__} gives {teacher.dim}-d features but "
+        raise ValueError(f"--teacher {type(teacher).__name__} gives {teacher.dim}-d features but "
                          f"VQKDConfig.teacher_dim={config.teacher_dim}")
     if teacher.grid != config.grid_size:
-        raise ValueError(f"teacher grid {teacher.grid} != tokenizer grid {config.grid_size}")
+        raise ValueError(f"--teacher grid {teacher.grid} != the --preset tokenizer's grid {config.grid_size}")
 
 
 @dataclass
@@ -207,7 +208,7 @@ class TokenizerRun(Trainer):
 
     def build(self) -> None:
         s = self.settings
-        device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(pick_device(s.device))
         self.open_run(s.output, str(device), 0.0, s.steps, resume=s.resume, overwrite=s.overwrite,
                       tensorboard=s.tensorboard, desc="vq-kd", max_bad_steps=s.max_bad_steps, single_process=True)
         seed_everything(s.seed)
@@ -256,7 +257,8 @@ class TokenizerRun(Trainer):
                         self.bad_files.add(path)
                         warnings.warn(f"skipping undecodable image {path}")
                 if len(self.bad_files) == self.num_files:
-                    raise ValueError(f"none of the {self.num_files} images could be decoded")
+                    raise ValueError(f"--images {self.settings.images}: none of its {self.num_files} images could be "
+                                     f"decoded")
                 if images is not None:
                     yield images
 
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = TokenizerTrainConfig(**given(args, TokenizerTrainConfig)).resolved()
         settings.check()  # before the teacher is loaded and the steps run
         check_run_folder(settings.output, settings.resume, settings.overwrite)  # the run checks again, locked
+        pick_device(settings.device)
         preset = VQKDConfig.from_preset(settings.preset)
         teacher = build_teacher(settings.teacher, settings.teacher_weights, grid=preset.grid_size,
                                 img_size=preset.img_size)

@@ -36,7 +36,9 @@ from torch import Tensor, nn
 
 from beit3.config import checked_from_dict
 from beit3.weights.io import load_safetensors
+from beit3.errors import BadFileError, first_line
 from beit3.tokenizer.quantizer import NormEMAVectorQuantizer
+from beit3.weights.io import UnsafeCheckpointError, load_checkpoint_file
 
 CONFIG_NAME = "tokenizer_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -223,7 +225,7 @@ class VQKD(nn.Module):
 
 
 # -- loading -------------------------------------------------------------------------------------
-def _read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict, str]:
+def _read_state_dict(source: str | os.PathLike | Mapping, mmap: bool = False) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return dict(source), "<state dict>"
     path = Path(source)
@@ -232,8 +234,16 @@ def _read_state_dict(source: str | os.PathLike | Mapping) -> tuple[dict, str]:
     if path.suffix == ".safetensors":
         return load_safetensors(path), str(path)
     # beit2 training checkpoints also pickle their argparse.Namespace; it is harmless to allow.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True), str(path)
+    # Anything else pickled is refused, and an empty or truncated file named (BadFileError).
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_checkpoint_file(str(path), mmap=mmap)
+    except UnsafeCheckpointError:  # its advice, --allow-pickle, does not apply: tokenizers are never unpickled
+        raise BadFileError(path, "holds pickled Python objects besides tensors; a VQ-KD tokenizer is read as "
+                                 "tensors only") from None
+    if not isinstance(state, Mapping):
+        raise BadFileError(path, f"holds a {type(state).__name__}, not a VQ-KD state dict")
+    return dict(state), str(path)
 
 
 def _unwrap(ckpt: dict) -> dict:
@@ -318,13 +328,33 @@ def trained_weights(directory: str | os.PathLike) -> Optional[Path]:
     return None
 
 
-def load_trained_tokenizer(dir_or_file: str | os.PathLike, freeze: bool = True) -> VQKD:
-    """Load what ``train_tokenizer`` saved: a run directory, or its weights file with
-    ``tokenizer_config.json`` beside it."""
+def _trained_files(dir_or_file: str | os.PathLike) -> tuple[Path, VQKDConfig]:
+    """(weights file, config) of what ``train_tokenizer`` saved: a run directory, or its weights file
+    with ``tokenizer_config.json`` beside it."""
     path = Path(dir_or_file)
     weights = (trained_weights(path) or path / WEIGHTS_NAME) if path.is_dir() else path
     cfg_file = weights.parent / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} beside {weights}: expected the output of train_tokenizer")
-    config = VQKDConfig.from_dict(json.loads(cfg_file.read_text()))
+    try:
+        d = json.loads(cfg_file.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        return weights, VQKDConfig.from_dict(d)
+    except (ValueError, TypeError) as e:  # JSONDecodeError, a wrong type or unknown key, a bad shape
+        raise BadFileError(cfg_file, f"not a VQ-KD tokenizer config ({first_line(e)})") from None
+
+
+def check_tokenizer_file(dir_or_file: str | os.PathLike, trained: bool = True) -> None:
+    """Read what ``load_trained_tokenizer`` (``trained``: a run directory or its weights file) or
+    ``load_vqkd`` (an official checkpoint file) would, tensors mapped and not loaded: a missing config,
+    an empty, truncated or pickled file fails here, naming it, before a job builds anything."""
+    weights = _trained_files(dir_or_file)[0] if trained else Path(dir_or_file)
+    _read_state_dict(weights, mmap=True)
+
+
+def load_trained_tokenizer(dir_or_file: str | os.PathLike, freeze: bool = True) -> VQKD:
+    """Load what ``train_tokenizer`` saved: a run directory, or its weights file with
+    ``tokenizer_config.json`` beside it."""
+    weights, config = _trained_files(dir_or_file)
     return load_vqkd(weights, config, freeze=freeze)

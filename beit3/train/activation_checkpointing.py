@@ -1,21 +1,10 @@
-"""The activation-checkpointing options shared by ``beit3 pretrain`` and ``beit3 benchmark``:
-their flags, their device-dependent defaults and the checks that need no model."""
+"""The activation-checkpointing options shared by ``beit3 pretrain`` and ``beit3 benchmark``: their
+device-dependent defaults and the check that needs no model (their ranges are the settings')."""
 from __future__ import annotations
 
 import argparse
 
-from ..model.activation_checkpointing import CHECKPOINT_MODES
 from .ds_config import ConfigError
-
-
-def add_activation_checkpointing_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--checkpoint-every", type=int, default=None,
-                    help="activation checkpointing every k-th layer (0 = off; default 1 on GPU, 0 on CPU, "
-                         "1 with --checkpoint-mode)")
-    ap.add_argument("--checkpoint-mode", choices=list(CHECKPOINT_MODES), default=None,
-                    help="what a checkpointed layer keeps: 'full' (default) only its input, recomputing the "
-                         "whole layer; 'selective' also its matmul and attention outputs, recomputing only "
-                         "LayerNorms, GELU and adds (more memory, no repeated matmuls)")
 
 
 def fill_checkpoint_defaults(args: argparse.Namespace, device: str) -> None:
@@ -28,8 +17,6 @@ def fill_checkpoint_defaults(args: argparse.Namespace, device: str) -> None:
 
 def check_activation_checkpointing(args: argparse.Namespace) -> None:
     """A ``ConfigError`` for settings that cannot run, before anything is built."""
-    if args.checkpoint_every < 0:
-        raise ConfigError(f"--checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}")
     if args.checkpoint_mode == "selective" and args.checkpoint_every == 0:
         raise ConfigError("--checkpoint-mode selective with --checkpoint-every 0 (checkpointing off): "
                           "give --checkpoint-every k >= 1")

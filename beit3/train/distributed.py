@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -28,6 +30,15 @@ class DistInfo:
         For a job one rank runs by itself (the demo's tokenizer, trained by rank 0 of a pretraining
         run while the others wait)."""
         return cls(0, 1, 0, torch.device(device))
+
+
+def pick_device(requested: str | None) -> str:
+    """``--device``: the one asked for, else cuda when a GPU is visible, else cpu. A UserError for
+    cuda without a visible GPU, before anything is built."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible (torch.cuda.is_available() is False; "
+                        "check CUDA_VISIBLE_DEVICES and the driver), or give --device cpu")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def free_port() -> int:

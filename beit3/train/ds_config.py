@@ -42,9 +42,12 @@ def load_json(path: str) -> dict:
         raise ConfigError(f"DeepSpeed config {path!r} does not exist")
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from e
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {path!r} holds a JSON {type(cfg).__name__}, not an object of settings")
+    return cfg
 
 
 def _int_or_auto(cfg: dict, key: str, path: str) -> Any:

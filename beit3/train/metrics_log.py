@@ -22,8 +22,10 @@ class MetricsLogger:
         self.bar: Optional[tqdm] = None
         if not enabled:
             return
-        self.bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True,
-                        mininterval=1.0)
+        bar = tqdm(total=total_steps, desc=desc, dynamic_ncols=True, mininterval=1.0)
+        # TQDM_DISABLE=1 in the environment overrides disable=False: tqdm then returns a bar without
+        # its clock and counters, which start_at would use. Such a run logs as one without a bar.
+        self.bar = None if bar.disable else bar
 
     def start_at(self, step: int) -> None:
         """A resumed run's bar starts at its step, as tqdm's ``initial=``: the rate and the ETA count

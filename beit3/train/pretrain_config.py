@@ -13,18 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from ..config import PRESETS, checked_from_dict
-from ..flags import check_at_least
+from ..config import PRESETS, BEiT3Config, checked_from_dict
+from ..flags import SettingError, check_settings, flag_name, setting as _f
 from ..model.activation_checkpointing import CHECKPOINT_MODES
 from .activation_checkpointing import check_activation_checkpointing, fill_checkpoint_defaults
 from .ds_config import ConfigError, default_ds_config, ds_config_path, resolve_ds_config
-
-
-def _f(default, help: str = "", **meta):
-    return field(default=default, metadata={"help": help, **meta})
 
 
 SOURCE_FLAGS = {"images": "image_shards", "texts": "text_shards", "pairs": "pair_shards"}
@@ -39,7 +35,7 @@ class PretrainConfig:
                           "unilm's truncated normal (the reference); plain: the truncated normal alone",
                           choices=["subln", "plain"])
     patch_aggregation: bool = _f(False, "BEiT v2 CLS pretraining head")
-    drop_path: float = _f(0.1)
+    drop_path: float = _f(0.1, ge=0, lt=1)
     # -- data
     data: Optional[str] = _f(None, "'synthetic' (the embedded world, built and cached; the default without "
                              "sources) or a shards directory holding images-*/texts-*/pairs-*.tar and manifest.json")
@@ -47,55 +43,59 @@ class PretrainConfig:
                                      metavar="PATTERN[::WEIGHT]")
     image_shards: Optional[list] = _f(None, "images (pair shards' captions are ignored)", metavar="PATTERN[::WEIGHT]")
     text_shards: Optional[list] = _f(None, "texts", metavar="PATTERN[::WEIGHT]")
-    shard_retries: int = _f(3, "further attempts at a remote shard whose open or read failed")
-    retry_backoff: float = _f(1.0, "seconds before the first retry, doubled for each further one")
-    shard_connect_timeout: float = _f(30.0, "seconds to connect to a remote shard's server")
+    shard_retries: int = _f(3, "further attempts at a remote shard whose open or read failed",
+                           ge=0)
+    retry_backoff: float = _f(1.0, "seconds before the first retry, doubled for each further one",
+                                 ge=0)
+    shard_connect_timeout: float = _f(30.0, "seconds to connect to a remote shard's server", gt=0)
     shard_read_timeout: float = _f(60.0, "seconds in which a remote shard must deliver --shard-min-rate bytes/s; "
-                                   "a stalled or trickling read fails and is retried")
-    shard_min_rate: float = _f(1024.0, "bytes/s below which a remote read counts as stalled")
+                                   "a stalled or trickling read fails and is retried", gt=0)
+    shard_min_rate: float = _f(1024.0, "bytes/s below which a remote read counts as stalled", ge=0)
     max_bad_shard_fraction: float = _f(0.1, "stop when a reader has given up on more than this share of a "
-                                       "source's shards")
+                                       "source's shards", ge=0, le=1)
     data_streams: Optional[int] = _f(None, "readers of the data stream over all ranks (default: ranks x max(1, "
                                      "--num-workers)); fixed for the run: a resume on another number of ranks keeps "
                                      "the exact stream, reading without waste when this is a multiple of its ranks "
-                                     "(x workers)")
+                                     "(x workers)", ge=1)
     spm: Optional[str] = _f(None, "SentencePiece model (default: the synthetic world's)")
     tokenizer: Optional[str] = _f(None, "VQ-KD: a train-tokenizer output dir, or an official beit2 checkpoint "
                                   "(with --tokenizer-preset)")
     tokenizer_preset: Optional[str] = _f(None, "VQKDConfig preset of an official checkpoint")
     batch_images: Optional[int] = _f(None, "per rank per micro-step (default 16 for tiny, 32 otherwise; 0 without "
-                                     "an image source)")
-    batch_texts: Optional[int] = _f(None, "per rank per micro-step")
-    batch_pairs: Optional[int] = _f(None, "per rank per micro-step")
-    max_text_len: Optional[int] = _f(None, "default 32 for tiny, 64 otherwise")
+                                     "an image source)", ge=0)
+    batch_texts: Optional[int] = _f(None, "per rank per micro-step", ge=0)
+    batch_pairs: Optional[int] = _f(None, "per rank per micro-step", ge=0)
+    max_text_len: Optional[int] = _f(None, "text tokens with <s> and </s>, at most the preset's position table "
+                                     "(1022); default 32 for tiny, 64 otherwise", ge=3)
     text_padding: str = _f("longest", "pad each micro-batch's texts to its longest text rounded up to 8 (no compute "
                            "on padding) or always to --max-text-len (one shape every step)", choices=["longest", "max"])
     mask_pair_images: bool = _f(False, "also mask (and predict) pair images")
-    num_workers: Optional[int] = _f(None, "data loader workers per rank (default 0 on CPU, 6 on GPU)")
+    num_workers: Optional[int] = _f(None, "data loader workers per rank (default 0 on CPU, 6 on GPU)", ge=0)
     # -- optimisation (BEiT-3 appendix: AdamW (0.9, 0.98), eps 1e-6, wd 0.05, cosine, drop path 0.1)
-    steps: int = _f(200)
-    lr: Optional[float] = _f(None, "peak lr (default 1e-3; 2e-3 for tiny)")
-    min_lr_ratio: float = _f(0.01)
-    warmup_steps: Optional[int] = _f(None, "default min(10000, steps // 10)")
-    weight_decay: float = _f(0.05)
-    beta2: float = _f(0.98)
-    grad_clip: Optional[float] = _f(None, "override the DeepSpeed config's gradient_clipping (3.0 in ours)")
-    grad_accum: Optional[int] = _f(None, "gradient accumulation steps (default: the DeepSpeed config's)")
+    steps: int = _f(200, "optimizer steps: the schedule's length", ge=1)
+    lr: Optional[float] = _f(None, "peak lr (default 1e-3; 2e-3 for tiny)", gt=0)
+    min_lr_ratio: float = _f(0.01, "the cosine ends at lr x this", ge=0, le=1)
+    warmup_steps: Optional[int] = _f(None, "default min(10000, steps // 10)", ge=0)
+    weight_decay: float = _f(0.05, ge=0)
+    beta2: float = _f(0.98, "AdamW's second-moment decay", ge=0, lt=1)
+    grad_clip: Optional[float] = _f(None, "override the DeepSpeed config's gradient_clipping (3.0 in ours; 0 = "
+                                    "none)", ge=0)
+    grad_accum: Optional[int] = _f(None, "gradient accumulation steps (default: the DeepSpeed config's)", ge=1)
     micro_batches_per_step: Optional[int] = _f(None, "micro-batches per optimizer step over all ranks (ranks x "
                                                "grad-accum): the accumulation follows the number of ranks, so a run "
-                                               "resumed or re-formed on fewer or more ranks keeps its global batch")
+                                               "resumed or re-formed on fewer or more ranks keeps its global batch", ge=1)
     ds_config: Optional[str] = _f(None, "DeepSpeed JSON (default: ds_configs/zero3_bf16.json on GPU, "
                                   "cpu_zero3.json on CPU)", flags=("--deepspeed",))
     checkpoint_every: Optional[int] = _f(None, "activation checkpointing every k-th layer (0 = off; default 1 on "
-                                         "GPU, 0 on CPU, 1 with --checkpoint-mode)")
+                                         "GPU, 0 on CPU, 1 with --checkpoint-mode)", ge=0)
     checkpoint_mode: Optional[str] = _f(None, "what a checkpointed layer keeps: 'full' (default) only its input; "
                                         "'selective' also its matmul and attention outputs (more memory, no "
                                         "repeated matmuls)", choices=list(CHECKPOINT_MODES))
-    seed: int = _f(0)
+    seed: int = _f(0, ge=0, lt=2**32)
     # -- run
     output: str = _f("runs/pretrain")
-    save_every: int = _f(100)
-    keep_last: int = _f(3)
+    save_every: int = _f(100, "optimizer steps between checkpoints", ge=1)
+    keep_last: int = _f(3, "checkpoints kept (0: all)", ge=0)
     resume: Optional[str] = _f(None, "'auto' (newest complete checkpoint in --output) or a path")
     overwrite: bool = _f(False, "replace the run already in --output (refused otherwise, unless --resume): its "
                          "files are first moved into <output>/replaced-<time>/")
@@ -105,21 +105,24 @@ class PretrainConfig:
                              "model (beit3.from_pretrained, finetune --init); every rank gathers them, one parameter "
                              "at a time")
     stop_after_steps: Optional[int] = _f(None, "leave after this many steps of this run with a checkpoint, as on "
-                                         "SIGTERM (time-limited jobs; the schedule still spans --steps)")
-    log_every: int = _f(10)
-    max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row")
-    dist_timeout: float = _f(1800.0, "seconds a collective may wait for a peer before failing")
+                                         "SIGTERM (time-limited jobs; the schedule still spans --steps)", ge=1)
+    log_every: int = _f(10, "optimizer steps between logged lines", ge=1)
+    max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row", ge=1)
+    dist_timeout: float = _f(1800.0, "seconds a collective may wait for a peer before failing", gt=0)
     device: Optional[str] = _f(None, "default: cuda when available", choices=["cuda", "cpu"])
     tensorboard: bool = _f(True, "also write tensorboard/ beside metrics.jsonl")
 
+    def __post_init__(self):
+        check_settings(self)
+
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
-        return checked_from_dict(cls, d)
+        return checked_from_dict(cls, d, flag_name)
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "PretrainConfig":
         if name not in RECIPES:
-            raise ConfigError(f"unknown pretraining recipe {name!r}; choices: {', '.join(RECIPES)}")
+            raise ConfigError(f"unknown pretraining --recipe {name!r}; choices: {', '.join(RECIPES)}")
         return cls.from_dict({**RECIPES[name], **overrides})
 
     @classmethod
@@ -131,14 +134,13 @@ class PretrainConfig:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"--config {path}: {e}") from None
+        d = d.get("args", d) if isinstance(d, dict) else d
         if not isinstance(d, dict):
-            raise ConfigError(f"--config {path}: expected a JSON object, got {type(d).__name__}")
-        d = d.get("args", d)
-        if isinstance(d, dict):  # a replayed run replaces another only when its own command line says so
-            d = {k: v for k, v in d.items() if k != "overwrite"}
+            raise ConfigError(f"--config {path}: expected a JSON object of settings, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k != "overwrite"}  # a replay replaces a run only when its command says so
         try:
-            cls.from_dict(d)
-        except TypeError as e:
+            checked_from_dict(cls, d, lambda name: f'"{name}"')
+        except (TypeError, SettingError) as e:
             raise ConfigError(f"--config {path}: {e}") from None
         return d
 
@@ -175,11 +177,11 @@ class PretrainConfig:
     def check(self, world_size: int) -> dict:
         """Every check that needs no model (on a resolved config); returns the DeepSpeed config."""
         from ..files import check_output_dir
-        check_at_least(self, 1, ("steps", "save_every", "log_every", "max_bad_steps"), ConfigError)
-        check_at_least(self, 0, ("batch_images", "batch_texts", "batch_pairs"), ConfigError)
         check_activation_checkpointing(self)
-        if self.data_streams is not None and self.data_streams < 1:
-            raise ConfigError(f"--data-streams must be >= 1, got {self.data_streams}")
+        positions = BEiT3Config.from_preset(self.preset, layout=self.layout).max_text_len
+        if self.max_text_len > positions:
+            raise ConfigError(f"--max-text-len {self.max_text_len}: the {self.preset} preset's text position table "
+                              f"holds {positions} tokens")
         micro = self.batch_images + self.batch_texts + self.batch_pairs
         if micro == 0:
             raise ConfigError("--batch-images, --batch-texts and --batch-pairs are all 0")

@@ -23,6 +23,7 @@ from beit3.data.downstream.datasets import (
     text_segment_to_input,
 )
 from beit3.data.text_tokenizer import TextTokenizer
+from beit3.flags import add_flag, check_args
 
 NOCAPS_FILES = {"val": "nocaps_val_4500_captions.json", "test": "nocaps_test_image_info.json"}
 
@@ -73,7 +74,14 @@ def _parse_image_dirs(pairs: list[str]) -> dict[str, str]:
     return dirs
 
 
-def _parser() -> argparse.ArgumentParser:
+def _vqa_split_flags(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "--min-answer-count", type=int, default=9, help="annotators an answer needs to enter the vocabulary",
+             ge=1)
+    add_flag(p, "--rest-val-images", type=int, default=1000, help="val images held out as rest_val", ge=0)
+    add_flag(p, "--seed", type=int, default=0, ge=0, lt=2**32)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beit3 data downstream",
                                      description="Build the unilm/beit3 downstream index files.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,9 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("vqa", "folder with v2_OpenEnded_mscoco_*_questions.json and v2_mscoco_*_annotations.json")
     p.add_argument("--images-dir", action="append", default=[], metavar="SPLIT=DIR",
                    help="image folder of a split relative to --data-root (default train2014, val2014, test2015)")
-    p.add_argument("--min-answer-count", type=int, default=9)
-    p.add_argument("--rest-val-images", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    _vqa_split_flags(p)
     p = add("retrieval", "Karpathy split JSON (dataset_coco.json or dataset_flickr30k.json)")
     p.add_argument("--task", dest="retrieval_task", choices=("coco_retrieval", "flickr30k"),
                    help="default: flickr30k when the file name says flickr, else coco_retrieval")
@@ -105,17 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     add("nlvr2", "folder with the NLVR2 train.json, dev.json, test1.json (or a clone of lil-lab/nlvr)")
     add("imagenet", "folder with train/<class>/* and val/<class>/* (inside --data-root)", spm=False)
     p = add("all", "folder of raw files: vqa/, dataset_coco.json, nlvr2/, ... (see build_all_indexes)")
-    p.add_argument("--min-answer-count", type=int, default=9)
-    p.add_argument("--rest-val-images", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    _vqa_split_flags(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from ...errors import UserError
     from ...files import check_output_dir
-    args = _parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_args(parser, args)
         check_output_dir(args.output or args.data_root)
         return _build(args)
     except (ValueError, FileNotFoundError, UserError) as e:
