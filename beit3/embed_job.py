@@ -161,8 +161,8 @@ def prepare_chunks(files: VectorFiles, plan: dict, resume: bool, dist: DistInfo,
 
 def _chunks_problem(files: VectorFiles, plan: dict) -> Optional[str]:
     path = os.path.join(files.chunks, PLAN_FILE)
-    if not os.path.isfile(path):
-        return None
+    if not os.path.isfile(path) or not any(n.startswith("chunk-") for n in os.listdir(files.chunks)):
+        return None  # nothing to keep: the folder starts anew
     try:
         earlier = read_json(path)
     except BadFileError:
@@ -192,9 +192,9 @@ def embed_chunks(p: Predictor, inputs: Inputs, todo: list[Chunk], files: VectorF
                  dist: DistInfo) -> dict[str, str]:
     """Embed and save each chunk of ``todo``; returns {shard: why} of those that could not be read."""
     sizes = [c.size for c in todo]
+    ranks = f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else ""
     bar = tqdm(total=sum(sizes) if None not in sizes else None, unit="sample", dynamic_ncols=True,
-               desc=f"embedding {inputs.modality}s" + (f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else ""),
-               disable=not dist.is_main or not todo, file=sys.stderr)
+               desc=f"embedding {inputs.modality}s{ranks}", disable=not dist.is_main or not todo, file=sys.stderr)
     failed: dict[str, str] = {}
     pool = ThreadPoolExecutor(cfg.workers) if cfg.workers and inputs.modality == "image" else None
     try:

@@ -9,8 +9,9 @@
     p.nlvr2("left.jpg", "right.jpg", "two cats")       # {"answer": true, "score": 0.83}
 
 An image is a file path, an ``http(s)://`` URL (read with a timeout), a PIL image, a numpy array
-(H, W, 3) or (H, W) of uint8, as HF pipelines take them, or the bytes of an image file; ``vqa``, ``classify`` and ``caption`` also
-take a list of images and return a list of results. Images are transformed as the evaluation does
+(H, W, 3) or (H, W) of uint8, as HF pipelines take them, or the bytes of an image file; ``vqa``,
+``classify`` and ``caption`` also take a list of images and return a list of results (batched
+embeddings of many images or texts: ``beit3.embed``). Images are transformed as the evaluation does
 (the saved preprocessing); texts are cut to the model's text length as in training. Scores: VQA the
 answer's sigmoid (the head is trained with BCE), classification the softmax, retrieval the cosine
 similarity, captioning the beam's length-normalised log-probability, NLVR2 the softmax of "true".

@@ -127,7 +127,8 @@ def recall(images: Vectors, texts: Vectors, pairs: list[tuple[str, str]], ks=(1,
             raise UserError(f"the pairs give text {text!r} two images, {image_of[text]!r} and {image!r}")
     unpaired = [t for t in texts.ids if t not in image_of]
     if unpaired:
-        raise UserError(f"{len(unpaired)} texts of {texts.files.ids} have no image in the pairs (first: {unpaired[0]!r})")
+        raise UserError(f"{len(unpaired)} texts of {texts.files.ids} have no image in the pairs "
+                        f"(first: {unpaired[0]!r})")
     text_to_image = torch.tensor([image_row[image_of[t]] for t in texts.ids], dtype=torch.long)
     orphans = sorted(set(range(len(images.ids))) - set(text_to_image.tolist()))
     if orphans:

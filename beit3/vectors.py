@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
-
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from .errors import BadFileError, UserError, first_line
 from .files import atomic_file, read_json
@@ -92,7 +91,6 @@ def _read_matrix(files: VectorFiles) -> np.ndarray:
     try:
         if files.format == "npy":
             return np.load(files.matrix, mmap_mode="r", allow_pickle=False)
-        from safetensors.numpy import load_file
         tensors = load_file(files.matrix)
     except Exception as e:  # noqa: BLE001 - numpy's and safetensors' many ways of saying "not mine"
         raise BadFileError(files.matrix, f"not a readable .{files.format} matrix ({first_line(e)})") from None
@@ -115,7 +113,6 @@ def write_matrix(files: VectorFiles, parts, rows: int, dims: int, dtype: str) ->
             out.flush()
             del out
         else:
-            from safetensors.numpy import save_file
             whole = np.concatenate([np.asarray(p, dtype=kind) for p in parts] or [np.zeros((0, dims), kind)])
             save_file({KEY: whole.reshape(rows, dims)}, tmp)
 
@@ -125,10 +122,3 @@ def write_ids(files: VectorFiles, ids: list[str]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{i}\n" for i in ids)
 
-
-def summary_of(path: Optional[str]) -> dict:
-    """The summary beside a matrix, {} when there is none."""
-    if path is None:
-        return {}
-    files = VectorFiles(path)
-    return read_json(files.summary) if os.path.isfile(files.summary) else {}
