@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .data.embed_inputs import MODALITIES, Chunk, Inputs, Skip, chunk_items, open_inputs
-from .data.sources import SkipLog
+from .data.sources import RetryPolicy, SkipLog
 from .embed import decode_images, image_vectors, load_retrieval, text_vectors, usable_texts
 from .errors import BadFileError, UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json
@@ -65,6 +65,10 @@ class EmbedConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "trust checkpoint files that need unpickling"})
     device: Optional[str] = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
     workers: int = field(default=4, metadata={"help": "threads decoding images (0: none)"})
+    shard_retries: int = field(default=3, metadata={"help": "further attempts at a remote shard whose open or "
+                                                            "read failed"})
+    retry_backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled for each "
+                                                                "further one"})
     dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a rank waits for the others"})
 
 
@@ -107,7 +111,7 @@ def check(cfg: EmbedConfig) -> tuple[VectorFiles, Inputs]:
         if not getattr(cfg, name):
             raise UserError(f"no {name} given ({flag})")
     check_at_least(cfg, 1, ("batch_size", "chunk_size"), UserError)
-    check_at_least(cfg, 0, ("workers",), UserError)
+    check_at_least(cfg, 0, ("workers", "shard_retries", "retry_backoff"), UserError)
     files = files_of(cfg.output)
     check_output_file(files.matrix)
     check_output_dir(files.chunks)
@@ -197,10 +201,11 @@ def embed_chunks(p: Predictor, inputs: Inputs, todo: list[Chunk], files: VectorF
                desc=f"embedding {inputs.modality}s{ranks}", disable=not dist.is_main or not todo, file=sys.stderr)
     failed: dict[str, str] = {}
     pool = ThreadPoolExecutor(cfg.workers) if cfg.workers and inputs.modality == "image" else None
+    retry = RetryPolicy(cfg.shard_retries, cfg.retry_backoff)
     try:
         for chunk in todo:
             skips = SkipLog()
-            vectors, ids, skipped = embed_chunk(p, chunk, inputs.modality, cfg.batch_size, skips, pool, bar)
+            vectors, ids, skipped = embed_chunk(p, chunk, inputs.modality, cfg.batch_size, (skips, retry), pool, bar)
             if skips.failed:
                 failed.update(skips.failed)
                 continue  # not saved: the next run reads the shard again
@@ -212,9 +217,10 @@ def embed_chunks(p: Predictor, inputs: Inputs, todo: list[Chunk], files: VectorF
     return failed
 
 
-def embed_chunk(p: Predictor, chunk: Chunk, modality: str, batch_size: int, skips: SkipLog, pool, bar
-                ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-    """(vectors (n, D) float32, their ids, [(id, why)] skipped) of one chunk, in input order."""
+def embed_chunk(p: Predictor, chunk: Chunk, modality: str, batch_size: int, reading: tuple[SkipLog, RetryPolicy],
+                pool, bar) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """(vectors (n, D) float32, their ids, [(id, why)] skipped) of one chunk, in input order;
+    ``reading``: where a shard's read errors go, and how often it is tried."""
     vectors, ids, skipped, batch = [], [], [], []
 
     def flush():
@@ -225,7 +231,7 @@ def embed_chunk(p: Predictor, chunk: Chunk, modality: str, batch_size: int, skip
         bar.update(len(batch))
         batch.clear()
 
-    for key, value in chunk_items(chunk, modality, skips):
+    for key, value in chunk_items(chunk, modality, *reading):
         if isinstance(value, Skip):
             skipped.append((key, value.why))
             bar.update(1)

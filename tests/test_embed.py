@@ -112,9 +112,11 @@ def write_shard(path, samples):
             w.write(s)
 
 
-def test_shards_local_and_piped_give_the_folder_vectors(saved, model, data, tmp_path, capsys):
+def test_shards_local_and_piped_give_the_folder_vectors(saved, model, predictor, data, tmp_path, capsys):
     images = val_images(data)
-    samples = [{"__key__": os.path.splitext(os.path.basename(p))[0], "png": open(p, "rb").read()} for p in images]
+    captions = dict(val_captions(data))
+    samples = [{"__key__": os.path.splitext(os.path.basename(p))[0], "png": open(p, "rb").read(),
+                "txt": captions[os.path.basename(p)][0]} for p in images]
     samples.insert(5, {"__key__": "broken", "png": b"\x89PNG\r\n\x1a\nnot really"})
     write_shard(tmp_path / "part-000000.tar", samples[:13])
     write_shard(tmp_path / "part-000001.tar", samples[13:])
@@ -128,6 +130,37 @@ def test_shards_local_and_piped_give_the_folder_vectors(saved, model, data, tmp_
         summary = json.loads((tmp_path / "shards.json").read_text())
         assert summary["skipped"] == 1 and summary["skipped_examples"][0]["id"] == "broken"
         assert "cannot decode image" in summary["skipped_examples"][0]["why"] and "1 skipped" in err
+    # The captions of the same pairs shards (the broken sample has none).
+    embed(capsys, model, "--input", tmp_path / "part-{000000..000001}.tar", "--modality", "text", "--output",
+          tmp_path / "captions.npy")
+    got = read_vectors(str(tmp_path / "captions.npy"))
+    assert got.ids == [os.path.splitext(i)[0] for i in folder.ids]
+    one_by_one = torch.cat([predictor.embed_texts([captions[i][0]]) for i in folder.ids])
+    assert (torch.from_numpy(np.array(got.matrix)) - one_by_one).abs().max() <= BOUND
+    why = json.loads((tmp_path / "captions.json").read_text())["skipped_examples"][0]["why"]
+    assert why.startswith("no text in the sample")
+
+
+def test_a_shard_that_fails_is_read_again_by_the_next_run(saved, model, data, tmp_path, capsys):
+    images = val_images(data)
+    for n, part in enumerate((images[:10], images[10:20], images[20:])):
+        if n != 1:  # the second shard is not there yet: its `cat` fails
+            write_shard(tmp_path / f"part-{n:06d}.tar",
+                        [{"__key__": os.path.splitext(os.path.basename(p))[0], "png": open(p, "rb").read()} for p in part])
+    argv = [str(model), "--input", f"pipe:cat {tmp_path}/part-{{000000..000002}}.tar", "--output",
+            str(tmp_path / "v.npy"), "--shard-retries", "1", "--retry-backoff", "0"]
+    assert main_embed(argv) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("beit3 embed: error: 1 shard(s) could not be read to their end (first: pipe:cat ")
+    assert "part-000001.tar: command exit 1); every other chunk is kept" in err
+    assert sorted(os.listdir(tmp_path / "v.chunks")) == ["chunk-000000.npz", "chunk-000002.npz", "plan.json"]
+    write_shard(tmp_path / "part-000001.tar",
+                [{"__key__": os.path.splitext(os.path.basename(p))[0], "png": open(p, "rb").read()} for p in images[10:20]])
+    err = embed(capsys, *argv)
+    assert "resuming: 2 of 3 chunks" in err and "embedded 24 images" in err
+    got, folder = read_vectors(str(tmp_path / "v.npy")), read_vectors(str(saved / "images.npy"))
+    assert got.ids == [os.path.splitext(i)[0] for i in folder.ids]
+    assert np.abs(got.matrix - folder.matrix).max() <= BOUND
 
 
 class Killed(Exception):
