@@ -150,9 +150,7 @@ def prepare_chunks(files: VectorFiles, plan: dict, resume: bool, dist: DistInfo,
     this plan (else ``UserError``), or removes them without ``resume``; then every rank starts."""
     problem = None
     if dist.is_main:
-        problem = _chunks_problem(files, plan) if resume else None
-        if problem is None:
-            _start_chunks(files, plan, resume, log)
+        problem = _start_chunks(files, plan, resume, log)
     if all_reduce_flag(problem is not None, dist):
         raise UserError(problem or f"{files.chunks} holds the chunks of another run (rank 0 says why)")
     barrier(dist)
@@ -163,32 +161,32 @@ def prepare_chunks(files: VectorFiles, plan: dict, resume: bool, dist: DistInfo,
     return kept
 
 
-def _chunks_problem(files: VectorFiles, plan: dict) -> Optional[str]:
+def _start_chunks(files: VectorFiles, plan: dict, resume: bool, log: Log) -> Optional[str]:
+    """Keep the chunks of this plan, refuse those of another (the reason), or start anew."""
     path = os.path.join(files.chunks, PLAN_FILE)
-    if not os.path.isfile(path) or not any(n.startswith("chunk-") for n in os.listdir(files.chunks)):
-        return None  # nothing to keep: the folder starts anew
-    try:
-        earlier = read_json(path)
-    except BadFileError:
-        return None  # a plan.json cut by a kill: its chunks may be anything, so they are not used
-    differ = [k for k in plan if earlier.get(k) != plan[k]]
-    if not differ:
+    found = [n for n in os.listdir(files.chunks) if n.startswith("chunk-")] if os.path.isdir(files.chunks) else []
+    earlier = _read_plan(path) if found else None
+    if resume and earlier == plan:
         return None
-    return (f"{files.chunks} holds the chunks of another run ({', '.join(differ)} differ): give --no-resume to "
-            f"replace them, or another --output")
-
-
-def _start_chunks(files: VectorFiles, plan: dict, resume: bool, log: Log) -> None:
-    path = os.path.join(files.chunks, PLAN_FILE)
-    ours = os.path.isfile(path) and _chunks_problem(files, plan) is None
-    if os.path.isdir(files.chunks) and not (resume and ours):
-        n = len([f for f in os.listdir(files.chunks) if f.startswith("chunk-")])
+    if resume and earlier is not None:
+        differ = ", ".join(k for k in plan if earlier.get(k) != plan[k])
+        return (f"{files.chunks} holds the chunks of another run ({differ} differ): give --no-resume to "
+                f"replace them, or another --output")
+    if os.path.isdir(files.chunks):
         shutil.rmtree(files.chunks)
-        if n:
-            log(f"{'--no-resume: ' if not resume else ''}removed {n} chunks of an earlier run from {files.chunks}/")
-    os.makedirs(files.chunks, exist_ok=True)
-    if not os.path.isfile(path) or not ours:
-        atomic_write_bytes(path, json.dumps(plan, indent=1).encode())
+    if found:  # --no-resume, or chunks whose plan was lost: nothing says what made them
+        why = "--no-resume" if not resume else f"no readable {PLAN_FILE} says what made them"
+        log(f"removed {len(found)} chunks of an earlier run from {files.chunks}/ ({why})")
+    os.makedirs(files.chunks)
+    atomic_write_bytes(path, json.dumps(plan, indent=1).encode())
+    return None
+
+
+def _read_plan(path: str) -> Optional[dict]:
+    try:
+        return read_json(path) if os.path.isfile(path) else None
+    except BadFileError:
+        return None
 
 
 # -- embedding ---------------------------------------------------------------------------------------

@@ -197,8 +197,18 @@ def test_a_killed_run_resumes_without_recomputing_its_chunks(model, data, tmp_pa
     summary = run(cfg, log=lines.append)
     assert computed == [0, 1, 2, 3, 4] and summary["chunks"] == 5 and summary["chunks_computed"] == 3
     assert any(line.startswith("resuming: 2 of 5 chunks") and "kept, not recomputed" in line for line in lines)
-    whole = run(EmbedConfig(**{**vars(cfg), "output": str(tmp_path / "w.npy")}))
-    assert whole["chunks_computed"] == 5
+    assert not os.path.exists(tmp_path / "v.chunks")
+
+    # --no-resume starts over: killed again after two chunks, then all five computed.
+    computed.clear()
+    kills.append(2)
+    other = EmbedConfig(**{**vars(cfg), "output": str(tmp_path / "w.npy")})
+    with pytest.raises(Killed):
+        run(other)
+    lines.clear()
+    whole = run(EmbedConfig(**{**vars(other), "resume": False}), log=lines.append)
+    assert whole["chunks_computed"] == 5 and computed == [0, 1, 0, 1, 2, 3, 4]
+    assert any(line.startswith("removed 2 chunks of an earlier run") and "(--no-resume)" in line for line in lines)
     assert np.array_equal(np.load(tmp_path / "v.npy"), np.load(tmp_path / "w.npy"))  # bit for bit
 
 
