@@ -236,8 +236,8 @@ def _pil(x: ImageInput) -> Image.Image:
     if isinstance(x, bytes):
         return _from_bytes(x, f"<{len(x):,} bytes>")
     if not isinstance(x, (str, os.PathLike)):
-        raise UserError(f"image {x!r:.60}: expected a file path, an http(s) URL, a PIL image, a uint8 "
-                        f"numpy array (H, W, 3) or the bytes of an image file, not {type(x).__name__}")
+        raise UserError(f"image {x!r:.60}: expected a file path, an http(s) URL, a PIL image or a uint8 "
+                        f"numpy array (H, W, 3) (or an image file's bytes), not {type(x).__name__}")
     if isinstance(x, str) and x.lower().startswith(("http://", "https://")):
         return _from_url(x)
     if os.path.isdir(x):
