@@ -1,7 +1,8 @@
 """``beit3 embed`` / ``beit3 search`` and ``beit3.embed_images`` / ``embed_texts`` on the session's tiny
 retrieval model (fine-tuned 2 steps): batched vectors equal the predictor's one by one, from a
-folder, a text file, a JSON-lines list and webdataset shards (local and ``pipe:``); a killed run
-resumes without recomputing its finished chunks; bad images are skipped and counted; 2 ranks write
+folder, a text file, a JSON-lines list and webdataset shards (local and ``pipe:``, images and
+captions); a killed run resumes without recomputing its finished chunks, and a shard that failed is
+read again by the next run; bad images are skipped and counted; 2 ranks write
 the matrix of 1; torch and faiss find the same neighbours; the recall of the saved matrices equals
 ``beit3 evaluate``'s; every bad input is one line before any work.
 """
