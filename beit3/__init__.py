@@ -5,7 +5,7 @@ from .model import BEiT3
 
 __version__ = "0.1.0"
 __all__ = ["BEiT3", "BEiT3Config", "PRESETS", "from_official", "to_official", "backbones", "create_model",
-           "list_models", "download", "from_pretrained", "load_predictor", "__version__"]
+           "list_models", "download", "from_pretrained", "load_predictor", "embed_images", "embed_texts", "__version__"]
 
 
 def __getattr__(name):
@@ -22,4 +22,7 @@ def __getattr__(name):
     if name == "load_predictor":
         from .predictor import load_predictor
         return load_predictor
+    if name in ("embed_images", "embed_texts"):
+        from . import embed
+        return getattr(embed, name)
     raise AttributeError(f"module 'beit3' has no attribute {name!r}")

@@ -14,6 +14,8 @@ COMMANDS = {
     "finetune": ("beit3.finetune.main", "fine-tune on vqa, retrieval, captioning, classification, nlvr2"),
     "evaluate": ("beit3.finetune.evaluate", "evaluate a fine-tuned checkpoint"),
     "predict": ("beit3.predict", "answers, captions, classes, rankings from a saved model (JSON lines)"),
+    "embed": ("beit3.embed_cli:main_embed", "feature vectors of a folder, text file, list or shards (retrieval model)"),
+    "search": ("beit3.embed_cli:main_search", "nearest neighbours in a saved embedding matrix; recall of two"),
     "benchmark": ("beit3.benchmark", "throughput, TFLOP/s and MFU of pretraining steps"),
     "list-models": ("beit3.hub:list_main", "the official checkpoints by name"),
     "download": ("beit3.hub", "download an official checkpoint by name (checksummed, resumable)"),

@@ -9,9 +9,10 @@
     p.nlvr2("left.jpg", "right.jpg", "two cats")       # {"answer": true, "score": 0.83}
     p.segment("room.jpg")                               # {"mask": (H, W) class ids, "classes": [...]}
 
-An image is a file path, an ``http(s)://`` URL (read with a timeout), a PIL image or a numpy array
-(H, W, 3) or (H, W) of uint8, as HF pipelines take them; ``vqa``, ``classify`` and ``caption`` also
-take a list of images and return a list of results. Images are transformed as the evaluation does
+An image is a file path, an ``http(s)://`` URL (read with a timeout), a PIL image, a numpy array
+(H, W, 3) or (H, W) of uint8, as HF pipelines take them, or the bytes of an image file; ``vqa``,
+``classify`` and ``caption`` also take a list of images and return a list of results (batched
+embeddings of many images or texts: ``beit3.embed``). Images are transformed as the evaluation does
 (the saved preprocessing); texts are cut to the model's text length as in training. Scores: VQA the
 answer's sigmoid (the head is trained with BCE), classification the softmax, retrieval the cosine
 similarity, captioning the beam's length-normalised log-probability, NLVR2 the softmax of "true".
@@ -42,7 +43,7 @@ from .finetune.segmentation_model import slide_logits
 from .finetune.upernet import resize
 from .pretrained import CONFIG_FILE, Pretrained, load_pretrained
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 URL_TIMEOUT = 30.0  # seconds an image URL may keep a read waiting
 HEAD_SIZE = {"vqa": "num_answers", "classification": "num_classes"}  # the head_args entry that labels name
 WHAT = {"vqa": "answers questions (--question)", "captioning": "writes captions",
@@ -76,14 +77,17 @@ class Predictor:
         """(B, 3, S, S) on the model's device; a missing or undecodable file raises ``UserError``."""
         if not isinstance(images, (list, tuple)):
             raise UserError(f"expected a list of images, got {type(images).__name__}")
+        return torch.stack([self.image(x) for x in images]).to(self.device)
+
+    def image(self, x: ImageInput) -> torch.Tensor:
+        """(3, S, S) on the CPU: one image transformed as the evaluation does; a missing or
+        undecodable image raises ``UserError``. Thread-safe, so a pool can decode a batch."""
         size = self.model.cfg.img_size
-        out = []
-        for x in images:
-            out.append(self.transform(_pil(x)))
-            if tuple(out[-1].shape[-2:]) != (size, size):  # preprocessing without a resize (CIFAR's)
-                raise UserError(f"image {_name(x)} is {out[-1].shape[-1]}x{out[-1].shape[-2]} pixels; this model "
-                                f"takes {size}x{size} and its preprocessing does not resize")
-        return torch.stack(out).to(self.device)
+        out = self.transform(_pil(x))
+        if tuple(out.shape[-2:]) != (size, size):  # preprocessing without a resize (CIFAR's)
+            raise UserError(f"image {_name(x)} is {out.shape[-1]}x{out.shape[-2]} pixels; this model "
+                            f"takes {size}x{size} and its preprocessing does not resize")
+        return out
 
     def _tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
@@ -249,9 +253,11 @@ def _pil(x: ImageInput) -> Image.Image:
         return x.convert("RGB")
     if isinstance(x, np.ndarray):
         return _from_array(x)
+    if isinstance(x, bytes):
+        return _from_bytes(x, f"<{len(x):,} bytes>")
     if not isinstance(x, (str, os.PathLike)):
         raise UserError(f"image {x!r:.60}: expected a file path, an http(s) URL, a PIL image or a uint8 "
-                        f"numpy array (H, W, 3), not {type(x).__name__}")
+                        f"numpy array (H, W, 3) (or an image file's bytes), not {type(x).__name__}")
     if isinstance(x, str) and x.lower().startswith(("http://", "https://")):
         return _from_url(x)
     if os.path.isdir(x):
@@ -275,11 +281,17 @@ def _from_url(url: str) -> Image.Image:
         raise UserError(f"image {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise UserError(f"image {url}: cannot be read ({getattr(e, 'reason', None) or e})") from None
+    return _from_bytes(data, url)
+
+
+def _from_bytes(data: bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # refused before decoding: no memory spent on it
+        raise UserError(f"image {name} is too large to decode safely: {first_line(e)}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot decode image {url} ({len(data):,} bytes): {first_line(e)}") from None
+        raise UserError(f"cannot decode image {name} ({len(data):,} bytes): {first_line(e)}") from None
 
 
 def _name(x: ImageInput) -> Any:
@@ -289,4 +301,6 @@ def _name(x: ImageInput) -> Any:
         return f"<array {tuple(x.shape)} {x.dtype}>"
     if isinstance(x, Image.Image):
         return f"<PIL image {x.size[0]}x{x.size[1]} {x.mode}>"
+    if isinstance(x, bytes):
+        return f"<{len(x):,} bytes>"
     return repr(x)

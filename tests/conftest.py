@@ -74,3 +74,17 @@ def data(small_world):
     build_all_indexes(os.path.join(world, "raw"), world, small_world.spm, min_answer_count=2,
                       rest_val_images=val_images)
     return small_world
+
+
+@pytest.fixture(scope="session")
+def retrieval_run(data, tmp_path_factory):
+    """A tiny retrieval model fine-tuned for 2 steps from random weights through `beit3 finetune`
+    (its best/ is a saved model), shared by the prediction and embedding tests."""
+    from finetune_helpers import finetune
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        return finetune("retrieval", data, None, tmp_path_factory.mktemp("retrieval") / "run", "--max-steps", "2")
+    finally:
+        torch.set_num_threads(before)

@@ -11,7 +11,7 @@ from beit3.cli import COMMANDS, DATA_COMMANDS, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = ["info", "pretrain", "train-tokenizer", "data", "export", "finetune", "evaluate", "predict",
-            "benchmark", "list-models", "download"]
+            "embed", "search", "benchmark", "list-models", "download"]
 EXPECTED_DATA = ["synthetic", "shards", "downstream", "spm", "cifar"]
 
 

@@ -29,13 +29,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 UMASK = 0o027  # not the usual 022: a file created 0600 (mkstemp) or 0644 regardless would show
 
 
-TASKS = {"vqa": (), "classification": ("--img-size", "40"), "captioning": ("--num-beams", "2"),
-         "retrieval": (), "nlvr2": ()}
+TASKS = {"vqa": (), "classification": ("--img-size", "40"), "captioning": ("--num-beams", "2"), "nlvr2": ()}
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
-    """Every task fine-tuned for 2 steps from random weights, written under a umask of 027."""
+def runs(data, retrieval_run, tmp_path_factory):
+    """Every task fine-tuned for 2 steps from random weights, written under a umask of 027 (retrieval:
+    the session's shared run)."""
     root = tmp_path_factory.mktemp("predict")
     old = os.umask(UMASK)
     try:
@@ -44,7 +44,7 @@ def runs(data, tmp_path_factory):
         evaluate("vqa", data, out["vqa"], root / "vqa_eval")
     finally:
         os.umask(old)
-    return out
+    return {**out, "retrieval": retrieval_run}
 
 
 def val_images(data, n=3):
