@@ -30,9 +30,9 @@ import torch
 from .data.embed_inputs import open_inputs
 from .embed import embed_images, embed_texts, load_retrieval
 from .embed_job import EmbedConfig, IncompleteError, run
-from .errors import UserError
+from .errors import UserError, report
 from .files import sigterm_as_exit
-from .flags import add_dataclass_flags, given
+from .flags import add_dataclass_flags, add_flag, check_args, given
 from .predictor import Predictor
 from .search import BACKENDS, check_dims, neighbours, read_pairs, recall, resolve_backend
 from .vectors import read_vectors
@@ -49,7 +49,10 @@ def embed_parser() -> argparse.ArgumentParser:
 
 def main_embed(argv: Optional[list[str]] = None) -> int:
     args = embed_parser().parse_args(argv)
-    cfg = EmbedConfig(**given(args, EmbedConfig))
+    try:
+        cfg = EmbedConfig(**given(args, EmbedConfig))
+    except UserError as e:
+        return report("beit3 embed", e, 2)
     try:
         with sigterm_as_exit():
             run(cfg)
@@ -72,7 +75,7 @@ def search_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", action="append", help="a text query (may be given several times)")
     ap.add_argument("--image", action="append", help="an image query: file or http(s) URL (several times)")
     ap.add_argument("--queries", help="a .txt (one text a line) or .jsonl ({\"text\"} or {\"image\"}, optional \"id\")")
-    ap.add_argument("--top-k", type=int, default=5)
+    add_flag(ap, "--top-k", type=int, default=5, help="neighbours a query", ge=1)
     ap.add_argument("--backend", choices=BACKENDS, default="auto", help="faiss (IndexFlatIP) when installed, "
                                                                          "else torch; both exact")
     ap.add_argument("--eval", help="pairs file: recall of --images against --texts (JSON lines "
@@ -85,8 +88,10 @@ def search_parser() -> argparse.ArgumentParser:
 
 
 def main_search(argv: Optional[list[str]] = None) -> int:
-    args = search_parser().parse_args(argv)
+    parser = search_parser()
+    args = parser.parse_args(argv)
     try:
+        check_args(parser, args)
         if args.eval is not None:
             print(json.dumps(_recall(args)), flush=True)
             return 0

@@ -34,7 +34,7 @@ from .data.sources import RetryPolicy, SkipLog
 from .embed import decode_images, image_vectors, load_retrieval, text_vectors, usable_texts
 from .errors import BadFileError, UserError
 from .files import atomic_file, atomic_write_bytes, check_output_dir, check_output_file, read_json
-from .flags import check_at_least
+from .flags import check_settings, setting as _f
 from .predictor import Predictor
 from .train.distributed import DistInfo, all_reduce_flag, barrier, finish_distributed, init_distributed
 from .vectors import DTYPES, VectorFiles, files_of, write_ids, write_matrix
@@ -46,30 +46,29 @@ Log = Callable[[str], None]
 
 @dataclass
 class EmbedConfig:
-    model: str = field(default="", metadata={"help": "saved retrieval model folder, fine-tuning run, checkpoint "
-                                                      "file with retrieval heads (with --spm), or registry name"})
-    input: str = field(default="", metadata={"help": "folder of images, text file (one text a line), JSON-lines "
-                                                      "list, or webdataset shards (pattern, http(s)://, pipe:)"})
-    output: str = field(default="", metadata={"help": "the matrix: NAME.npy or NAME.safetensors (NAME.ids.txt, "
-                                                       "NAME.json beside it)"})
-    modality: Optional[str] = field(default=None, metadata={"choices": MODALITIES, "help": "what to embed "
-                                    "(default: what the input holds; shards: image)"})
-    batch_size: int = field(default=32, metadata={"help": "inputs per forward pass"})
-    chunk_size: int = field(default=4096, metadata={"help": "inputs per chunk of a listed input (the unit "
-                            "kept after a kill); shards: one chunk each"})
-    dtype: str = field(default="float32", metadata={"choices": tuple(DTYPES), "help": "the matrix's dtype"})
-    resume: bool = field(default=True, metadata={"help": "keep the finished chunks of an earlier run of the "
-                                                         "same model and input (--no-resume: start over)"})
-    spm: Optional[str] = field(default=None, metadata={"help": "SentencePiece model of a checkpoint file (a saved "
-                                                               "folder holds its own)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "trust checkpoint files that need unpickling"})
-    device: Optional[str] = field(default=None, metadata={"help": "default: cuda if available, else cpu"})
-    workers: int = field(default=4, metadata={"help": "threads decoding images (0: none)"})
-    shard_retries: int = field(default=3, metadata={"help": "further attempts at a remote shard whose open or "
-                                                            "read failed"})
-    retry_backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry, doubled for each "
-                                                                "further one"})
-    dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a rank waits for the others"})
+    model: str = _f("", "saved retrieval model folder, fine-tuning run, checkpoint file with retrieval heads (with "
+                    "--spm), or registry name")
+    input: str = _f("", "folder of images, text file (one text a line), JSON-lines list, or webdataset shards "
+                    "(pattern, http(s)://, pipe:)")
+    output: str = _f("", "the matrix: NAME.npy or NAME.safetensors (NAME.ids.txt, NAME.json beside it)")
+    modality: Optional[str] = _f(None, "what to embed (default: what the input holds; shards: image)",
+                                 choices=MODALITIES)
+    batch_size: int = _f(32, "inputs per forward pass", ge=1)
+    chunk_size: int = _f(4096, "inputs per chunk of a listed input (the unit kept after a kill); shards: one chunk "
+                         "each", ge=1)
+    dtype: str = _f("float32", "the matrix's dtype", choices=tuple(DTYPES))
+    resume: bool = _f(True, "keep the finished chunks of an earlier run of the same model and input (--no-resume: "
+                      "start over)")
+    spm: Optional[str] = _f(None, "SentencePiece model of a checkpoint file (a saved folder holds its own)")
+    allow_pickle: bool = _f(False, "trust checkpoint files that need unpickling")
+    device: Optional[str] = _f(None, "default: cuda if available, else cpu", choices=["cuda", "cpu"])
+    workers: int = _f(4, "threads decoding images (0: none)", ge=0)
+    shard_retries: int = _f(3, "further attempts at a remote shard whose open or read failed", ge=0)
+    retry_backoff: float = _f(1.0, "seconds before the first retry, doubled for each further one", ge=0)
+    dist_timeout: float = _f(1800.0, "seconds a rank waits for the others", gt=0)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 class IncompleteError(UserError):
@@ -110,8 +109,6 @@ def check(cfg: EmbedConfig) -> tuple[VectorFiles, Inputs]:
     for name, flag in (("model", "MODEL"), ("input", "--input"), ("output", "--output")):
         if not getattr(cfg, name):
             raise UserError(f"no {name} given ({flag})")
-    check_at_least(cfg, 1, ("batch_size", "chunk_size"), UserError)
-    check_at_least(cfg, 0, ("workers", "shard_retries", "retry_backoff"), UserError)
     files = files_of(cfg.output)
     check_output_file(files.matrix)
     check_output_dir(files.chunks)
