@@ -5,7 +5,7 @@
 """
 import sys
 
-from beit3.synthetic import main
+from beit3.synthetic.world import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,7 +36,7 @@ def assets(tmp_path_factory):
 def small_world(tmp_path_factory):
     """A 240-image synthetic world with its SentencePiece model and a briefly trained tiny VQ-KD
     (the same code path as the demo's cached assets), shared by pretraining and fine-tuning tests."""
-    from beit3.synthetic import demo_assets
+    from beit3.synthetic.demo_assets import demo_assets
 
     root = tmp_path_factory.mktemp("beit3_cache")
     old = os.environ.get("BEIT3_CACHE")

@@ -116,7 +116,7 @@ def test_cli_rejects_bad_input(capsys):
 
 def test_data_loader_option(capsys, tmp_path):
     """Both decoders side by side on the same shards: one record each, with real rates."""
-    from beit3.synthetic import make_synthetic_world
+    from beit3.synthetic.world import make_synthetic_world
     make_synthetic_world(tmp_path, num_images=60, seed=0)
     argv = ["--preset", "tiny", "--data-loader", "--steps", "2", "--warmup", "1", "--json",
             "--batch-images", "2", "--batch-texts", "2", "--batch-pairs", "2", "--text-len", "16",

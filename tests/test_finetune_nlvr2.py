@@ -32,7 +32,8 @@ import torch
 from beit3.config import BEiT3Config
 from beit3.data.downstream.build import read_jsonl
 from beit3.data.downstream.datasets import NLVR2Dataset
-from beit3.synthetic import Scene, Shape, nlvr2_candidates
+from beit3.synthetic.scenes import Scene, Shape
+from beit3.synthetic.language import nlvr2_candidates
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.finetune.heads import NLVR2Model
 

@@ -13,7 +13,7 @@ from beit3.data.ade20k import reduce_zero_label
 from beit3.finetune.evaluate import main as evaluate_main
 from beit3.finetune.main import main as finetune_main
 from beit3.predict import main as predict_main
-from beit3.synthetic import make_synthetic_world
+from beit3.synthetic.world import make_synthetic_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

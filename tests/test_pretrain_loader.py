@@ -13,7 +13,7 @@ from PIL import Image
 
 from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader, ShardStream, SkipLog
 from beit3.data.shards import write_shards
-from beit3.synthetic import make_synthetic_world
+from beit3.synthetic.world import make_synthetic_world
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.transforms import RandomResizedCropTwoViews, build_cls_transform, build_vl_transform
 

@@ -15,8 +15,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from beit3.synthetic import (COLORS, NLVR2_STATEMENTS, SHAPES, WorldConfig, make_synthetic_world, main,
-                                  split_sizes, write_nlvr2)
+from beit3.synthetic.scenes import COLORS, SHAPES
+from beit3.synthetic.language import NLVR2_STATEMENTS
+from beit3.synthetic.world import WorldConfig, make_synthetic_world, main, split_sizes, write_nlvr2
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.vqa_normalize import normalize_answer
 
@@ -139,7 +140,7 @@ def test_segmentation_masks_cover_exactly_the_shapes(world, tmp_path):
 
 def test_a_world_cached_without_masks_gets_them_on_first_use(world, tmp_path, monkeypatch):
     import shutil
-    from beit3.synthetic import finetune_world, synthetic_root
+    from beit3.synthetic.demo_assets import finetune_world, synthetic_root
     monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
     cached = Path(synthetic_root(SEED, N, 64)) / "world"
     shutil.copytree(world[0], cached)
@@ -401,7 +402,7 @@ def test_cli_and_output_folder_rules(tmp_path, capsys, monkeypatch):
 
 def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
     """A world cached by an older generator is not reused; a complete one is not rebuilt."""
-    from beit3.synthetic import ensure_synthetic_world, synthetic_root
+    from beit3.synthetic.demo_assets import ensure_synthetic_world, synthetic_root
     from beit3.synthetic import world as synthetic
 
     monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
@@ -422,7 +423,7 @@ def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
 
 
 def test_a_stopped_world_build_is_built_again(tmp_path, monkeypatch):
-    from beit3.synthetic import BuildStopped, ensure_synthetic_world
+    from beit3.synthetic.demo_assets import BuildStopped, ensure_synthetic_world
     from beit3.synthetic import world as synthetic
 
     real = synthetic.write_texts
@@ -447,18 +448,19 @@ def test_a_stopped_demo_tokenizer_is_not_cached_and_the_next_run_finishes_it(tmp
     pretrains; the next call resumes the build from its checkpoint, to the uninterrupted weights."""
     import functools
 
-    import beit3.synthetic
     from safetensors.torch import load_file
+
+    import beit3.synthetic.demo_assets as assets
 
     from beit3.pretrain import main as pretrain_main
     from beit3.tokenizer import train as tokenizer_train
     small = dict(seed=0, num_images=48, tokenizer_steps=6, tokenizer_batch=8)
     reference = tmp_path / "reference"
     monkeypatch.setenv("BEIT3_CACHE", str(reference))
-    uninterrupted = beit3.synthetic.demo_assets(**small, log=lambda *_: None).tokenizer
+    uninterrupted = assets.demo_assets(**small, log=lambda *_: None).tokenizer
 
     monkeypatch.setenv("BEIT3_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(beit3.synthetic, "demo_assets", functools.partial(beit3.synthetic.demo_assets, **small))
+    monkeypatch.setattr(assets, "demo_assets", functools.partial(assets.demo_assets, **small))
     real, calls = tokenizer_train.TokenizerRun.step, []
 
     def step(self, images):
@@ -474,7 +476,7 @@ def test_a_stopped_demo_tokenizer_is_not_cached_and_the_next_run_finishes_it(tmp
     err = capsys.readouterr().err
     line = "beit3 pretrain: error: stopped by SIGTERM at step 3 of 6 while building the tiny VQ-KD visual tokenizer"
     assert line in err and "next run resumes the build" in err and "Traceback" not in err
-    tok_dir = beit3.synthetic.demo_assets(build=False).tokenizer
+    tok_dir = assets.demo_assets(build=False).tokenizer
     assert not os.path.exists(os.path.join(tok_dir, "READY"))
     assert os.listdir(out) == [".lock"]  # no pretraining started
 

@@ -21,7 +21,7 @@ def time_loader(preset: str, mix: BatchMix, num_workers: int, warmup: int, steps
 
     sources = {k: v for k, v in (sources or {}).items() if v}
     if shards is None and not sources:
-        from ..synthetic import demo_assets
+        from ..synthetic.demo_assets import demo_assets
         assets = demo_assets(seed=seed, log=log)
         shards, spm = assets.shards, spm or assets.spm
     if spm is None:

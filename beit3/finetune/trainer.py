@@ -50,7 +50,7 @@ warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_i
 def synthetic_data(dist: DistInfo, log=print) -> tuple[str, str]:
     """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them;
     a stopped build stops every rank)."""
-    from ..synthetic import finetune_world
+    from ..synthetic.demo_assets import finetune_world
 
     world = on_every_rank(dist, lambda: finetune_world(build=dist.is_main, log=log))
     return world.world, world.spm

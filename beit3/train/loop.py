@@ -145,7 +145,7 @@ class PretrainRun(Trainer):
         a = self.args
         spm, tok, shards = a.spm, a.tokenizer, a.data
         if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
-            from ..synthetic import demo_assets
+            from ..synthetic.demo_assets import demo_assets
             # Rank 0 builds; a stopped build (BuildStopped) stops every rank.
             assets = on_every_rank(self.dist, lambda: demo_assets(seed=0, build=self.dist.is_main,
                                                                   log=self.logger.write))
