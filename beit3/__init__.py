@@ -1,7 +1,7 @@
 """beit3: pretraining and fine-tuning of BEiT-3 Multiway Transformers."""
-from .weights.official import from_official, to_official
-from .config import PRESETS, BEiT3Config
-from .model import BEiT3
+from beit3.weights.official import from_official, to_official
+from beit3.model.config import PRESETS, BEiT3Config
+from beit3.model import BEiT3
 
 __version__ = "0.1.0"
 __all__ = ["BEiT3", "BEiT3Config", "PRESETS", "from_official", "to_official", "backbones", "create_model",
@@ -14,15 +14,15 @@ def __getattr__(name):
         import importlib
         return importlib.import_module(".backbones", __name__)
     if name in ("create_model", "list_models", "download"):
-        from . import hub
+        from beit3.weights import hub
         return getattr(hub, name)
     if name == "from_pretrained":
-        from .pretrained import from_pretrained
+        from beit3.model.pretrained import from_pretrained
         return from_pretrained
     if name == "load_predictor":
-        from .predictor import load_predictor
+        from beit3.inference.predictor import load_predictor
         return load_predictor
     if name in ("embed_images", "embed_texts"):
-        from . import embed
+        from beit3.inference import embed
         return getattr(embed, name)
     raise AttributeError(f"module 'beit3' has no attribute {name!r}")

@@ -22,4 +22,4 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Fewer out-of-memory errors from fragmentation at the largest batch.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-exec "$PY" -m beit3.bench.gpu_check "$@"
+exec "$PY" -m beit3.jobs.benchmark.gpu_check "$@"

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit3.config import PRESETS, BEiT3Config
+from beit3.model.config import PRESETS, BEiT3Config
 from beit3.data.masking import BlockMaskGenerator, default_num_masking_patches, mask_text
-from beit3.flags import add_flag, check_args
-from beit3.train.objective import MaskedDataModeling, prepare_batch
-from beit3.train.optim import build_optimizer, build_scheduler, param_groups
+from beit3.core.settings import add_flag, check_args
+from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
+from beit3.trainer.optim import build_optimizer, build_scheduler, param_groups
 
 VOCAB, CODES, SPECIAL = 64, 64, (0, 1, 2, 3)
 

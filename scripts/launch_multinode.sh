@@ -28,7 +28,7 @@ if [ -n "${NODE_RANK:-}" ]; then
   NUM_NODES=$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE")
   SLOTS=$(awk -v n=$((NODE_RANK + 1)) '!/^[[:space:]]*(#|$)/ && ++i == n {sub("slots=", "", $2); print $2}' "$HOSTFILE")
   exec $DEEPSPEED --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NUM_NODES" \
-    --num_gpus "$SLOTS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module beit3.pretrain "$@"
+    --num_gpus "$SLOTS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module beit3.cli.pretrain "$@"
 fi
 # Variables the launcher forwards to the other nodes over ssh (it reads .deepspeed_env).
 : > .deepspeed_env
@@ -36,4 +36,4 @@ for v in NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_DEBUG BEIT3_CACHE PYTHONPATH OMP_NU
   [ -n "${!v:-}" ] && echo "$v=${!v}" >> .deepspeed_env
 done
 exec $DEEPSPEED --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  --module beit3.pretrain "$@"
+  --module beit3.cli.pretrain "$@"

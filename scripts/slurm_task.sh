@@ -16,4 +16,4 @@ if [ -z "${MASTER_ADDR:-}" ]; then
   MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST unset}" | head -n 1)
 fi
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
-exec "${PYTHON:-.venv/bin/python}" -m beit3.pretrain "$@"
+exec "${PYTHON:-.venv/bin/python}" -m beit3.cli.pretrain "$@"

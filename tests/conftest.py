@@ -36,7 +36,7 @@ def assets(tmp_path_factory):
 def small_world(tmp_path_factory):
     """A 240-image synthetic world with its SentencePiece model and a briefly trained tiny VQ-KD
     (the same code path as the demo's cached assets), shared by pretraining and fine-tuning tests."""
-    from beit3.synthetic.demo_assets import demo_assets
+    from beit3.jobs.demo_assets import demo_assets
 
     root = tmp_path_factory.mktemp("beit3_cache")
     old = os.environ.get("BEIT3_CACHE")
@@ -53,7 +53,7 @@ def small_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pretrained_tiny(small_world, tmp_path_factory):
     """A tiny BEiT-3 pretrained for 60 steps on the small world through `beit3 pretrain`."""
-    from beit3.pretrain import main as pretrain_main
+    from beit3.cli.pretrain import main as pretrain_main
 
     out = tmp_path_factory.mktemp("pretrained") / "run"
     rc = pretrain_main(["--preset", "tiny", "--data", small_world.shards, "--spm", small_world.spm,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from beit3.data.downstream.datasets import VQADataset, read_jsonl
-from beit3.finetune.evaluate import main as evaluate_main
-from beit3.finetune.main import main as finetune_main
+from beit3.cli.evaluate import main as evaluate_main
+from beit3.cli.finetune import main as finetune_main
 
 # Short runs for 2 CPU cores: 32 px images (4 x 4 patches; the pretrained 8 x 8 position table is
 # interpolated), micro-batches of 16.

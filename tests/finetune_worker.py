@@ -21,7 +21,7 @@ def fixed_augment():
     """Train the vision-language tasks on their (deterministic) eval transform. Random crops draw
     from each rank's own RNG stream (seeded with seed + rank), so a sample is augmented differently
     on 2 ranks than on one; without the draws the runs differ only in how the batch is split."""
-    from beit3.finetune.tasks import Task
+    from beit3.jobs.finetune.tasks import Task
 
     original = Task.transform
     Task.transform = lambda self, train: original(self, False)
@@ -32,8 +32,8 @@ def fixed_augment():
 
 
 def run(job: dict) -> int:
-    from beit3.finetune.evaluate import main as evaluate_main
-    from beit3.finetune.main import main as finetune_main
+    from beit3.cli.evaluate import main as evaluate_main
+    from beit3.cli.finetune import main as finetune_main
 
     entry = {"finetune": finetune_main, "evaluate": evaluate_main}[job["command"]]
     with fixed_augment() if job.get("fixed_augment") else contextlib.nullcontext():

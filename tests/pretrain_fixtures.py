@@ -11,7 +11,7 @@ import torch
 
 from beit3.data.masking import BlockMaskGenerator, default_num_masking_patches, mask_text
 from beit3.data.text_tokenizer import TextTokenizer, train_spm
-from beit3.tokenizer.vqkd import VQKD, VQKDConfig, save_trained
+from beit3.vqkd.vqkd import VQKD, VQKDConfig, save_trained
 
 WORDS = "a the red green blue small large circle square triangle left right of above below two".split()
 
@@ -86,7 +86,7 @@ class IndexedBatches:
 
 
 def run_args(output: str, spm: str, tok: str, extra: tuple = (), **kw) -> argparse.Namespace:
-    from beit3.pretrain import build_parser, defaults_for
+    from beit3.cli.pretrain import build_parser, defaults_for
     args = build_parser().parse_args(["--preset", "tiny", "--output", output, "--data", "synthetic",
                                       "--spm", spm, "--tokenizer", tok, "--no-tensorboard", *extra])
     for k, v in kw.items():
@@ -98,7 +98,7 @@ def exported_backbone(checkpoint: str, out_dir) -> dict:
     """The backbone ``beit3 export --to safetensors`` consolidates from a DeepSpeed checkpoint."""
     from safetensors.torch import load_file
 
-    from beit3.export import main as export_main
+    from beit3.weights.export import main as export_main
     out = os.path.join(str(out_dir), f"{os.path.basename(checkpoint)}.safetensors")
     assert export_main(["--to", "safetensors", str(checkpoint), "-o", out]) == 0
     return load_file(out)

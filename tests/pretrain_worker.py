@@ -10,8 +10,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain_fixtures import IndexedBatches, run_args  # noqa: E402
 
-from beit3.pretrain import check_args, run_with_errors  # noqa: E402
-from beit3.train.loop import PretrainRun  # noqa: E402
+from beit3.cli.pretrain import check_args, run_with_errors  # noqa: E402
+from beit3.jobs.pretrain.loop import PretrainRun  # noqa: E402
 
 
 def main(out: str, spm: str, tok: str, ga: int, steps: int, extra: list) -> int:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from beit3 import BEiT3, BEiT3Config
-from beit3.backbones import TextEncoder, VisionEncoder, text_encoder, vision_encoder
+from beit3.weights.backbones import TextEncoder, VisionEncoder, text_encoder, vision_encoder
 from beit3.weights import to_official
 from beit3.model.params import count_parameters
 

@@ -22,16 +22,16 @@ from PIL import Image
 
 from beit3.data.downstream.datasets import CIFARDataset
 from beit3.data.text_tokenizer import train_spm
-from beit3.errors import BadFileError, OutputError
-from beit3.export import main as export_main
-from beit3.finetune.main import main as finetune_main
-from beit3.pretrained import save_folder
-from beit3.pretrain import check_args, run_with_errors
-from beit3.train.checkpoint import MARKER, complete_checkpoints, file_crc32, latest_checkpoint
-from beit3.train.loop import PretrainRun
-from beit3.train.pretrain_config import PretrainConfig
-from beit3.train.run_dir import OutputLock
-from beit3.tokenizer.vqkd import VQKD, VQKDConfig, save_trained
+from beit3.core.errors import BadFileError, OutputError
+from beit3.weights.export import main as export_main
+from beit3.cli.finetune import main as finetune_main
+from beit3.model.saved import save_folder
+from beit3.cli.pretrain import check_args, run_with_errors
+from beit3.trainer.checkpoint import MARKER, complete_checkpoints, file_crc32, latest_checkpoint
+from beit3.jobs.pretrain.loop import PretrainRun
+from beit3.jobs.pretrain.config import PretrainConfig
+from beit3.trainer.run_dir import OutputLock
+from beit3.vqkd.vqkd import VQKD, VQKDConfig, save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -215,7 +215,7 @@ def test_resuming_with_other_settings_is_refused_before_building(pretrained, ass
 
     def no_model(*a, **kw):
         raise AssertionError("a model was built before the checkpoint was compared")
-    monkeypatch.setattr("beit3.train.loop.MaskedDataModeling", no_model)
+    monkeypatch.setattr("beit3.jobs.pretrain.loop.MaskedDataModeling", no_model)
     assert pretrain(out, assets, "--resume", "auto", "--layout", "released") == 1
     error_line(capsys.readouterr().err, "beit3 pretrain", "belongs to another run",
                "layout 'paper' in the checkpoint, 'released' now")
@@ -246,7 +246,7 @@ def test_resuming_with_other_settings_is_refused_before_building(pretrained, ass
 
 HOLD_LOCK = textwrap.dedent("""
     import sys
-    from beit3.train.run_dir import OutputLock
+    from beit3.trainer.run_dir import OutputLock
     lock = OutputLock(sys.argv[1])
     print("locked", flush=True)
     sys.stdin.read()
@@ -316,7 +316,7 @@ def test_a_finished_finetuning_run_is_refused_resumed_or_moved_aside(finetuned, 
 REPLACE_BEST_AND_DIE = textwrap.dedent("""
     import json, os, signal, sys
     from safetensors.torch import load_file
-    from beit3.pretrained import save_folder
+    from beit3.model.saved import save_folder
     best = os.path.join(sys.argv[1], "best")
     sd = {k: v + 1 for k, v in load_file(os.path.join(best, "model.safetensors")).items()}
     meta = {**json.load(open(os.path.join(best, "meta.json"))), "step": 999}
@@ -356,7 +356,7 @@ def test_a_full_disk_while_saving_best_keeps_the_previous_weights(finetuned, tmp
     out, _ = copy_run(finetuned, tmp_path / "run")
     best = os.path.join(out, "best")
     before = {n: open(os.path.join(best, n), "rb").read() for n in os.listdir(best)}
-    monkeypatch.setattr("safetensors.torch.save_file", half_then_enospc)
+    monkeypatch.setattr("beit3.model.saved.save_file", half_then_enospc)
     with pytest.raises(OutputError, match=r"could not write .*best: No space left on device .*version is kept"):
         save_folder(best, {"w": torch.zeros(1000)}, meta={"step": 3})
     assert {n: open(os.path.join(best, n), "rb").read() for n in os.listdir(best)} == before
@@ -401,7 +401,7 @@ def test_bad_checkpoint_files_get_one_line_with_path_and_size(tmp_path, capsys):
 
 
 def test_corrupt_meta_json_is_named(finetuned, data, tmp_path, capsys):
-    from beit3.finetune.evaluate import main as evaluate_main
+    from beit3.cli.evaluate import main as evaluate_main
     out, _ = copy_run(finetuned, tmp_path / "run")
     meta = os.path.join(out, "best", "meta.json")
     open(meta, "w").write('{"task": "classification", ')
@@ -410,8 +410,8 @@ def test_corrupt_meta_json_is_named(finetuned, data, tmp_path, capsys):
 
 
 def test_output_paths_are_checked_before_any_work(assets, tmp_path, capsys):
-    from beit3.benchmark import main as benchmark_main
-    from beit3.pretrain import main as pretrain_main
+    from beit3.cli.benchmark import main as benchmark_main
+    from beit3.cli.pretrain import main as pretrain_main
     good = small_checkpoint(tmp_path / "good.pth")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -476,7 +476,7 @@ def test_a_full_disk_or_a_kill_during_export_keeps_the_previous_file(tmp_path, c
         def replace(src, dst):  # the temporary is complete: die before it replaces the output
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace = replace
-        from beit3.export import main
+        from beit3.weights.export import main
         main(["--to", "safetensors", {other!r}, "-o", {str(out)!r}])
     """)
     killed = subprocess.run([sys.executable, "-c", kill], env=ENV, capture_output=True, text=True, timeout=120)

@@ -7,16 +7,16 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from beit3.bench.batches import BatchMix, synthetic_batch
-from beit3.train.flops import batch_counts
-from beit3.bench.measure import PeakMemory
-from beit3.bench.peers import TimmMIM, TorchscaleMDM, timm_mlp_ratio
-from beit3.bench.search import largest_fitting
-from beit3.bench.trainers import compile_layers, sdpa_context
-from beit3.benchmark import main
-from beit3.config import BEiT3Config
-from beit3.train.flops import pretrain_flops_breakdown
-from beit3.train.objective import MaskedDataModeling
+from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
+from beit3.trainer.flops import batch_counts
+from beit3.jobs.benchmark.measure import PeakMemory
+from beit3.jobs.benchmark.peers import TimmMIM, TorchscaleMDM, timm_mlp_ratio
+from beit3.jobs.benchmark.search import largest_fitting
+from beit3.jobs.benchmark.trainers import compile_layers, sdpa_context
+from beit3.cli.benchmark import main
+from beit3.model.config import BEiT3Config
+from beit3.trainer.flops import pretrain_flops_breakdown
+from beit3.jobs.pretrain.objective import MaskedDataModeling
 
 TINY = BEiT3Config.from_preset("tiny")
 FIGURES = ("samples_per_s", "tokens_per_s", "model_tflops", "mfu_measured_peak", "peak_mem_gb",
@@ -116,7 +116,7 @@ def test_cli_rejects_bad_input(capsys):
 
 def test_data_loader_option(capsys, tmp_path):
     """Both decoders side by side on the same shards: one record each, with real rates."""
-    from beit3.synthetic.world import make_synthetic_world
+    from beit3.data.synthetic.world import make_synthetic_world
     make_synthetic_world(tmp_path, num_images=60, seed=0)
     argv = ["--preset", "tiny", "--data-loader", "--steps", "2", "--warmup", "1", "--json",
             "--batch-images", "2", "--batch-texts", "2", "--batch-pairs", "2", "--text-len", "16",
@@ -239,8 +239,8 @@ def test_fast_paths_agree_with_eager():
 
 
 def test_profile_summary_attributes_time_by_kind():
-    from beit3.bench.profile import category, profile_steps
-    from beit3.bench.trainers import plain_trainer
+    from beit3.jobs.benchmark.profile import category, profile_steps
+    from beit3.jobs.benchmark.trainers import plain_trainer
 
     cfg = TINY.replace(vocab_size=100, depth=1, vl_layers=0)
     trainer = plain_trainer(MaskedDataModeling(cfg, 64), torch.device("cpu"))

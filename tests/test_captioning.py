@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from beit3 import BEiT3Config
-from beit3.finetune.captioning import (
-    CachedDecoder, DecodeConfig, FullDecoder, beam_search, caption_loss, generate, mask_caption,
-)
-from beit3.finetune.heads import CaptioningModel
+from beit3.jobs.finetune.captioning import caption_loss, mask_caption
+from beit3.model.generation import CachedDecoder, DecodeConfig, FullDecoder, beam_search, generate
+from beit3.model.heads import CaptioningModel
 
 V, MASK = 40, 39  # vocabulary and its [MASK] id (the last, as TextTokenizer lays it out)
 

@@ -62,11 +62,11 @@ def test_the_rest_of_the_line_reaches_the_command(monkeypatch):
     """The dispatcher strips the command words and passes the rest as they were; the command's
     return value becomes the exit status."""
     import beit3.data.shards
-    import beit3.hub
-    import beit3.predict
+    import beit3.weights.hub
+    import beit3.cli.predict
     seen = []
-    monkeypatch.setattr(beit3.predict, "main", lambda argv: seen.append(("predict", argv)) or 7)
-    monkeypatch.setattr(beit3.hub, "list_main", lambda argv: seen.append(("list", argv)))
+    monkeypatch.setattr(beit3.cli.predict, "main", lambda argv: seen.append(("predict", argv)) or 7)
+    monkeypatch.setattr(beit3.weights.hub, "list_main", lambda argv: seen.append(("list", argv)))
     monkeypatch.setattr(beit3.data.shards, "main", lambda argv: seen.append(("shards", argv)) or 0)
     assert main(["predict", "--image", "a b.png", "--top-k", "3"]) == 7
     assert main(["list-models", "--task", "vqa"]) == 0  # None -> 0

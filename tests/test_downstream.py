@@ -10,11 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from beit3.data.downstream import (
-    CaptioningDataset, CIFARDataset, ClassificationDataset, ImageLoadError, NLVR2Dataset,
-    RetrievalDataset, VQADataset, build_all_indexes, build_answer_vocab, build_retrieval_index, main, read_jsonl,
-    split_rest_val, vqa_soft_score,
-)
+from beit3.data.downstream import CaptioningDataset, CIFARDataset, ClassificationDataset, ImageLoadError, NLVR2Dataset, RetrievalDataset, VQADataset, build_all_indexes, build_answer_vocab, build_retrieval_index, main, read_jsonl, split_rest_val, vqa_soft_score
 from beit3.data.downstream.build import build_vqa_index, nlvr2_image_prefix, scan_image_ids
 from beit3.data.text_tokenizer import TextTokenizer, train_spm
 from beit3.data.vqa_normalize import normalize_answer

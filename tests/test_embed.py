@@ -19,12 +19,12 @@ import torch
 import webdataset as wds
 
 import beit3
-from beit3 import embed_job
-from beit3.embed import load_retrieval
-from beit3.embed_cli import main_embed, main_search
-from beit3.embed_job import EmbedConfig, run
-from beit3.search import has_faiss, top_k
-from beit3.vectors import read_vectors
+from beit3.jobs import embed as embed_job
+from beit3.inference.embed import load_retrieval
+from beit3.cli.embed import main_embed, main_search
+from beit3.jobs.embed import EmbedConfig, run
+from beit3.inference.search import has_faiss, top_k
+from beit3.inference.vectors import read_vectors
 
 from finetune_helpers import evaluate
 
@@ -304,8 +304,8 @@ def test_recall_of_the_saved_matrices_equals_evaluate(saved, retrieval_run, data
 def test_the_official_checkpoint_format_embeds_the_same(model, data, tmp_path, capsys):
     """unilm/beit3's format (released layout, ``beit3.`` prefix, heads by their official names) gives
     the saved folder's vectors. A random released-layout model: the official format has no VL-FFN."""
-    from beit3.export import main as export_main
-    from beit3.finetune.heads import RetrievalModel
+    from beit3.weights.export import main as export_main
+    from beit3.model.heads import RetrievalModel
     cfg = beit3.BEiT3Config.from_preset("tiny", layout="released", img_size=32, vocab_size=data_vocab(model))
     RetrievalModel(cfg).save_pretrained(str(tmp_path / "saved"), tokenizer=str(model / "tokenizer.model"))
     assert export_main(["--to", "official", str(tmp_path / "saved"), "-o", str(tmp_path / "ret.pth"),

@@ -15,9 +15,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from beit3 import BEiT3, BEiT3Config
-from beit3.backbones import vision_encoder
+from beit3.weights.backbones import vision_encoder
 from beit3.weights import from_official, load_backbone
-from beit3.export import create_timm_model, main
+from beit3.weights.export import create_timm_model, main
 
 TOL = 1e-5
 
@@ -251,7 +251,7 @@ def a_picture(width=48, height=32, seed=3):
 def saved_task_model(task, folder, spm=None, img_size=32, **preprocess):
     """A task model with random weights (and heads) saved with its preprocessing and tokenizer."""
     from beit3.data.transforms import cls_preprocess
-    from beit3.finetune.heads import ImageClassifier, RetrievalModel
+    from beit3.model.heads import ImageClassifier, RetrievalModel
     cfg = small_config().replace(img_size=img_size)
     model = RetrievalModel(cfg) if task == "retrieval" else ImageClassifier(cfg, num_classes=5)
     g = torch.Generator().manual_seed(11)
@@ -271,7 +271,7 @@ def test_timm_own_preprocessing_reproduces_the_predictor(task, tmp_path):
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from beit3.predictor import load_predictor
+    from beit3.inference.predictor import load_predictor
     saved = saved_task_model(task, tmp_path / "saved", img_size=32 if task == "retrieval" else 40, crop_pct=0.875)
     assert main(["--to", "timm", saved, "-o", str(tmp_path / "timm")]) == 0
     vit = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
@@ -321,8 +321,8 @@ def test_onnx_export_matches_pytorch_and_embeds_as_the_predictor(assets, tmp_pat
     ort = pytest.importorskip("onnxruntime")
     import sentencepiece
 
-    from beit3.backbones import text_encoder
-    from beit3.predictor import load_predictor
+    from beit3.weights.backbones import text_encoder
+    from beit3.inference.predictor import load_predictor
     spm, _ = assets
     saved = saved_task_model("retrieval", tmp_path / "saved", spm=spm)
     out = tmp_path / "onnx"

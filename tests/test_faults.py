@@ -16,10 +16,10 @@ import torch
 from pretrain_fixtures import IndexedBatches, run_args
 from pretrain_worker import in_this_process
 
-from beit3.pretrain import check_args, run_with_errors
-from beit3.train import checkpoint as ckpt_mod
-from beit3.train.checkpoint import MARKER, complete_checkpoints
-from beit3.train.loop import PretrainRun
+from beit3.cli.pretrain import check_args, run_with_errors
+from beit3.trainer import checkpoint as ckpt_mod
+from beit3.trainer.checkpoint import MARKER, complete_checkpoints
+from beit3.jobs.pretrain.loop import PretrainRun
 
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "pretrain_worker.py")
@@ -235,7 +235,7 @@ def test_a_dead_peer_does_not_hang_the_other_rank(assets, tmp_path):
 def test_bad_shards_are_skipped_counted_and_the_run_goes_on(assets, tmp_path, capsys):
     from bad_shards import BAD_PER_EPOCH, write_bad_shards
 
-    from beit3.pretrain import main as pretrain_main
+    from beit3.cli.pretrain import main as pretrain_main
     spm, tok = assets
     shards = write_bad_shards(tmp_path / "shards")
     out = str(tmp_path / "run")

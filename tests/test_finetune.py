@@ -13,10 +13,10 @@ import os
 import pytest
 import torch
 
-from beit3.finetune.main import main as finetune_main
-from beit3.finetune.batches import epoch_batches, eval_shard
+from beit3.cli.finetune import main as finetune_main
+from beit3.jobs.finetune.batches import epoch_batches, eval_shard
 from beit3.data.downstream.datasets import read_jsonl
-from beit3.eval.vqa_metric import vqa_accuracy
+from beit3.metrics.vqa import vqa_accuracy
 
 from finetune_helpers import best_is_tracked as _best_is_tracked
 from finetune_helpers import evaluate as _evaluate
@@ -111,7 +111,7 @@ def test_captioning_cider_rises(data, pretrained_tiny, tmp_path):
 def test_linear_probe_with_mixup_and_ema_trains_only_the_head(data, pretrained_tiny, tmp_path):
     from safetensors.torch import load_file
 
-    from beit3.finetune.init import load_init
+    from beit3.jobs.finetune.init_weights import load_init
     run = _finetune("classification", data, pretrained_tiny, tmp_path / "run", "--linear-probe", "--mixup", "0.8",
                     "--cutmix", "1.0", "--model-ema", "--ema-decay", "0.9", "--max-steps", "4", "--img-size", "64",
                     "--lr", "1e-2")
@@ -148,7 +148,7 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
 # -- command line and data order ---------------------------------------------------------------
 def test_bad_task_and_recipe_name_the_choices(capsys):
     with pytest.raises(SystemExit) as e:
-        finetune_main(["--task", "segmentation"])
+        finetune_main(["--task", "ocr"])
     assert e.value.code == 2 and "choose from 'vqa', 'retrieval'" in capsys.readouterr().err
     assert finetune_main(["--recipe", "vqa-huge"]) == 2
     err = capsys.readouterr().err

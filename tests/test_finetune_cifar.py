@@ -13,8 +13,8 @@ from PIL import Image
 from beit3.data.cifar_format import cifar_from_image_folder
 from beit3.data.cifar_format import main as cifar_main
 from beit3.data.downstream.datasets import CIFARDataset
-from beit3.finetune.evaluate import main as evaluate_main
-from beit3.finetune.main import main as finetune_main
+from beit3.cli.evaluate import main as evaluate_main
+from beit3.cli.finetune import main as finetune_main
 
 from finetune_helpers import COMMON, best_is_tracked
 

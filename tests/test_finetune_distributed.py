@@ -18,9 +18,9 @@ import pytest
 from finetune_worker import fixed_augment
 
 from beit3.data.downstream.datasets import read_jsonl
-from beit3.finetune.evaluate import main as evaluate_main
-from beit3.finetune.main import main as finetune_main
-from beit3.finetune.batches import epoch_batches
+from beit3.cli.evaluate import main as evaluate_main
+from beit3.cli.finetune import main as finetune_main
+from beit3.jobs.finetune.batches import epoch_batches
 
 HERE = os.path.dirname(__file__)
 # 3 steps of 32 px images; eval batches of 8 leave a short last batch on every shard.

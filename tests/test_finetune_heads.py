@@ -6,12 +6,9 @@ import torch
 
 from beit3 import BEiT3Config
 from beit3.weights.official import convert_ours_to_official
-from beit3.finetune.heads import (
-    CLIP_LOGIT_SCALE_MAX, LOGIT_SCALE_INIT, CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel,
-    captioning_attention_mask, unreached_parameters,
-)
-from beit3.finetune.init import apply_init, load_init
-from beit3.finetune.trainer import freeze_unreached
+from beit3.model.heads import CLIP_LOGIT_SCALE_MAX, LOGIT_SCALE_INIT, CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel, captioning_attention_mask, unreached_parameters
+from beit3.jobs.finetune.init_weights import apply_init, load_init
+from beit3.jobs.finetune.run import freeze_unreached
 
 D, A, C, V = 64, 7, 5, 100  # width, answers, classes, vocabulary
 

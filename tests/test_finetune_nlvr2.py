@@ -29,13 +29,13 @@ import os
 
 import torch
 
-from beit3.config import BEiT3Config
+from beit3.model.config import BEiT3Config
 from beit3.data.downstream.build import read_jsonl
 from beit3.data.downstream.datasets import NLVR2Dataset
-from beit3.synthetic.scenes import Scene, Shape
-from beit3.synthetic.language import nlvr2_candidates
+from beit3.data.synthetic.scenes import Scene, Shape
+from beit3.data.synthetic.language import nlvr2_candidates
 from beit3.data.text_tokenizer import TextTokenizer
-from beit3.finetune.heads import NLVR2Model
+from beit3.model.heads import NLVR2Model
 
 from finetune_helpers import best_is_tracked, evaluate, finetune
 

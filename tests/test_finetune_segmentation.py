@@ -10,10 +10,10 @@ from PIL import Image
 
 from beit3 import load_predictor
 from beit3.data.ade20k import reduce_zero_label
-from beit3.finetune.evaluate import main as evaluate_main
-from beit3.finetune.main import main as finetune_main
-from beit3.predict import main as predict_main
-from beit3.synthetic.world import make_synthetic_world
+from beit3.cli.evaluate import main as evaluate_main
+from beit3.cli.finetune import main as finetune_main
+from beit3.cli.predict import main as predict_main
+from beit3.data.synthetic.world import make_synthetic_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def val_pairs(root):
 
 def confusion_miou(pairs, predict, n):
     """mIoU, aAcc of ``predict(image path) -> (H, W) class ids`` from one confusion matrix over the
-    scored pixels of every image (computed apart from beit3.eval)."""
+    scored pixels of every image (computed apart from beit3.metrics)."""
     cm = np.zeros((n, n), dtype=np.int64)
     for path, stored in pairs:
         target = reduce_zero_label(stored).astype(np.int64)

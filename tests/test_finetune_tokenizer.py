@@ -7,7 +7,7 @@ import os
 from finetune_helpers import COMMON
 
 from beit3.data.text_tokenizer import spm_digest
-from beit3.finetune.main import main as finetune_main
+from beit3.cli.finetune import main as finetune_main
 
 FINAL = "final"
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from beit3 import hub
+from beit3.weights import hub
 from beit3.cli import main as cli_main
-from beit3.config import BEiT3Config
+from beit3.model.config import BEiT3Config
 from beit3.weights.official import save_official
 from beit3.model import BEiT3
 

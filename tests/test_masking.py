@@ -5,13 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from beit3.data.masking import (
-    PAIR_TEXT_MASK_PROB,
-    TEXT_MASK_PROB,
-    BlockMaskGenerator,
-    default_num_masking_patches,
-    mask_text,
-)
+from beit3.data.masking import PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, default_num_masking_patches, mask_text
 
 GRIDS = [(14, 75), (16, 102), (8, 26)]  # BEiT 224/16, giant 224/14 at 40%, a small grid at 40%
 

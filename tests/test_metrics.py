@@ -13,14 +13,13 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from beit3.eval import caption_metric
-from beit3.eval.caption_metric import caption_scores, load_coco_captions, simple_tokenize
-from beit3.eval.classification_metric import (accuracy_topk, classification_report, confusion_matrix,
-                                              save_confusion_matrix_png)
-from beit3.eval.distributed import gather_features
-from beit3.eval.report import format_results_table, write_results_json
-from beit3.eval.retrieval_metric import retrieval_recall
-from beit3.eval.vqa_metric import vqa_accuracy, vqa_accuracy_by_type, vqa_soft_score, write_vqa_submission
+from beit3.metrics import captioning as caption_metric
+from beit3.metrics.captioning import caption_scores, load_coco_captions, simple_tokenize
+from beit3.metrics.classification import accuracy_topk, classification_report, confusion_matrix, save_confusion_matrix_png
+from beit3.trainer.gather import gather_features
+from beit3.metrics.report import format_results_table, write_results_json
+from beit3.metrics.retrieval import retrieval_recall
+from beit3.metrics.vqa import vqa_accuracy, vqa_accuracy_by_type, vqa_soft_score, write_vqa_submission
 
 HAS_JAVA = shutil.which("java") is not None
 
@@ -246,7 +245,7 @@ def test_simple_tokenize_agrees_with_ptb_tokenizer():
 @pytest.mark.skipif(not HAS_JAVA, reason="needs java for METEOR")
 def test_caption_scores_with_java_adds_meteor(caplog):
     preds = {k: v[0] for k, v in GT.items()}
-    with caplog.at_level(logging.WARNING, logger="beit3.eval.caption_metric"):
+    with caplog.at_level(logging.WARNING, logger="beit3.metrics.captioning"):
         java = caption_scores(preds, GT, use_java=True)
     plain = caption_scores(preds, GT, use_java=False)
     for key in plain:  # PTB and simple_tokenize agree on these captions
@@ -264,7 +263,7 @@ def test_caption_scores_survives_broken_java_tools(monkeypatch, caplog):
     monkeypatch.setattr(ptb_mod, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")
     monkeypatch.setattr(meteor_mod.Meteor, "__init__", _broken_meteor_init)
     preds = {k: v[0] for k, v in GT.items()}
-    with caplog.at_level(logging.WARNING, logger="beit3.eval.caption_metric"):
+    with caplog.at_level(logging.WARNING, logger="beit3.metrics.captioning"):
         scores = caption_scores(preds, GT, use_java=True)
     assert scores == caption_scores(preds, GT, use_java=False)  # simple_tokenize, no METEOR
     assert "using simple_tokenize" in caplog.text and "METEOR skipped" in caplog.text

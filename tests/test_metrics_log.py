@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from beit3.train.metrics_log import MetricsLogger
+from beit3.trainer.metrics_log import MetricsLogger
 
 LOGGED = [
     (1, {"loss": 2.5, "loss/image": torch.tensor(1.25), "lr": 1e-4, "skipped_steps": 0, "note": "warmup"}),

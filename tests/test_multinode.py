@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from beit3.train.checkpoint import complete_checkpoints
-from beit3.train.distributed import free_port
-from beit3.train.universal import ensure_universal
+from beit3.trainer.checkpoint import complete_checkpoints
+from beit3.trainer.distributed import free_port
+from beit3.trainer.universal import ensure_universal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ("loss", "loss/image", "loss/text", "loss/pair")
@@ -88,7 +88,7 @@ def _assert_losses(out, reference: dict, steps, rel: float = 1e-4) -> None:
 
 
 def _torchrun(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "beit3.pretrain"]
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "beit3.cli.pretrain"]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_resume_on_fewer_ranks(small_world, reference, tmp_path, monkeypatch):
     stale = os.path.join(ckpt, f".universal.tmp-{socket.gethostname()}-4194303", "zero", "w")
     os.makedirs(stale)
     open(os.path.join(stale, "fp32.pt"), "wb").write(b"half a file")
-    cmd = [sys.executable, "-m", "beit3.pretrain"] + _flags(small_world, out, "--resume", "auto")
+    cmd = [sys.executable, "-m", "beit3.cli.pretrain"] + _flags(small_world, out, "--resume", "auto")
     _run_nodes(tmp_path, "one", [cmd], [_env()])
     _assert_losses(out, reference[1], [4, 5, 6])
     log = (tmp_path / "one-0.log").read_text()
@@ -178,7 +178,7 @@ def test_resume_on_fewer_ranks(small_world, reference, tmp_path, monkeypatch):
 def test_resume_on_more_ranks(small_world, reference, tmp_path):
     """1 rank (2 data streams, accumulating 2) -> 2 ranks: same losses as the 2-rank run throughout."""
     first, out = tmp_path / "first", tmp_path / "run"
-    cmd = [sys.executable, "-m", "beit3.pretrain"] + _flags(small_world, first, "--data-streams", "2",
+    cmd = [sys.executable, "-m", "beit3.cli.pretrain"] + _flags(small_world, first, "--data-streams", "2",
                                                             "--stop-after-steps", "3")
     _run_nodes(tmp_path, "first", [cmd], [_env()])
     _assert_losses(first, reference[1], [1, 2, 3])
@@ -191,7 +191,7 @@ def test_resume_on_more_ranks(small_world, reference, tmp_path):
 # ----------------------------------------------------------------------------- DeepSpeed's tools
 @pytest.mark.slow
 def test_deepspeeds_zero_to_fp32_reads_our_checkpoints(reference, tmp_path):
-    from beit3.weights.io import load_zero_checkpoint
+    from beit3.core.weight_files import load_zero_checkpoint
 
     ckpt_dir = os.path.join(reference[0], "checkpoints")
     assert open(os.path.join(ckpt_dir, "latest")).read() == "step_00000006"
@@ -210,7 +210,7 @@ def test_deepspeeds_zero_to_fp32_reads_our_checkpoints(reference, tmp_path):
 def test_latest_names_only_a_complete_checkpoint(tmp_path):
     """DeepSpeed's ``latest`` follows the COMPLETE markers: a step being rewritten (marker removed)
     is not named, and with no complete checkpoint there is no ``latest``."""
-    from beit3.train.checkpoint import LATEST, MARKER, point_latest
+    from beit3.trainer.checkpoint import LATEST, MARKER, point_latest
 
     for step in (1, 2):
         os.makedirs(tmp_path / f"step_0000000{step}")
@@ -303,7 +303,7 @@ def test_zero3pp_config_parses_and_its_hierarchical_partition_trains_on_cpu(smal
     only the hierarchical partition runs: 2 ranks, secondary partition of 2, the reference's losses."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from beit3.train.ds_config import packaged_ds_config, resolve_ds_config
+    from beit3.trainer.ds_config import packaged_ds_config, resolve_ds_config
 
     cfg = resolve_ds_config(packaged_ds_config("zero3pp_multinode.json"), micro_batch=96, grad_accum=None,
                             world_size=32)

@@ -5,9 +5,9 @@ sync under ``torch.cuda.set_sync_debug_mode("error")``) is a part of ``scripts/g
 import pytest
 import torch
 
-from beit3.bench.batches import BatchMix, synthetic_batch
-from beit3.config import BEiT3Config
-from beit3.train.objective import MaskedDataModeling, prepare_batch
+from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
+from beit3.model.config import BEiT3Config
+from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
 
 CFG = BEiT3Config.from_preset("tiny", depth=2, vl_layers=1, vocab_size=300)
 MIX = BatchMix(2, 3, 2, 16, text_padding=0.25, mask_pair_images=True)
@@ -84,7 +84,7 @@ def test_step_reads_nothing_back_from_the_device(checkpointing):
     ``torch.cuda.set_sync_debug_mode("error")`` confirms it: see scripts/gpu_check.sh). Forward and
     backward of a prepared batch run none; the unprepared one, gathering through boolean masks,
     does: the detector is not blind."""
-    from beit3.bench.host_reads import HostReads
+    from beit3.jobs.benchmark.host_reads import HostReads
     batch, targets = synthetic_batch(CFG, MIX, 64, seed=3)
     prepared = prepare_batch(batch, CFG.vocab_size)
     model = MaskedDataModeling(CFG, 64)

@@ -8,17 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from beit3 import BEiT3, BEiT3Config
-from beit3.weights import (
-    UnsafeCheckpointError,
-    convert_official_to_ours,
-    convert_ours_to_official,
-    from_official,
-    infer_config_from_official,
-    load_checkpoint_file,
-    load_official,
-    split_official_state_dict,
-    to_official,
-)
+from beit3.weights import UnsafeCheckpointError, convert_official_to_ours, convert_ours_to_official, from_official, infer_config_from_official, load_checkpoint_file, load_official, split_official_state_dict, to_official
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # torchscale imports timm.models.layers

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from beit3 import BEiT3Config
-from beit3.finetune.heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel
-from beit3.finetune.recipes import FinetuneConfig
-from beit3.finetune.trainer import freeze_unreached, optimizer_setup
-from beit3.train.objective import MaskedDataModeling
-from beit3.train.optim import build_optimizer, build_scheduler, cosine_lr_lambda, param_groups
+from beit3.model.heads import CaptioningModel, ImageClassifier, NLVR2Model, RetrievalModel, VQAModel
+from beit3.jobs.finetune.recipes import FinetuneConfig
+from beit3.jobs.finetune.run import freeze_unreached, optimizer_setup
+from beit3.jobs.pretrain.objective import MaskedDataModeling
+from beit3.trainer.optim import build_optimizer, build_scheduler, cosine_lr_lambda, param_groups
 from beit3.weights.official import convert_ours_to_official
 
 HEADS = {"vqa": lambda c: VQAModel(c, num_answers=5), "retrieval": RetrievalModel, "captioning": CaptioningModel,
@@ -136,7 +136,7 @@ def test_layer_decay_and_head_lr_are_unilms(task):
 def test_every_recipe_sets_at_most_one_of_layer_decay_and_head_lr():
     """unilm applies --task_head_lr_weight only without layer decay, and so does ours (beit3 finetune
     refuses both at once): a recipe sets at most one of them."""
-    from beit3.finetune.recipes import RECIPES
+    from beit3.jobs.finetune.recipes import RECIPES
     both = [n for n, r in RECIPES.items()
             if r.get("layer_decay", 1.0) != 1.0 and r.get("head_lr_scale", 1.0) != 1.0]
     assert both == []

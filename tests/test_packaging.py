@@ -36,7 +36,7 @@ def test_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
     env.update(PYTHONPATH=str(tmp_path / "site"), DS_ACCELERATOR="cpu")
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=tmp_path, env=env,  # noqa: E731
                                     capture_output=True, text=True, timeout=600)
-    where = run("-c", "import beit3, beit3.train.ds_config as d; print(beit3.__file__); "
+    where = run("-c", "import beit3, beit3.trainer.ds_config as d; print(beit3.__file__); "
                       "print(d.default_ds_config('cpu'))")
     lib, cfg = where.stdout.split()
     assert lib.startswith(str(tmp_path / "site")) and cfg.startswith(str(tmp_path / "site")) and os.path.isfile(cfg)

@@ -18,10 +18,10 @@ import torch
 from beit3 import BEiT3, BEiT3Config
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.transforms import build_cls_transform, build_vl_transform, eval_transform
-from beit3.finetune.captioning import DecodeConfig, generate
-from beit3.predict import main as predict_main
-from beit3.predictor import load_predictor
-from beit3.pretrained import from_pretrained
+from beit3.model.generation import DecodeConfig, generate
+from beit3.cli.predict import main as predict_main
+from beit3.inference.predictor import load_predictor
+from beit3.model.pretrained import from_pretrained
 
 from finetune_helpers import evaluate, finetune
 
@@ -243,8 +243,8 @@ def test_a_saved_folder_exports_with_its_own_config(runs, tmp_path, capsys):
     the saved model's vision path."""
     import timm
 
-    from beit3.backbones import vision_encoder
-    from beit3.export import main as export_main
+    from beit3.weights.backbones import vision_encoder
+    from beit3.weights.export import main as export_main
     assert export_main(["--to", "timm", best(runs, "retrieval"), "-o", str(tmp_path / "timm")]) == 0
     assert "guessed" not in capsys.readouterr().out
     model = from_pretrained(best(runs, "retrieval"))

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from beit3 import BEiT3Config
-from beit3.finetune.heads import CaptioningModel, ImageClassifier, NLVR2Model
-from beit3.predict import main as predict_main
-from beit3.predictor import load_predictor
+from beit3.model.heads import CaptioningModel, ImageClassifier, NLVR2Model
+from beit3.cli.predict import main as predict_main
+from beit3.inference.predictor import load_predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = ["circle", "square", "triangle", "star", "cross"]
@@ -115,7 +115,7 @@ def test_arrays_urls_and_lists_of_images_give_the_paths_results(saved, pictures,
         with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
             p.classify(bad)
         assert e.type.__name__ == "UserError"
-    monkeypatch.setattr("beit3.predictor.URL_TIMEOUT", 0.5)
+    monkeypatch.setattr("beit3.inference.predictor.URL_TIMEOUT", 0.5)
     Slow.stall = 30.0
     with pytest.raises(Exception, match="cannot be read \\(timed out\\)"):
         p.classify(urls[0])
@@ -146,8 +146,8 @@ def test_several_images_on_the_command_line(saved, pictures, web, capsys):
 def test_ban_special_changes_what_captioning_can_generate(saved, pictures, capsys):
     """With [MASK] the likeliest token everywhere, the default never generates it; --no-ban-special
     lets the beams take it (and score higher)."""
-    from beit3.finetune.captioning import DecodeConfig, generate
-    from beit3.pretrained import from_pretrained
+    from beit3.model.generation import DecodeConfig, generate
+    from beit3.model.pretrained import from_pretrained
     model = from_pretrained(saved["captioning"])
     p = load_predictor(saved["captioning"])
     tok = p.tokenizer
@@ -173,9 +173,9 @@ def test_evaluate_takes_the_ban_special_switch_for_an_older_run():
     """A run saved before the setting existed still takes --no-ban-special; its decoder follows."""
     import dataclasses
 
-    from beit3.finetune.evaluate import build_parser, config_for
-    from beit3.finetune.recipes import get_recipe
-    from beit3.finetune.tasks import build_task
+    from beit3.cli.evaluate import build_parser, config_for
+    from beit3.jobs.finetune.recipes import get_recipe
+    from beit3.jobs.finetune.tasks import build_task
     saved = dataclasses.asdict(get_recipe("captioning-tiny"))
     saved.pop("ban_special")
     assert config_for(build_parser().parse_args(["--checkpoint", "x"]), {"finetune": saved}).ban_special is True
@@ -229,7 +229,7 @@ def test_saved_folders_and_requests_that_do_not_hold_together_are_one_line(saved
         err = lines(capsys, *argv, code=2)
         assert message in err, (argv, err)
 
-    from beit3.finetune.evaluate import main as evaluate_main
+    from beit3.cli.evaluate import main as evaluate_main
     assert evaluate_main(["--checkpoint", cls, "--task", "classification", "--data", str(tmp_path), "--spm",
                           str(spm / "tokenizer.model"), "--output", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err

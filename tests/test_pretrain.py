@@ -12,9 +12,9 @@ from pretrain_fixtures import IndexedBatches, exported_backbone, run_args
 from pretrain_worker import in_this_process
 
 from beit3 import BEiT3, from_pretrained
-from beit3.pretrain import check_args, main as pretrain_main
-from beit3.train.checkpoint import complete_checkpoints
-from beit3.train.loop import PretrainRun
+from beit3.cli.pretrain import check_args, main as pretrain_main
+from beit3.trainer.checkpoint import complete_checkpoints
+from beit3.jobs.pretrain.loop import PretrainRun
 
 HERE = os.path.dirname(__file__)
 

@@ -6,9 +6,9 @@ from typing import Optional
 
 import pytest
 
-from beit3.flags import add_dataclass_flags, given
-from beit3.pretrain import build_parser, config_from_args, main as pretrain_main
-from beit3.train.pretrain_config import RECIPES, PretrainConfig
+from beit3.core.settings import add_dataclass_flags, given
+from beit3.cli.pretrain import build_parser, config_from_args, main as pretrain_main
+from beit3.jobs.pretrain.config import RECIPES, PretrainConfig
 
 
 def parse(*argv) -> PretrainConfig:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader, ShardStream, SkipLog
 from beit3.data.shards import write_shards
-from beit3.synthetic.world import make_synthetic_world
+from beit3.data.synthetic.world import make_synthetic_world
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.transforms import RandomResizedCropTwoViews, build_cls_transform, build_vl_transform
 
@@ -95,9 +95,9 @@ def test_batch_format(world):
 def test_text_padding_cuts_only_padding(world):
     """"longest" drops only all-padding columns: same tokens, masks and labels as "max", fewer
     FLOPs, and the same MLM loss and gradients from a model."""
-    from beit3.config import BEiT3Config
-    from beit3.train.flops import pretrain_flops_breakdown
-    from beit3.train.objective import MaskedDataModeling
+    from beit3.model.config import BEiT3Config
+    from beit3.trainer.flops import pretrain_flops_breakdown
+    from beit3.jobs.pretrain.objective import MaskedDataModeling
 
     spm = world / "spm/synthetic.model"
     kw = dict(batch_images=0, batch_texts=6, batch_pairs=6, max_text_len=32)

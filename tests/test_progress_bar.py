@@ -4,8 +4,8 @@ import functools
 
 from tqdm import tqdm
 
-from beit3.train import metrics_log
-from beit3.train.metrics_log import MetricsLogger
+from beit3.trainer import metrics_log
+from beit3.trainer.metrics_log import MetricsLogger
 
 
 def test_resumed_bar_starts_at_its_step(tmp_path):

@@ -20,7 +20,7 @@ from beit3.data.remote import Timeouts
 from beit3.data.shards import main as shards_main
 from beit3.data.shards import read_manifest
 from beit3.data.sources import RetryPolicy, Shard, SkipLog, read_samples
-from beit3.pretrain import main as pretrain_main
+from beit3.cli.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUICK = Timeouts(connect=2, read=1, min_rate=100)  # a stall or a trickle fails after ~1 s

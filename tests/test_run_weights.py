@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from pretrain_fixtures import IndexedBatches, exported_backbone, run_args
 
 from beit3 import BEiT3, from_pretrained
-from beit3.errors import OutputError
-from beit3.finetune.init import load_init
-from beit3.pretrain import check_args
-from beit3.train.checkpoint import complete_checkpoints
-from beit3.train.loop import FINAL, PretrainRun
+from beit3.core.errors import OutputError
+from beit3.jobs.finetune.init_weights import load_init
+from beit3.cli.pretrain import check_args
+from beit3.trainer.checkpoint import complete_checkpoints
+from beit3.jobs.pretrain.loop import FINAL, PretrainRun
 
 HERE = os.path.dirname(__file__)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,7 +97,7 @@ def test_a_bf16_run_stopped_early_writes_its_fp32_masters_and_keeps_them_on_a_fu
 
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("beit3.pretrained.write_files", full_disk)
+    monkeypatch.setattr("beit3.model.saved.write_files", full_disk)
     with pytest.raises(OutputError, match=r"final/ not written: could not write .*No space left.*step_00000003"):
         _run(out, assets, resume="auto", **common).train()
     assert [s for s, _ in complete_checkpoints(str(out / "checkpoints"))] == [2, 3]

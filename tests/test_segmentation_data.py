@@ -4,17 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from beit3.data.ade20k import (
-    ADE20K_CLASSES, ADE20KDataset, ImageLoadError, LayoutError, annotation_image, pair_files, read_class_names,
-    reduce_zero_label,
-)
+from beit3.data.ade20k import ADE20K_CLASSES, ADE20KDataset, ImageLoadError, LayoutError, annotation_image, pair_files, read_class_names, reduce_zero_label
 from beit3.data.bad_images import SkipUnreadable
 from beit3.data.index_check import IndexProblemError, check_dataset
-from beit3.data.seg_transforms import (
-    SegEvalTransform, SegTrainTransform, crop_box, photometric_distortion, rescale_size,
-)
+from beit3.data.seg_transforms import SegEvalTransform, SegTrainTransform, crop_box, photometric_distortion, rescale_size
 from beit3.data.transforms import eval_transform
-from beit3.finetune.main import main as finetune_main
+from beit3.cli.finetune import main as finetune_main
 
 COLOURS = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.uint8)  # classes 1, 2, 3
 

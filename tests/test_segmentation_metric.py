@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from beit3.eval.segmentation_metric import COUNTS, area_counts, format_class_table, segmentation_scores
+from beit3.metrics.segmentation import COUNTS, area_counts, format_class_table, segmentation_scores
 
 NAMES = ["wall", "sky", "tree", "car"]
 X = 255  # ignored

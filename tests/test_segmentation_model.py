@@ -5,16 +5,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from beit3 import BEiT3, BEiT3Config, PRESETS
-from beit3.backbones import vision_encoder
-from beit3.finetune.heads import unreached_parameters
-from beit3.finetune.init import apply_init, load_init
-from beit3.finetune.segmentation_model import (
-    SegmentationModel, default_out_indices, segmentation_loss, slide_logits, sync_batchnorm, window_boxes,
-)
-from beit3.finetune.trainer import freeze_unreached
-from beit3.finetune.upernet import FCNHead, MultiScaleAdapter, UPerHead
+from beit3.weights.backbones import vision_encoder
+from beit3.model.heads import unreached_parameters
+from beit3.jobs.finetune.init_weights import apply_init, load_init
+from beit3.model.segmentation import SegmentationModel, default_out_indices, segmentation_loss, slide_logits, sync_batchnorm, window_boxes
+from beit3.jobs.finetune.run import freeze_unreached
+from beit3.model.upernet import FCNHead, MultiScaleAdapter, UPerHead
 from beit3.model.intermediates import tokens_to_map
-from beit3.train.optim import layer_id, param_groups, poly_lr_lambda
+from beit3.trainer.optim import layer_id, param_groups, poly_lr_lambda
 from beit3.weights import to_official
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -282,7 +280,7 @@ def test_init_loads_the_backbone_from_any_source(source, tmp_path):
 
 # -- recipes -----------------------------------------------------------------------------------------
 def test_ade20k_recipes_are_beit_v2s_and_settings_are_checked():
-    from beit3.finetune.recipes import get_recipe
+    from beit3.jobs.finetune.recipes import get_recipe
 
     base, large = get_recipe("ade20k-base"), get_recipe("ade20k-large")
     assert (base.lr, base.layer_decay, base.drop_path, base.decoder_channels) == (5e-5, 0.75, 0.15, 768)

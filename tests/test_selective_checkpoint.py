@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from beit3 import BEiT3
-from beit3.config import BEiT3Config
+from beit3.model.config import BEiT3Config
 
 MODES = ("none", "selective", "full")
 B, LT = 2, 16  # batch, text length (the last 4 tokens of each text are padding)
@@ -160,8 +160,8 @@ def test_bad_modes_fail_early():
 
 
 def test_command_line_options():
-    from beit3 import benchmark, pretrain
-    from beit3.train.ds_config import ConfigError
+    from beit3.cli import benchmark, pretrain
+    from beit3.trainer.ds_config import ConfigError
 
     def pretrain_args(*flags):
         args = pretrain.build_parser().parse_args(["--preset", "tiny", *flags])
@@ -190,12 +190,12 @@ def test_zero3_engine_selective_equals_no_checkpointing(outputs_seen, monkeypatc
     monkeypatch.setattr(checkpointing, "SEES_OUTPUTS", outputs_seen)
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from beit3.bench.batches import BatchMix, synthetic_batch
-    from beit3.train.ds_config import default_ds_config
-    from beit3.train.distributed import init_distributed
-    from beit3.train.ds_config import resolve_ds_config
-    from beit3.train.engine import OptimConfig, build_engine
-    from beit3.train.objective import MaskedDataModeling
+    from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
+    from beit3.trainer.ds_config import default_ds_config
+    from beit3.trainer.distributed import init_distributed
+    from beit3.trainer.ds_config import resolve_ds_config
+    from beit3.trainer.engine import OptimConfig, build_engine
+    from beit3.jobs.pretrain.objective import MaskedDataModeling
 
     init_distributed(device="cpu")
     cfg = BEiT3Config.from_preset("tiny", vocab_size=100, depth=2, vl_layers=1, drop_path_rate=0.1)
@@ -230,11 +230,11 @@ def test_zero3_selective_survives_a_change_of_batch_parts():
     module order. A batch with other parts (images only, then no images) changes that order: the
     recomputation used to meet parameter-gathering ops the forward had not run ("aten.view.default
     invocation index 34 ... not found in storage"). Losses equal those without checkpointing."""
-    from beit3.bench.batches import BatchMix, synthetic_batch
-    from beit3.train.distributed import init_distributed
-    from beit3.train.ds_config import default_ds_config, resolve_ds_config
-    from beit3.train.engine import OptimConfig, build_engine
-    from beit3.train.objective import MaskedDataModeling, prepare_batch
+    from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
+    from beit3.trainer.distributed import init_distributed
+    from beit3.trainer.ds_config import default_ds_config, resolve_ds_config
+    from beit3.trainer.engine import OptimConfig, build_engine
+    from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
 
     init_distributed(device="cpu")
     cfg = BEiT3Config.from_preset("tiny", vocab_size=100, depth=2, vl_layers=1)

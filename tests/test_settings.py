@@ -13,21 +13,22 @@ import typing
 import pytest
 import torch
 
-from beit3 import benchmark, info, pretrain
-from beit3.bench.config import BenchmarkConfig
+from beit3.cli import benchmark, info, pretrain
+from beit3.jobs.benchmark.config import BenchmarkConfig
 from beit3.data import cifar_format, downstream, shards, text_tokenizer
-from beit3.finetune import evaluate, main as finetune
-from beit3.finetune.options import RunOptions
-from beit3.finetune.recipes import RECIPES, FinetuneConfig
-from beit3.finetune.trainer import schedule_steps
-from beit3.flags import Range, SettingError, check_values, flag_ranges, is_number, ranges_table
-from beit3.info import InfoSettings
-from beit3.synthetic import world
-from beit3.tokenizer import train as train_tokenizer
-from beit3.tokenizer.train_config import TokenizerTrainConfig
-from beit3.tokenizer.vqkd import VQKDConfig
-from beit3.train.optim import cosine_lr_lambda
-from beit3.train.pretrain_config import RECIPES as PRETRAIN_RECIPES, PretrainConfig
+from beit3.cli import evaluate
+from beit3.cli import finetune
+from beit3.jobs.finetune.options import RunOptions
+from beit3.jobs.finetune.recipes import RECIPES, FinetuneConfig
+from beit3.jobs.finetune.run import schedule_steps
+from beit3.core.settings import Range, SettingError, check_values, flag_ranges, is_number, ranges_table
+from beit3.cli.info import InfoSettings
+from beit3.data.synthetic import world
+from beit3.jobs.tokenizer import train as train_tokenizer
+from beit3.jobs.tokenizer.config import TokenizerTrainConfig
+from beit3.vqkd.vqkd import VQKDConfig
+from beit3.trainer.optim import cosine_lr_lambda
+from beit3.jobs.pretrain.config import RECIPES as PRETRAIN_RECIPES, PretrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = [PretrainConfig, FinetuneConfig, RunOptions, TokenizerTrainConfig, BenchmarkConfig, InfoSettings]

@@ -15,9 +15,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from beit3.synthetic.scenes import COLORS, SHAPES
-from beit3.synthetic.language import NLVR2_STATEMENTS
-from beit3.synthetic.world import WorldConfig, make_synthetic_world, main, split_sizes, write_nlvr2
+from beit3.data.synthetic.scenes import COLORS, SHAPES
+from beit3.data.synthetic.language import NLVR2_STATEMENTS
+from beit3.data.synthetic.world import WorldConfig, make_synthetic_world, main, split_sizes, write_nlvr2
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.vqa_normalize import normalize_answer
 
@@ -132,7 +132,7 @@ def test_segmentation_masks_cover_exactly_the_shapes(world, tmp_path):
         pairs += 1
     assert pairs == counts["segmentation_images"] == 36
     # a world cached before the masks existed gets them on first use, the same bytes
-    from beit3.synthetic.segmentation import write_segmentation
+    from beit3.data.synthetic.segmentation import write_segmentation
     assert write_segmentation(tmp_path, [dict(im, file=str(out / im["file"])) for im in scenes.values()]) == 36
     again = tmp_path / "ADEChallengeData2016" / "annotations" / "training"
     assert all((again / p.name).read_bytes() == p.read_bytes() for p in (root / "annotations" / "training").iterdir())
@@ -140,7 +140,7 @@ def test_segmentation_masks_cover_exactly_the_shapes(world, tmp_path):
 
 def test_a_world_cached_without_masks_gets_them_on_first_use(world, tmp_path, monkeypatch):
     import shutil
-    from beit3.synthetic.demo_assets import finetune_world, synthetic_root
+    from beit3.jobs.demo_assets import finetune_world, synthetic_root
     monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
     cached = Path(synthetic_root(SEED, N, 64)) / "world"
     shutil.copytree(world[0], cached)
@@ -402,8 +402,8 @@ def test_cli_and_output_folder_rules(tmp_path, capsys, monkeypatch):
 
 def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
     """A world cached by an older generator is not reused; a complete one is not rebuilt."""
-    from beit3.synthetic.demo_assets import ensure_synthetic_world, synthetic_root
-    from beit3.synthetic import world as synthetic
+    from beit3.jobs.demo_assets import ensure_synthetic_world, synthetic_root
+    from beit3.data.synthetic import world as synthetic
 
     monkeypatch.setenv("BEIT3_CACHE", str(tmp_path))
     current = synthetic_root(0, 40, 32)
@@ -423,8 +423,8 @@ def test_cached_world_is_keyed_on_the_generator_version(tmp_path, monkeypatch):
 
 
 def test_a_stopped_world_build_is_built_again(tmp_path, monkeypatch):
-    from beit3.synthetic.demo_assets import BuildStopped, ensure_synthetic_world
-    from beit3.synthetic import world as synthetic
+    from beit3.jobs.demo_assets import BuildStopped, ensure_synthetic_world
+    from beit3.data.synthetic import world as synthetic
 
     real = synthetic.write_texts
 
@@ -450,10 +450,10 @@ def test_a_stopped_demo_tokenizer_is_not_cached_and_the_next_run_finishes_it(tmp
 
     from safetensors.torch import load_file
 
-    import beit3.synthetic.demo_assets as assets
+    import beit3.jobs.demo_assets as assets
 
-    from beit3.pretrain import main as pretrain_main
-    from beit3.tokenizer import train as tokenizer_train
+    from beit3.cli.pretrain import main as pretrain_main
+    from beit3.jobs.tokenizer import train as tokenizer_train
     small = dict(seed=0, num_images=48, tokenizer_steps=6, tokenizer_batch=8)
     reference = tmp_path / "reference"
     monkeypatch.setenv("BEIT3_CACHE", str(reference))

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from beit3.finetune import tasks
-from beit3.finetune.main import main as finetune_main
-from beit3.train.run_dir import RunDirError, check_run_folder, move_aside
-from beit3.train.trainer import NonFiniteLossError, NonFiniteSteps, Trainer
+from beit3.jobs.finetune import tasks
+from beit3.cli.finetune import main as finetune_main
+from beit3.trainer.run_dir import RunDirError, check_run_folder, move_aside
+from beit3.trainer.trainer import NonFiniteLossError, NonFiniteSteps, Trainer
 
 from finetune_helpers import COMMON
 
@@ -101,7 +101,7 @@ import atexit, os, sys
 import torch.distributed as dist
 atexit.register(lambda: print("group at exit:", dist.is_initialized()))  # runs after the module's handler
 os.environ.update(MASTER_PORT=sys.argv[1], RANK=sys.argv[3], WORLD_SIZE="2")
-from beit3.train.distributed import DistInfo, finish_distributed, init_distributed
+from beit3.trainer.distributed import DistInfo, finish_distributed, init_distributed
 info = init_distributed(60.0, "cpu")
 finish_distributed(info if sys.argv[2] == "clean" else DistInfo.single("cpu"))
 """
@@ -111,7 +111,7 @@ def test_the_group_ends_at_exit_only_after_a_clean_finish():
     # Left to interpreter finalization, a gloo group could abort a process whose job had succeeded.
     # Without a clean finish (a failure: destroying could wait on a failing peer; or only a job that
     # one rank ran alone inside the group finished) it is left alone. Two 2-rank worlds at once.
-    from beit3.train.distributed import free_port
+    from beit3.trainer.distributed import free_port
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     worlds = {finish: [str(free_port())] for finish in ("clean", "single")}
     ranks = {(finish, r): subprocess.Popen([sys.executable, "-c", _AT_EXIT, port, finish, str(r)],

@@ -18,9 +18,9 @@ from beit3 import BEiT3, BEiT3Config
 from beit3.weights.official import convert_ours_to_official
 from beit3.data.pretrain_loader import PretrainDataConfig
 from beit3.data.transforms import PretrainImageTransform
-from beit3.finetune.heads import RetrievalModel
-from beit3.train.objective import MaskedDataModeling
-from beit3.train.optim import param_groups
+from beit3.model.heads import RetrievalModel
+from beit3.jobs.pretrain.objective import MaskedDataModeling
+from beit3.trainer.optim import param_groups
 
 STD = 0.02
 
@@ -84,7 +84,7 @@ def test_subln_scales_what_torchscale_scales():
 
 
 def test_pretraining_defaults_to_subln_and_finetuning_to_unilms_wrapper():
-    from beit3.pretrain import build_parser, config_from_args
+    from beit3.cli.pretrain import build_parser, config_from_args
     assert config_from_args(build_parser().parse_args([])).init_scheme == "subln"
     assert config_from_args(build_parser().parse_args(["--init-scheme", "plain"])).init_scheme == "plain"
     # unilm/beit3's BEiT3Wrapper re-initialises every Linear after torchscale's Sub-LN scaling.

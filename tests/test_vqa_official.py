@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from beit3.eval.vqa_metric import VQA_EVAL_VERSIONS, vqa_accuracy, vqa_accuracy_by_type
+from beit3.metrics.vqa import VQA_EVAL_VERSIONS, vqa_accuracy, vqa_accuracy_by_type
 
 _CONTRACTIONS = dict(pair.split("=") for pair in """
 aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
@@ -203,8 +203,8 @@ def test_vqa_task_reports_the_server_breakdown(tmp_path, version):
 
     import torch
 
-    from beit3.finetune.recipes import FinetuneConfig
-    from beit3.finetune.tasks import VQATask
+    from beit3.jobs.finetune.recipes import FinetuneConfig
+    from beit3.jobs.finetune.tasks import VQATask
 
     rng = random.Random(1)
     cases = [_random_case(rng) for _ in range(60)]

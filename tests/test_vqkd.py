@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from beit3.config import BEiT3Config
-from beit3.tokenizer.quantizer import NormEMAVectorQuantizer
-from beit3.tokenizer.teachers import build_teacher
-from beit3.tokenizer.train import main, read_metrics, train_tokenizer
-from beit3.tokenizer.vqkd import VQKD, VQKDConfig, load_trained_tokenizer, load_vqkd
+from beit3.model.config import BEiT3Config
+from beit3.vqkd.quantizer import NormEMAVectorQuantizer
+from beit3.vqkd.teachers import build_teacher
+from beit3.jobs.tokenizer.train import main, read_metrics, train_tokenizer
+from beit3.vqkd.vqkd import VQKD, VQKDConfig, load_trained_tokenizer, load_vqkd
 
 # Names in beit2's vqkd_encoder_base_decoder_3x768x12_clip checkpoint (modeling_vqkd.py, BEiT's
 # modeling_finetune.VisionTransformer with use_mean_pooling, norm_ema_quantizer.py).
@@ -424,8 +424,8 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_resume_refuses_another_run_and_a_planted_pickle(image_dir, tmp_path):
-    from beit3.train.checkpoint import CheckpointError, file_crc32
-    from beit3.weights.io import UnsafeCheckpointError
+    from beit3.trainer.checkpoint import CheckpointError, file_crc32
+    from beit3.core.weight_files import UnsafeCheckpointError
     _pixel_run(image_dir, tmp_path, stop_after_steps=2)
     config = VQKDConfig.from_preset("tiny", teacher_dim=192)
     teacher = build_teacher("pixel", grid=8, img_size=64)
@@ -448,8 +448,8 @@ def test_resume_refuses_another_run_and_a_planted_pickle(image_dir, tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(image_dir, tmp_path, monkeypatch):
     """The one non-finite policy of every job: skipped and counted, --max-bad-steps in a row stop."""
-    from beit3.train.trainer import NonFiniteLossError
-    from beit3.tokenizer import train as train_mod
+    from beit3.trainer.trainer import NonFiniteLossError
+    from beit3.jobs.tokenizer import train as train_mod
     calls = {"n": 0}
     real = train_mod.VQKD.forward
 
@@ -477,10 +477,10 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(image_dir, tmp_path, mon
 
 _RANK0_TRAINS = """
 import sys, torch
-from beit3.train.distributed import DistInfo, barrier, init_distributed
-from beit3.tokenizer.teachers import build_teacher
-from beit3.tokenizer.train import train_tokenizer
-from beit3.tokenizer.vqkd import VQKDConfig
+from beit3.trainer.distributed import DistInfo, barrier, init_distributed
+from beit3.vqkd.teachers import build_teacher
+from beit3.jobs.tokenizer.train import train_tokenizer
+from beit3.vqkd.vqkd import VQKDConfig
 info = init_distributed(60.0, "cpu")
 if info.is_main:  # as the demo: rank 0 trains the tokenizer alone, the others wait
     config = VQKDConfig.from_preset("tiny", teacher_dim=192)

@@ -19,9 +19,8 @@ from pretrain_fixtures import WORDS
 
 from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader
 from beit3.data.shards import write_shards
-from beit3.data.sources import (DataSourceError, RetryPolicy, Shard, SkipLog, parse_spec, read_samples,
-                                resolve_source)
-from beit3.pretrain import main as pretrain_main
+from beit3.data.sources import DataSourceError, RetryPolicy, Shard, SkipLog, parse_spec, read_samples, resolve_source
+from beit3.cli.pretrain import main as pretrain_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BROKEN, MISSING = "00003.tar", "00004.tar"

@@ -28,8 +28,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from .downstream.datasets import ImageLoadError, load_image
+from beit3.core.errors import UserError
+from beit3.data.downstream.datasets import ImageLoadError, load_image
 
 FOLDER = "ADEChallengeData2016"
 SPLIT_DIRS = {"train": "training", "val": "validation"}

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from .downstream.datasets import ImageLoadError
+from beit3.core.errors import UserError
+from beit3.data.downstream.datasets import ImageLoadError
 
 SKIPPED_KEY = "skipped_images"
 MAX_IN_A_ROW = 32  # more unreadable items in a row than this is a broken dataset, not a few bad files

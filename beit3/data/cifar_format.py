@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from ..errors import BadFileError, UserError, first_line
-from ..files import check_output_dir
+from beit3.core.errors import BadFileError, UserError, first_line
+from beit3.core.files import check_output_dir
 
 CIFAR10_DIR, CIFAR100_DIR = "cifar-10-batches-py", "cifar-100-python"
 CIFAR10_TRAIN_BATCHES = 5

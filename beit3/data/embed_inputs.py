@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..errors import BadFileError, UserError
-from .sources import DataSourceError, RetryPolicy, Shard, SkipLog, is_remote, read_samples, resolve_source
+from beit3.core.errors import BadFileError, UserError
+from beit3.data.sources import DataSourceError, RetryPolicy, Shard, SkipLog, is_remote, read_samples, resolve_source
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")

@@ -15,8 +15,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from ..errors import UserError
-from .downstream.datasets import CIFARDataset, ClassificationDataset, IndexDataset
+from beit3.core.errors import UserError
+from beit3.data.downstream.datasets import CIFARDataset, ClassificationDataset, IndexDataset
 
 SHOWN = 5  # problems quoted in one message
 PROGRESS_FROM = 5000  # image files: below this the check is too short for a progress bar

@@ -81,14 +81,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .masking import (IMAGE_MASK_RATIO, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator,
-                      default_num_masking_patches, mask_text)
-from .remote import Timeouts
-from .shards import ShardError, manifest_shards, read_manifest
-from .sources import (IMAGE_KEYS, DataSourceError, RetryPolicy, Shard, SkipLog, Source, failed_in, first_usable,
-                      read_samples, resolve_source)
-from .text_tokenizer import TextTokenizer
-from .transforms import BEIT_MIN_CROP_SCALE, VL_CROP_SCALE, PretrainImageTransform
+from beit3.data.masking import IMAGE_MASK_RATIO, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, default_num_masking_patches, mask_text
+from beit3.data.remote import Timeouts
+from beit3.data.shards import ShardError, manifest_shards, read_manifest
+from beit3.data.sources import IMAGE_KEYS, DataSourceError, RetryPolicy, Shard, SkipLog, Source, failed_in, first_usable, read_samples, resolve_source
+from beit3.data.text_tokenizer import TextTokenizer
+from beit3.data.transforms import BEIT_MIN_CROP_SCALE, VL_CROP_SCALE, PretrainImageTransform
 
 log = logging.getLogger(__name__)
 

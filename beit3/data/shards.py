@@ -41,10 +41,10 @@ from pathlib import Path
 
 import webdataset as wds
 
-from ..errors import OutputError, UserError, describe, first_line, report
-from ..files import check_output_dir, remove_stale_temps
-from ..flags import SettingError, add_flag, check_args
-from .remote import ReadTimeout, Timeouts, download
+from beit3.core.errors import OutputError, UserError, describe, first_line, report
+from beit3.core.files import check_output_dir, remove_stale_temps
+from beit3.core.settings import SettingError, add_flag, check_args
+from beit3.data.remote import ReadTimeout, Timeouts, download
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _source_items(content: str, source, caption_options: dict) -> Iterator[Item]
 
 
 def _staging_dir(out: Path, kind: str) -> Path:
-    """``out/.{kind}-shards.tmp-<host>-<pid>``: the temporary naming of ``beit3.files``, so that the
+    """``out/.{kind}-shards.tmp-<host>-<pid>``: the temporary naming of ``beit3.core.files``, so that the
     next writer removes what a killed one left."""
     remove_stale_temps(out / f"{kind}-shards")
     staging = out / f".{kind}-shards.tmp-{socket.gethostname()}-{os.getpid()}"

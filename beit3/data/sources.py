@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
-from .remote import ReadTimeout, Timeouts, open_stream
-from .shards import ShardError, read_manifest
+from beit3.data.remote import ReadTimeout, Timeouts, open_stream
+from beit3.data.shards import ShardError, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import sentencepiece as spm
 import torch
 
-from ..errors import BadFileError, UserError, describe, first_line, report
-from ..files import check_output_file, sha256_of
-from ..flags import add_flag, check_args
+from beit3.core.errors import BadFileError, UserError, describe, first_line, report
+from beit3.core.files import check_output_file, sha256_of
+from beit3.core.settings import add_flag, check_args
 
 FAIRSEQ_OFFSET = 1  # fairseq prepends <s>, <pad>, </s>, <unk> and drops sentencepiece's own three
 

@@ -26,8 +26,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from .randaug import VL_OPS, RandomAugment
-from .seg_transforms import Rescale
+from beit3.data.randaug import VL_OPS, RandomAugment
+from beit3.data.seg_transforms import Rescale
 
 BEIT3_MEAN, BEIT3_STD = IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD  # (0.5,) * 3: pixels -> [-1, 1]
 BEIT_MIN_CROP_SCALE = 0.08  # BEiT / BEiT v2 pretraining `--min_crop_scale`

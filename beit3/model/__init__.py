@@ -1,4 +1,4 @@
-from .beit3 import BEiT3, EncoderOutput
-from .multiway import Multiway, Streams, join, split
+from beit3.model.beit3 import BEiT3, EncoderOutput
+from beit3.model.multiway import Multiway, Streams, join, split
 
 __all__ = ["BEiT3", "EncoderOutput", "Multiway", "Streams", "join", "split"]

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
                                     create_selective_checkpoint_contexts)
 
-from .multiway import Streams
+from beit3.model.multiway import Streams
 
 CHECKPOINT_MODES = ("full", "selective")
 _aten = torch.ops.aten

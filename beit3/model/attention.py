@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .multiway import Multiway, Streams, join, split
+from beit3.model.multiway import Multiway, Streams, join, split
 
 
 class MultiwayAttention(nn.Module):

@@ -18,13 +18,14 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..config import BEiT3Config
-from .block import MultiwayBlock
-from .activation_checkpointing import CHECKPOINT_MODES, checkpoint_block
-from .embeddings import TextEmbedding, VisionEmbedding
-from .init import subln_scale, trunc_normal_
-from .intermediates import Indices, vision_intermediates
-from .multiway import Multiway, Streams, join
+from beit3.model.config import BEiT3Config
+from beit3.model.block import MultiwayBlock
+from beit3.model.activation_checkpointing import CHECKPOINT_MODES, checkpoint_block
+from beit3.model.embeddings import TextEmbedding, VisionEmbedding
+from beit3.model.init import subln_scale, trunc_normal_
+from beit3.model.intermediates import Indices, vision_intermediates
+from beit3.model.multiway import Multiway, Streams, join
+from beit3.model.saved import save_pretrained
 
 
 @dataclass
@@ -92,8 +93,7 @@ class BEiT3(nn.Module):
     # -- activation checkpointing ---------------------------------------------------------------
     def save_pretrained(self, directory: str, **files) -> str:
         """A self-contained folder (config.json, model.safetensors, optionally the tokenizer and the
-        image preprocessing: ``beit3.pretrained.save_pretrained``); ``beit3.from_pretrained`` loads it."""
-        from ..pretrained import save_pretrained  # the folder format sits above the model
+        image preprocessing: ``beit3.model.pretrained.save_pretrained``); ``beit3.from_pretrained`` loads it."""
         return save_pretrained(self, directory, **files)
 
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1, mode: str = "full") -> None:
@@ -130,7 +130,7 @@ class BEiT3(nn.Module):
         attn_mask: bool (L, L) or (B, L, L) over the joined sequence, True = may attend (as SDPA);
             e.g. causal text for captioning.
         out_layers: layer indices whose outputs (before the final norm) are returned in ``hidden``.
-        kv_cache / text_start / fusion: incremental decoding (see beit3.finetune captioning): a list
+        kv_cache / text_start / fusion: incremental decoding (see beit3.jobs.finetune captioning): a list
             with one dict per layer, the position of the first text token, and whether the cached
             context holds an image (routes to the VL-FFN).
         num_layers: run only the first this many layers (dense features that stop early).
@@ -172,7 +172,7 @@ class BEiT3(nn.Module):
         mask = None
         # A mask whenever a padding mask is given: asking the device whether any token is padding
         # would make the host wait for it every step. Callers with no padding pass None (as
-        # ``beit3.train.objective.prepare_batch`` does), which lets SDPA take a mask-free kernel.
+        # ``beit3.jobs.pretrain.objective.prepare_batch`` does), which lets SDPA take a mask-free kernel.
         if text_padding_mask is not None:
             keep = ~text_padding_mask  # (B, Lt)
             if xs[0] is not None:
@@ -187,7 +187,7 @@ class BEiT3(nn.Module):
     def _check_inputs(self, image, text, text_padding_mask, image_mask) -> None:
         """Shapes and dtypes only: reading values (are the token ids in range?) would make the host
         wait for the device every step. The data path checks values on the CPU before the batch
-        moves (``beit3.train.objective.prepare_batch``; the tokenizers produce ids in range)."""
+        moves (``beit3.jobs.pretrain.objective.prepare_batch``; the tokenizers produce ids in range)."""
         cfg = self.cfg
         if image is None and text is None:
             raise ValueError("BEiT3.forward needs an image, a text, or both")

@@ -14,10 +14,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import BEiT3Config
-from .attention import MultiwayAttention
-from .ffn import FFN
-from .multiway import Multiway, Streams
+from beit3.model.config import BEiT3Config
+from beit3.model.attention import MultiwayAttention
+from beit3.model.ffn import FFN
+from beit3.model.multiway import Multiway, Streams
 
 
 def _drop_path_scale(xs: Streams, p: float, training: bool) -> Optional[Tensor]:

@@ -36,10 +36,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..config import OFFICIAL_TOKENIZER_IDS, OFFICIAL_VOCAB_SIZE, PRESETS, BEiT3Config
-from ..model import BEiT3, Multiway
-from ..model.embeddings import POS_OFFSET, resize_vision_pos_embed
-from .io import load_state_dict
+from beit3.model.config import OFFICIAL_TOKENIZER_IDS, OFFICIAL_VOCAB_SIZE, PRESETS, BEiT3Config
+from beit3.model import BEiT3, Multiway
+from beit3.model.embeddings import POS_OFFSET, resize_vision_pos_embed
+from beit3.core.weight_files import load_state_dict
+from beit3.model.pretrained import build_loaded
 
 PREFIX = "beit3."
 CONFIG_KEY = "beit3_config"  # safetensors metadata written by ``beit3 export``: our config as JSON
@@ -401,17 +402,6 @@ def load_official(checkpoint: Any, preset_or_config: Union[str, BEiT3Config, Non
     else:
         model = build_loaded(make, weights)
     return LoadedModel(model, loaded.extras, missing, unexpected)
-
-
-def build_loaded(make: Callable[[], nn.Module], sd: Mapping[str, Tensor]) -> nn.Module:
-    """``make()`` built on the meta device, then given copies of ``sd`` (cast to its dtypes; every key
-    required): no time spent on a random initialisation that would be overwritten."""
-    with torch.device("meta"):
-        module = make()
-    ref = module.state_dict()
-    module.load_state_dict({k: v.detach().to(dtype=ref[k].dtype if k in ref else v.dtype, copy=True)
-                            for k, v in sd.items()}, strict=True, assign=True)
-    return module
 
 
 def _report(src: str, missing: list, unexpected: list, strict: bool) -> None:

@@ -33,7 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from beit3.data.downstream.build import read_jsonl
 from beit3.data.downstream.provenance import check_index_tokenizer
-from beit3.errors import BadFileError, UserError
+from beit3.core.errors import BadFileError, UserError
 from beit3.data.text_tokenizer import TextTokenizer
 
 # (task, split) -> index files, as unilm/beit3 ``get_index_files``.

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from beit3.data.text_tokenizer import TextTokenizer, check_same_tokenizer
-from beit3.files import atomic_file, read_json
+from beit3.core.files import atomic_file, read_json
 
 INDEX_MANIFEST = "index_manifest.json"
 MANIFEST_FORMAT = 1

@@ -1,0 +1,63 @@
+"""The ``beit3`` console script: a thin dispatcher to each command's own module."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, help). Each module exposes main(argv) -> int.
+COMMANDS = {
+    "info": ("beit3.cli.info", "build a preset, print its parameter table, run a forward/backward pass"),
+    "pretrain": ("beit3.cli.pretrain", "masked data modeling pretraining (DeepSpeed)"),
+    "train-tokenizer": ("beit3.jobs.tokenizer.train", "train a VQ-KD visual tokenizer"),
+    "data": (None, "data preparation: 'beit3 data synthetic|shards|downstream|spm|cifar ...'"),
+    "export": ("beit3.weights.export", "export weights: --to timm | onnx | safetensors | official"),
+    "finetune": ("beit3.cli.finetune", "fine-tune on vqa, retrieval, captioning, classification, nlvr2"),
+    "evaluate": ("beit3.cli.evaluate", "evaluate a fine-tuned checkpoint"),
+    "predict": ("beit3.cli.predict", "answers, captions, classes, rankings from a saved model (JSON lines)"),
+    "embed": ("beit3.cli.embed:main_embed", "feature vectors of a folder, text file, list or shards (retrieval model)"),
+    "search": ("beit3.cli.embed:main_search", "nearest neighbours in a saved embedding matrix; recall of two"),
+    "benchmark": ("beit3.cli.benchmark", "throughput, TFLOP/s and MFU of pretraining steps"),
+    "list-models": ("beit3.weights.hub:list_main", "the official checkpoints by name"),
+    "download": ("beit3.weights.hub", "download an official checkpoint by name (checksummed, resumable)"),
+}
+DATA_COMMANDS = {
+    "synthetic": "beit3.data.synthetic.world",
+    "shards": "beit3.data.shards",
+    "downstream": "beit3.data.downstream",
+    "spm": "beit3.data.text_tokenizer",
+    "cifar": "beit3.data.cifar_format",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: beit3 <command> [options]   (beit3 --version)", "", "commands:"]
+    lines += [f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from beit3 import __version__
+        print(f"beit3 {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "data":
+        if not rest or rest[0] not in DATA_COMMANDS:
+            print(f"usage: beit3 data {{{','.join(DATA_COMMANDS)}}} [options]", file=sys.stderr)
+            return 2
+        module, rest = DATA_COMMANDS[rest[0]], rest[1:]
+    elif cmd in COMMANDS:
+        module = COMMANDS[cmd][0]
+    else:
+        print(f"beit3: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, _, func = module.partition(":")
+    return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training a VQ-KD visual tokenizer (``beit3 train-tokenizer``)."""
