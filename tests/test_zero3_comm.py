@@ -45,6 +45,7 @@ def test_the_shipped_config_gathers_each_parameter_once_per_micro_step(counts):
     assert mixed["steps"][-1]["distinct_gathered_numel"] == whole  # the mixed batch uses every parameter
     assert 0.8 * whole < pairs["steps"][-1]["distinct_gathered_numel"] < whole
     assert mixed["copies"]["gathered_copies_forward"] == pytest.approx(1.0, abs=0.01)
+    assert mixed["copies"]["reduce_scattered_copies"] == 1.0
     assert mixed["steps"][-1]["backward"]["reduce_scatter_bytes"] == \
         2 * (mixed["partitioned_numel"] + mixed["persistent_numel"])
     # The first step has no module trace yet: each part gathers again, and the backward too.
@@ -52,6 +53,7 @@ def test_the_shipped_config_gathers_each_parameter_once_per_micro_step(counts):
     # Applied to giant: 2 bytes x its 1.946 B partitioned parameters.
     assert result["giant"]["partitioned_numel"] == pytest.approx(1.946e9, rel=1e-3)
     assert mixed["giant"]["all_gather_gb"] == pytest.approx(3.89, rel=0.01)
+    assert mixed["giant"]["reduce_scatter_gb"] == pytest.approx(3.90, rel=0.01)
     assert "config, mixed: gathered 1.00 + 0.00 copies" in stdout
 
 

@@ -15,6 +15,9 @@ time-out later keeps it):
 from __future__ import annotations
 
 import contextlib
+import gzip
+import os
+import shutil
 import signal
 import time
 
@@ -31,8 +34,9 @@ from .trainers import compile_layers, compile_stats, uncompile_layers
 
 STAGES = (3, 2)  # in the order measured; ZeRO-3 is the recipe's until a GPU says otherwise
 # Seconds kept, when a compiled run starts, for what follows it: image-only and the profile
-# (plus an engine rebuild should the compiled run be stopped).
-RESERVE_S = 60.0
+# (plus an engine rebuild should the compiled run be stopped); and for the profile alone (a warm
+# step, a profiled one, the trace written and gzipped).
+RESERVE_S, PROFILE_S = 75.0, 50.0
 
 
 class Overrun(Exception):
@@ -68,6 +72,7 @@ class GiantRun:
         self.trainer = None
         self.build_s: dict[int, float] = {}
         self.compiled = False
+        self.broken = False  # a step was cut half-way: the engine's state is not to be trusted
 
     def _settings(self, mix: BatchMix, mode: str):
         return settings_of(self.ctx, self.cfg, mix, ds_config_of(self.ctx, mix, stage=self.stage), every=1,
@@ -83,7 +88,7 @@ class GiantRun:
         self.trainer = build_trainer("beit3", self.s, 1)
         sync(self.ctx.device)
         self.build_s[stage] = time.perf_counter() - t0
-        self.compiled = False
+        self.compiled = self.broken = False
         return self.build_s[stage]
 
     def set_compiled(self, on: bool) -> None:
@@ -119,8 +124,9 @@ class GiantRun:
         torch.manual_seed(0)
         sync(self.ctx.device)
         t0 = time.perf_counter()
-        loss = float(self.trainer.step(batch, targets))
-        return {"first_step_s": time.perf_counter() - t0, "first_loss": loss}
+        loss = self.trainer.step(batch, targets)
+        sync(self.ctx.device)
+        return {"first_step_s": time.perf_counter() - t0, "first_loss": float(loss)}
 
 
 def part_giant(ctx: Context) -> None:
@@ -135,7 +141,8 @@ def part_giant(ctx: Context) -> None:
         compiled_at(run, big)
         image_only(run)
         best = max((r.get("mfu") or 0.0) for r in ctx.results["max_batch"].values() if isinstance(r, dict))
-        if ctx.profile == "always" or (ctx.profile == "auto" and best < MFU_TARGET and ctx.left() > 45):
+        wanted = ctx.profile == "always" or (ctx.profile == "auto" and best < MFU_TARGET)
+        if wanted and ctx.left() > PROFILE_S - 5 and not run.broken:
             try:
                 profile_best(run, big)
             except RuntimeError as e:  # the measurements above stand without it
@@ -220,7 +227,9 @@ def compiled_at(run: GiantRun, big: BatchMix) -> None:
     run.set_compiled(True)
     results["compile"] = {"backend": "eager (dry run)" if ctx.dry else "inductor"}
     broken = False
-    for mode in ("selective", "full"):
+    # The faster eager mode first: if compiling outlasts its time, the more useful figure exists.
+    modes = sorted(("selective", "full"), key=lambda m: -(results[m].get("samples_per_s") or 0.0))
+    for mode in modes:
         run.model.set_grad_checkpointing(True, 1, mode)
         key = f"{mode}, compiled"
         try:
@@ -257,13 +266,14 @@ def image_only(run: GiantRun) -> None:
     _record_image_only(ctx, mix, variants, ckpt)
     results = ctx.results["max_batch"]
     worked = any("samples_per_s" in results.get(f"{m}, compiled", {}) for m in ("selective", "full"))
-    if worked and ctx.left() > 45:
+    if worked and ctx.left() > PROFILE_S + 30:
         run.set_compiled(True)
         try:
-            with allowance(ctx.left() - 40):
+            with allowance(ctx.left() - PROFILE_S):
                 variants[f"{ckpt}, compiled"] = run.timed(mix, 2, 5)
         except Overrun as e:
             variants[f"{ckpt}, compiled"] = {"error": str(e)}
+        run.broken = "error" in variants[f"{ckpt}, compiled"]  # no profile on an engine cut mid-step
         _record_image_only(ctx, mix, variants, f"{ckpt}, compiled")
 
 
@@ -277,9 +287,6 @@ def _record_image_only(ctx: Context, mix: BatchMix, variants: dict, new: str) ->
 def profile_best(run: GiantRun, big: BatchMix) -> None:
     """One profiled step of the fastest configuration at the largest batch: the Chrome trace
     (gzipped), the time by kind of work and the five largest costs."""
-    import gzip  # only here: the profile is optional
-    import os
-    import shutil
     ctx = run.ctx
     results = ctx.results["max_batch"]
     best = max((k for k in results if isinstance(results[k], dict) and "samples_per_s" in results[k]),

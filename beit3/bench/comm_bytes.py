@@ -255,13 +255,15 @@ MIXES = {"mixed": (2, 2, 2), "images": (2, 0, 0), "texts": (0, 2, 0), "pairs": (
 
 def copies(run: dict, bytes_per_param: int) -> dict:
     """The last (steady-state) step of ``run`` in model copies: gathered bytes / (bytes_per_param x
-    partitioned numel), forward and backward; reduce-scattered bytes the same way."""
+    partitioned numel), forward and backward (only partitioned parameters are gathered); and
+    reduce-scattered bytes / (bytes_per_param x all parameters) (every gradient is reduced)."""
     last, whole = run["steps"][-1], bytes_per_param * run["partitioned_numel"]
     fwd, bwd = last.get("forward", {}), last.get("backward", {})
+    every = bytes_per_param * (run["partitioned_numel"] + run["persistent_numel"])
     return {"gathered_copies_forward": fwd.get("all_gather_bytes", 0) / whole,
             "gathered_copies_backward": bwd.get("all_gather_bytes", 0) / whole,
             "reduce_scattered_copies": sum(p.get("reduce_scatter_bytes", 0) for p in last.values()
-                                           if isinstance(p, dict)) / whole,
+                                           if isinstance(p, dict)) / every,
             "distinct_gathered_share": last["distinct_gathered_numel"] / run["partitioned_numel"]}
 
 
@@ -292,10 +294,11 @@ def giant_numels(threshold: float = 1e6) -> dict:
 
 def for_giant(c: dict, giant: dict, bytes_per_param: int) -> dict:
     """The counts in model copies, applied to giant: GB per rank and micro-step (whole tensors; a
-    rank's link carries (N - 1) / N of them)."""
-    whole = bytes_per_param * giant["partitioned_numel"] / 1e9
-    gather = (c["gathered_copies_forward"] + c["gathered_copies_backward"]) * whole
-    return {"all_gather_gb": gather, "reduce_scatter_gb": c["reduce_scattered_copies"] * whole}
+    rank's link carries (N - 1) / N of them). The narrowed model's copies are giant's because every
+    numel, its parameters' and ZeRO-3's settings', was scaled by the same factor."""
+    gather = (c["gathered_copies_forward"] + c["gathered_copies_backward"]) * giant["partitioned_numel"]
+    return {"all_gather_gb": bytes_per_param * gather / 1e9,
+            "reduce_scatter_gb": bytes_per_param * c["reduce_scattered_copies"] * giant["params"] / 1e9}
 
 
 def _check_args(args) -> tuple[list[str], dict]:
@@ -359,8 +362,8 @@ def count_mix(model: Model, name: str, variant: dict, args, phases: Phases, para
 def summary_line(run: dict) -> str:
     s, g = run["copies"], run["giant"]
     return (f"gathered {s['gathered_copies_forward']:.2f} + {s['gathered_copies_backward']:.2f} copies (forward + "
-            f"backward), reduce-scattered {s['reduce_scattered_copies']:.2f}; {100 * s['distinct_gathered_share']:.0f}% "
-            f"of the partitioned parameters used; giant: {g['all_gather_gb']:.2f} GB gathered, "
+            f"backward), gradients reduce-scattered {s['reduce_scattered_copies']:.2f}; "
+            f"{100 * s['distinct_gathered_share']:.0f}% of the partitioned parameters used; giant: {g['all_gather_gb']:.2f} GB gathered, "
             f"{g['reduce_scatter_gb']:.2f} GB reduce-scattered per rank and micro-step")
 
 
