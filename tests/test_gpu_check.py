@@ -236,3 +236,19 @@ def test_targets_give_the_gap_to_each():
     assert "full checkpointing, compiled" in mfu["measured"]
     assert images["met"] is True and images["gap"] == "met with 1.15x the target"
     assert ts["met"] is False and ts["gap"] == "2.50x of 3.50x: needs 1.40x" and "ZeRO-2" in ts["measured"]
+
+
+def test_a_compiled_run_is_stopped_at_its_allowance():
+    """The giant part's compiled runs get the time the steps after them leave: past it the running
+    code is interrupted (Overrun, which ``measure`` does not swallow as a step error), and the
+    process's alarm is left as it was."""
+    from beit3.bench.check_giant import Overrun, allowance
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    with pytest.raises(Overrun, match="stopped at its 0 s allowance"):
+        with allowance(0.3):
+            while time.monotonic() - t0 < 10:
+                time.sleep(0.01)
+    assert 0.25 < time.monotonic() - t0 < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is before
+    assert not issubclass(Overrun, RuntimeError)
