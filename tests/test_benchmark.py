@@ -245,9 +245,16 @@ def test_profile_summary_attributes_time_by_kind():
     cfg = TINY.replace(vocab_size=100, depth=1, vl_layers=0)
     trainer = plain_trainer(MaskedDataModeling(cfg, 64), torch.device("cpu"))
     batch, targets = synthetic_batch(cfg, BatchMix(2, 2, 0, 8), 64, seed=0)
-    table, shares = profile_steps(lambda: trainer.step(batch, targets), 1, torch.device("cpu"))
-    assert "aten::mm" in table
+    prof = profile_steps(lambda: trainer.step(batch, targets), 2, torch.device("cpu"), top=5)
+    assert "aten::mm" in prof.table
+    shares = prof.shares
     assert sum(shares.values()) == pytest.approx(1.0)
     assert shares["matmul"] > 0 and shares["optimizer"] > 0 and shares["attention"] > 0
+    # The five largest costs: per step, largest first, each a share of the step's wall time.
+    assert len(prof.top) == 5 and prof.wall_ms > 0
+    ms = [r["ms_per_step"] for r in prof.top]
+    assert ms == sorted(ms, reverse=True) and ms[-1] > 0
+    assert all(r["share"] == pytest.approx(r["ms_per_step"] / prof.wall_ms) for r in prof.top)
+    assert 0 < sum(r["share"] for r in prof.top) <= prof.busy
     assert [category(op) for op in ("aten::addmm", "aten::native_layer_norm_backward", "aten::add_")] == \
         ["matmul", "layernorm", "elementwise"]

@@ -183,11 +183,11 @@ def profile_ours(s, out_dir: str | None, say) -> None:
     try:
         step = Batches(s).step_fn(trainer, s.mix)
         time_steps(step, s.warmup, 0, s.device)
-        table, shares = profile_steps(step, s.steps, s.device, out_dir)
+        prof = profile_steps(step, s.steps, s.device, out_dir)
     finally:
         trainer.close()
-    say(table)
-    say("time by kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+    say(prof.table)
+    say("time by kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in prof.shares.items()))
     if out_dir:
         say(f"trace: {os.path.join(out_dir, 'trace.json')}")
 

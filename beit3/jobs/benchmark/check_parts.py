@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from beit3.model.config import BEiT3Config
+from beit3.trainer.ds_config import default_ds_config, packaged_ds_config, resolve_ds_config
 from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
 from beit3.jobs.benchmark.measure import GiB, Measurement, is_oom, measure, release_memory
 
@@ -60,31 +61,38 @@ class Context:
         return (1, 2) if self.dry else (warmup, timed)
 
 
-def _mix(ctx: Context, per_part: int, text_len: int = 64, padding: float = 0.0) -> BatchMix:
+def mix_of(ctx: Context, per_part: int, text_len: int = 64, padding: float = 0.0) -> BatchMix:
     if ctx.dry:
         per_part, text_len = min(per_part, 2), min(text_len, 32)
     return BatchMix(per_part, per_part, per_part, text_len, padding)
 
 
-def _ds_config(ctx: Context, mix: BatchMix, bf16: bool = True) -> dict:
-    from beit3.trainer.ds_config import default_ds_config, resolve_ds_config
-    cfg = resolve_ds_config(default_ds_config("cuda"), mix.samples, None, 1)
+# The GPU configs of each ZeRO stage (packaged with beit3), and the CPU's for a dry run (no
+# overlap stream there).
+GPU_DS = {3: "zero3_bf16.json", 2: "zero2_bf16.json"}
+
+
+def ds_config_of(ctx: Context, mix: BatchMix, bf16: bool = True, stage: int = 3) -> dict:
+    if not ctx.dry:
+        cfg = resolve_ds_config(packaged_ds_config(GPU_DS[stage]), mix.samples, None, 1)
+    elif stage == 3:
+        cfg = resolve_ds_config(default_ds_config("cpu"), mix.samples, None, 1)
+    else:
+        cfg = resolve_ds_config(packaged_ds_config(GPU_DS[stage]), mix.samples, None, 1)
+        cfg["zero_optimization"]["overlap_comm"] = False
     cfg["bf16"] = {"enabled": bf16}
-    if ctx.dry:  # the CPU's settings (no overlap stream), with the precision asked for
-        cpu = resolve_ds_config(default_ds_config("cpu"), mix.samples, None, 1)
-        cfg = {**cpu, "bf16": {"enabled": bf16}}
     return cfg
 
 
-def _settings(ctx: Context, cfg: BEiT3Config, mix: BatchMix, ds_config, every: int = 1, mode: str = "full",
-              warmup: int = 3, steps: int = 10, compare: tuple = ()):
+def settings_of(ctx: Context, cfg: BEiT3Config, mix: BatchMix, ds_config, every: int = 1, mode: str = "full",
+                warmup: int = 3, steps: int = 10, compare: tuple = ()):
     from beit3.jobs.benchmark.runner import Settings
     w, n = ctx.steps(warmup, steps)
     return Settings(cfg=cfg, device=ctx.device, mix=mix, warmup=w, steps=n, checkpoint_every=every,
                     checkpoint_mode=mode, ds_config=ds_config, num_visual_tokens=V, compare=compare)
 
 
-def _figures(m: Measurement, peak: float | None) -> dict:
+def figures(m: Measurement, peak: float | None) -> dict:
     if not m.ok:
         return {"error": m.error or "no steps", "peak_mem_gb": m.peak_mem_gb}
     out = {"samples_per_s": m.samples_per_s, "tokens_per_s": m.tokens_per_s, "model_tflops": m.flops_per_s / 1e12,
@@ -95,12 +103,20 @@ def _figures(m: Measurement, peak: float | None) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
-def _peak(ctx: Context) -> float | None:
+def measured_peak(ctx: Context) -> float | None:
     p = ctx.earlier.get("peak", {}).get("matmul_peak_tflops")
     return None if p is None else p * 1e12
 
 
-def _init_dist(ctx: Context):
+def line(r: dict) -> str:
+    if "error" in r:
+        return r["error"]
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    return (f"{r['samples_per_s']:.1f} samples/s, {r['model_tflops']:.1f} TFLOP/s{mfu}, "
+            f"peak {r['peak_mem_gb']:.1f} GiB")
+
+
+def init_dist(ctx: Context):
     from beit3.trainer.distributed import init_distributed
     ctx.dist = init_distributed(device=ctx.device.type)
     return ctx.dist
@@ -143,7 +159,7 @@ def part_sync(ctx: Context) -> None:
     with torch.device(ctx.device):
         module = MaskedDataModeling(cfg, V).train()
     opt = build_optimizer(param_groups(module, 0.05), 1e-4)
-    mix = _mix(ctx, 4, padding=0.25)
+    mix = mix_of(ctx, 4, padding=0.25)
     cuda = ctx.device.type == "cuda"
 
     def fwd_bwd(batch, targets):
@@ -252,9 +268,9 @@ def part_numerics(ctx: Context) -> None:
     from beit3.trainer.trainer import to_device
     from beit3.jobs.pretrain.objective import prepare_batch
     from beit3.jobs.benchmark.trainers import deepspeed_trainer
-    _init_dist(ctx)
+    init_dist(ctx)
     cfg = BEiT3Config.from_preset(ctx.preset("base"))
-    mix = _mix(ctx, 8)
+    mix = mix_of(ctx, 8)
     n = 6 if ctx.dry else 20
     # Four batches in turn, so the loss falls (random targets cannot be learnt, only remembered).
     data = [synthetic_batch(cfg, mix, V, seed=i % 4) for i in range(n)]
@@ -263,7 +279,7 @@ def part_numerics(ctx: Context) -> None:
         torch.manual_seed(0)
         with torch.device(ctx.device):
             module = MaskedDataModeling(cfg, V)
-        trainer = deepspeed_trainer(module, _ds_config(ctx, mix, bf16))
+        trainer = deepspeed_trainer(module, ds_config_of(ctx, mix, bf16))
         run = []
         for batch, targets in data:
             b = to_device(prepare_batch(batch, cfg.vocab_size), ctx.device, trainer.input_dtype)
@@ -282,198 +298,37 @@ def part_numerics(ctx: Context) -> None:
             f"{losses['bf16'][-1]:.4f}; max |diff| {max(diff):.4f} ({100 * max(rel):.2f}%)")
 
 
-def _fast_max_batch(ctx: Context, s, trainer, limit: int, say) -> tuple[int, object, dict]:
-    """Largest samples-per-part of ``s.mix`` that trains, in a few steps and at most two
-    out-of-memory errors (after one, the engine is rebuilt: ZeRO-3 state is not trusted).
-
-    The peak memory of forward + backward alone (the optimizer's transient peak, which does not grow
-    with the batch, would hide the activations at small batches) at two probe sizes gives a line;
-    its crossing with 90% of the device's memory is the candidate, verified by a whole step. Returns
-    (size, the trainer, what was tried). ``s`` runs through DeepSpeed (``trainer.engine``)."""
-    from beit3.jobs.benchmark.runner import Batches, build_trainer
-    from beit3.jobs.benchmark.measure import PeakMemory, sync
-    batches, tries, mem = Batches(s), [], PeakMemory(s.device)
-
-    def probe(b: int) -> float:
-        mix = s.mix.scaled(b)
-        batches.step_fn(trainer, mix)()  # a whole step first: the optimizer state exists after it
-        batch, targets = batches.on_device(trainer, mix)
-        release_memory(s.device)
-        mem.reset()
-        loss, _ = trainer.engine(batch, targets)
-        trainer.engine.backward(loss)
-        sync(s.device)
-        peak = mem.read_gb()
-        trainer.engine.step()
-        del loss, batch, targets
-        batches.forget(mix)
-        tries.append({"per_part": b, "forward_backward_peak_gb": peak})
-        say(f"probe {b} per part: forward + backward peak {peak:.1f} GiB")
-        return peak
-
-    def verify(b: int) -> bool:
-        nonlocal trainer
-        mix = s.mix.scaled(b)
-        try:
-            m = measure("beit3", batches.step_fn(trainer, mix), batches.get(mix)[2], 0, 1, s.device)
-        except RuntimeError as e:
-            if not is_oom(e):
-                raise
-            m = Measurement("beit3", error="out of memory")
-        batches.forget(mix)
-        tries.append({"per_part": b, "step_peak_gb": m.peak_mem_gb, "error": m.error})
-        say(f"try {b} per part: " + (f"peak {m.peak_mem_gb:.1f} GiB" if m.ok else m.error))
-        if m.error not in (None, "out of memory"):
-            raise RuntimeError(f"a step with {mix.describe()} failed: {m.error}")
-        if not m.ok:
-            trainer.close()
-            release_memory(s.device)
-            trainer = build_trainer("beit3", s, s.checkpoint_every)
-            if s.device.type == "cuda":
-                tries[-1]["allocated_after_rebuild_gb"] = torch.cuda.memory_allocated(s.device) / GiB
-        return m.ok
-
-    b0 = 1 if ctx.dry else 8
-    p1, p2 = probe(b0), probe(2 * b0)
-    if s.device.type == "cuda":
-        capacity = torch.cuda.get_device_properties(s.device).total_memory / GiB
-    else:  # a dry run: pretend the device holds twice the second probe's batch
-        capacity = (p2 + max(p2 - p1, 0.01) * 2) / 0.9
-    slope = max((p2 - p1) / b0, 1e-6)
-    candidate = min(limit, int((0.9 * capacity - p2) / slope) + 2 * b0)
-    info = {"probes": tries[:2], "capacity_gb": capacity, "gb_per_sample_per_part": slope, "candidate": candidate}
-    for b in (candidate, int(0.75 * candidate)):
-        if b <= 2 * b0:
-            break
-        if verify(b):
-            return b, trainer, {**info, "tries": tries}
-    return 2 * b0, trainer, {**info, "tries": tries}
-
-
-def part_giant(ctx: Context) -> None:
-    """Giant, paper layout, ZeRO-3 + bf16, activation checkpointing, mixed batch. In order of what
-    must survive a later failure: the torchscale comparison batch; the largest micro-batch with
-    selective checkpointing, selective against full there; image-only at the timm comparison batch;
-    a profile if MFU misses the target."""
-    from beit3.jobs.benchmark.runner import Batches, build_trainer, with_mix
-    dist = _init_dist(ctx)
-    ctx.device = dist.device
-    cfg = BEiT3Config.from_preset(ctx.preset("giant"))
-    peak = _peak(ctx)
-    cmp_mix = _mix(ctx, 16)
-    s = _settings(ctx, cfg, cmp_mix, _ds_config(ctx, cmp_mix), every=1, mode="full", warmup=2, steps=6)
-    w, n = ctx.steps(3, 10)
-    t0 = time.monotonic()
-    trainer = build_trainer("beit3", s, 1)
-    ctx.record(preset=cfg.preset, layout=cfg.layout, params=trainer.info["params"], zero_stage=3, precision="bf16",
-               text_len=cmp_mix.text_len, engine_build_s=time.monotonic() - t0)
-    batches = Batches(s)
-    model = trainer.module.model
-    try:
-        # The torchscale comparison batch, with full checkpointing as torchscale's own.
-        m = measure("beit3", batches.step_fn(trainer, cmp_mix), batches.get(cmp_mix)[2], w, n, s.device)
-        ctx.record(torchscale_batch={"batch": cmp_mix.describe(), "checkpointing": "full", **_figures(m, peak)})
-        ctx.say(f"{cmp_mix.describe()}, full checkpointing: " + _line(_figures(m, peak)))
-        batches.forget(cmp_mix)
-        # The largest micro-batch (selective keeps more than full, so full fits there too).
-        model.set_grad_checkpointing(True, 1, "selective")
-        t0 = time.monotonic()
-        b, trainer, search = _fast_max_batch(ctx, s, trainer, limit=8 if ctx.dry else 256, say=ctx.say)
-        model = trainer.module.model
-        ctx.record(max_batch_per_part=b, max_batch_search={**search, "seconds": time.monotonic() - t0})
-        big = with_mix(s, s.mix.scaled(b))
-        results = {"batch": big.mix.describe()}
-        for mode in ("selective", "full"):
-            model.set_grad_checkpointing(True, 1, mode)
-            m = measure("beit3", batches.step_fn(trainer, big.mix), batches.get(big.mix)[2], big.warmup, big.steps,
-                        s.device)
-            results[mode] = _figures(m, peak)
-            ctx.record(max_batch=results)
-            ctx.say(f"{big.mix.describe()}, {mode} checkpointing: " + _line(results[mode]))
-        batches.forget(big.mix)
-        # Image-only at the timm batch; without checkpointing as timm runs, if it fits.
-        img_mix = BatchMix(2 if ctx.dry else 64, 0, 0, 64)
-        for every, mode in ((0, "full"), (1, "selective"), (1, "full")):
-            model.set_grad_checkpointing(every > 0, 1, mode)
-            m = measure("beit3", batches.step_fn(trainer, img_mix), batches.get(img_mix)[2], w, n, s.device)
-            if m.error != "out of memory":
-                break
-        ckpt = f"{mode} checkpointing" if every else "no checkpointing"
-        ctx.record(image_only={"batch": img_mix.describe(), "checkpointing": ckpt, **_figures(m, peak)})
-        ctx.say(f"{img_mix.describe()}, {ckpt}: " + _line(_figures(m, peak)))
-        batches.forget(img_mix)
-        best = max((results[k].get("mfu") or 0.0) for k in ("selective", "full"))
-        if ctx.profile == "always" or (ctx.profile == "auto" and best < MFU_TARGET and ctx.left() > 60):
-            try:
-                _profile(ctx, trainer, big, batches, model)
-            except RuntimeError as e:  # the measurements above stand without it
-                ctx.record(profile_error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-                ctx.say(f"profile failed: {ctx.results['profile_error']}")
-    finally:
-        trainer.close()
-
-
-def _profile(ctx: Context, trainer, s, batches, model) -> None:
-    from beit3.jobs.benchmark.measure import time_steps
-    from beit3.jobs.benchmark.profile import profile_steps
-    best = max(("selective", "full"), key=lambda k: ctx.results["max_batch"][k].get("mfu") or 0.0)
-    model.set_grad_checkpointing(True, 1, best)
-    step = batches.step_fn(trainer, s.mix)
-    time_steps(step, 1, 0, s.device)
-    trace_dir = os.path.join(ctx.out_dir, "profile")
-    table, shares = profile_steps(step, 1, s.device, trace_dir, row_limit=25)
-    trace = os.path.join(trace_dir, "trace.json")
-    if os.path.exists(trace):
-        import gzip
-        import shutil
-        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
-        os.remove(trace)
-        trace += ".gz"
-    ctx.record(profile={"checkpointing": best, "batch": s.mix.describe(), "time_by_kind": shares,
-                        "op_table": table, "trace": trace if os.path.exists(trace) else None})
-    ctx.say("profile: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in list(shares.items())[:8]))
-
-
-def _line(r: dict) -> str:
-    if "error" in r:
-        return r["error"]
-    mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-    return (f"{r['samples_per_s']:.1f} samples/s, {r['model_tflops']:.1f} TFLOP/s{mfu}, "
-            f"peak {r['peak_mem_gb']:.1f} GiB")
-
-
 def part_peers(ctx: Context) -> None:
     """torchscale's BEiT3 at the giant size on the comparison batch (its own activation
     checkpointing), and timm's ViT-g/14 on the image-only batch, eager and torch.compile'd."""
     from beit3.jobs.benchmark.runner import Batches, build_trainer
     from beit3.jobs.benchmark.trainers import compile_layers
-    ctx.device = _init_dist(ctx).device
+    ctx.device = init_dist(ctx).device
     cfg = BEiT3Config.from_preset(ctx.preset("giant"))
-    peak = _peak(ctx)
+    peak = measured_peak(ctx)
     w, n = ctx.steps(3, 10)
-    cmp_mix = _mix(ctx, 16)
-    s = _settings(ctx, cfg, cmp_mix, None, every=1, warmup=3, steps=10)
+    cmp_mix = mix_of(ctx, 16)
+    s = settings_of(ctx, cfg, cmp_mix, None, every=1, warmup=3, steps=10)
     batches = Batches(s)
     m = _measure_peer("torchscale", s, cmp_mix, batches, w, n)
-    ctx.record(torchscale={"batch": cmp_mix.describe(), **_figures(m, peak)})
-    ctx.say(f"torchscale {cmp_mix.describe()}: " + _line(_figures(m, peak)))
+    ctx.record(torchscale={"batch": cmp_mix.describe(), **figures(m, peak)})
+    ctx.say(f"torchscale {cmp_mix.describe()}: " + line(figures(m, peak)))
     img_mix = BatchMix(2 if ctx.dry else 64, 0, 0, 64)
-    s = _settings(ctx, cfg, img_mix, None, every=0, warmup=3, steps=10)
+    s = settings_of(ctx, cfg, img_mix, None, every=0, warmup=3, steps=10)
     trainer = build_trainer("timm", s, 0)
     try:
         step = batches.step_fn(trainer, img_mix)
         m = measure("timm", step, batches.get(img_mix)[2], w, n, s.device)
         m.info.update(trainer.info)
-        ctx.record(timm_eager={"batch": img_mix.describe(), **_figures(m, peak)})
-        ctx.say(f"timm ViT-g/14 eager {img_mix.describe()}: " + _line(_figures(m, peak)))
+        ctx.record(timm_eager={"batch": img_mix.describe(), **figures(m, peak)})
+        ctx.say(f"timm ViT-g/14 eager {img_mix.describe()}: " + line(figures(m, peak)))
         t0 = time.monotonic()
         compile_layers(trainer.module.layers, backend="eager" if ctx.dry else "inductor")
         m = measure("timm", step, batches.get(img_mix)[2], w + 2, n, s.device)
         m.info.update(trainer.info)
         ctx.record(timm_compiled={"batch": img_mix.describe(), "compile_and_warmup_s": time.monotonic() - t0,
-                                  "backend": "eager (dry run)" if ctx.dry else "inductor", **_figures(m, peak)})
-        ctx.say(f"timm ViT-g/14 compiled {img_mix.describe()}: " + _line(_figures(m, peak)))
+                                  "backend": "eager (dry run)" if ctx.dry else "inductor", **figures(m, peak)})
+        ctx.say(f"timm ViT-g/14 compiled {img_mix.describe()}: " + line(figures(m, peak)))
     finally:
         trainer.close()
 
@@ -493,9 +348,3 @@ def _measure_peer(name: str, s, mix: BatchMix, batches, warmup: int, steps: int)
     finally:
         trainer.close()
         release_memory(s.device)
-
-
-# In the order they run, with their time budgets in seconds (a dry run scales them down).
-PARTS = {"peak": (part_peak, 40), "sync": (part_sync, 60), "sdpa": (part_sdpa, 50),
-         "giant": (part_giant, 190), "peers": (part_peers, 160), "numerics": (part_numerics, 70)}
-

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +23,16 @@ import tempfile
 import time
 
 from beit3.trainer.distributed import free_port
-from beit3.jobs.benchmark.check_parts import MFU_TARGET, PARTS, TORCHSCALE_TARGET
+from beit3.jobs.benchmark.check_giant import part_giant
+from beit3.jobs.benchmark.check_parts import part_numerics, part_peak, part_peers, part_sdpa, part_sync
+from beit3.jobs.benchmark.check_report import targets, write_report
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# In the order they run, with their time budgets in seconds (a dry run doubles them). giant gets
+# most of a 520 s check: it is what the check is for until its targets are measured.
+PARTS = {"peak": (part_peak, 40), "sync": (part_sync, 60), "sdpa": (part_sdpa, 50),
+         "giant": (part_giant, 470), "peers": (part_peers, 160), "numerics": (part_numerics, 70)}
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: error: no CUDA device is visible; run with --dry-run on a CPU machine", file=sys.stderr)
         return 2
     budget = args.budget or (600.0 if args.dry_run else 520.0)
-    return orchestrate(parts, args, budget)
+    return orchestrate(parts, args, budget, sys.argv[1:] if argv is None else argv)
 
 
 def _cuda_visible() -> bool:
@@ -74,19 +80,22 @@ def _cuda_visible() -> bool:
 
 
 # -- the orchestrator ----------------------------------------------------------------------------
-def orchestrate(parts: list[str], args, budget: float) -> int:
+def orchestrate(parts: list[str], args, budget: float, argv: list[str]) -> int:
     start = time.monotonic()
     end = start + budget
     work = tempfile.mkdtemp(prefix="beit3-gpu-check-")
     report = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "dry_run": args.dry_run,
-              "command": "scripts/gpu_check.sh " + " ".join(sys.argv[1:]), "budget_s": budget,
+              "command": "scripts/gpu_check.sh " + " ".join(argv), "budget_s": budget,
               "environment": environment(), "parts": {}}
     if args.merge:
         with open(args.merge) as f:
             earlier = json.load(f)
         for name, p in earlier["parts"].items():
             if name not in parts and p["status"] == "ok":
-                report["parts"][name] = {**p, "from": earlier["started"]}
+                # The card that measured it: its figures (MFU, a peer's speed) are that card's.
+                device = earlier["parts"].get("peak", {}).get("results", {}).get("device_name")
+                report["parts"][name] = {**p, "from": p.get("from") or earlier["started"],
+                                         "device": p.get("device") or device}
     paths = None
     print(f"gpu_check: {len(parts)} parts, {budget:.0f} s budget{' (dry run, CPU)' if args.dry_run else ''}",
           flush=True)
@@ -96,10 +105,17 @@ def orchestrate(parts: list[str], args, budget: float) -> int:
         limit = min(own, left)
         if limit < 5:
             report["parts"][name] = {"status": "skipped", "error": "no time left in the budget", "seconds": 0}
+            report["targets"] = targets(report)
             paths = write_report(report, args, work)
             continue
         print(f"[{name}] up to {limit:.0f} s", flush=True)
-        report["parts"][name] = run_child(name, limit, args, work, report)
+
+        def progress(entry, name=name):
+            report["parts"][name] = entry
+            report["seconds"] = time.monotonic() - start
+            report["targets"] = targets(report)
+            write_report(report, args, work)
+        report["parts"][name] = run_child(name, limit, args, work, report, progress)
         r = report["parts"][name]
         print(f"[{name}] {r['status']} in {r['seconds']:.0f} s" + (f": {r['error']}" if r.get("error") else ""),
               flush=True)
@@ -107,15 +123,18 @@ def orchestrate(parts: list[str], args, budget: float) -> int:
         report["targets"] = targets(report)
         paths = write_report(report, args, work)
     for t in report.get("targets", []):
-        print(f"target: {t['target']}: {t['measured']} -> {t['met']}")
+        print(f"target: {t['target']}: {t['measured']} -> "
+              f"{'not measured' if t['met'] is None else 'met' if t['met'] else 'missed'}; {t['gap']}")
     if paths:
         print("wrote " + ", ".join(paths))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def run_child(name: str, limit: float, args, work: str, report: dict) -> dict:
-    """Run part ``name`` in a new process group; kill the group when ``limit`` seconds pass."""
+def run_child(name: str, limit: float, args, work: str, report: dict, progress=None) -> dict:
+    """Run part ``name`` in a new process group; kill the group when ``limit`` seconds pass. While it
+    runs, ``progress(entry)`` gets its results each time the part records more (the report is
+    rewritten then, so a check cut short from outside keeps every figure measured)."""
     result_path = os.path.join(work, f"{name}.json")
     ctx = {"dry": args.dry_run, "device": "cpu" if args.dry_run else "cuda", "result_path": result_path,
            "out_dir": work, "deadline": time.monotonic() + limit, "profile": args.profile,
@@ -132,21 +151,45 @@ def run_child(name: str, limit: float, args, work: str, report: dict) -> dict:
                             env=env, start_new_session=True, cwd=REPO_ROOT)
     status, error = "ok", None
     try:
-        rc = proc.wait(timeout=limit)
+        rc = _wait(proc, t0 + limit, result_path, lambda r: progress and progress(
+            {"status": "running", "error": None, "seconds": time.monotonic() - t0, "results": r}))
         if rc != 0:
             status, error = "failed", f"exit status {rc}"
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         status, error = "timed out", f"stopped after its {limit:.0f} s budget"
-    results = {}
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            results = json.load(f)
+    results = _read(result_path) or {}
     if results.get("error"):  # the part's own account of what went wrong
         error = results["error"] if error is None or status != "timed out" else f"{error}; {results['error']}"
         status = "failed" if status == "ok" else status
     return {"status": status, "error": error, "seconds": time.monotonic() - t0, "results": results}
+
+
+def _wait(proc, deadline: float, result_path: str, on_new) -> int:
+    """Wait for ``proc`` until ``deadline`` (TimeoutExpired then), calling ``on_new(results)`` each
+    time the part's result file changes."""
+    seen = None
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+        stamp = os.stat(result_path).st_mtime_ns if os.path.exists(result_path) else None
+        if stamp != seen:
+            seen, results = stamp, _read(result_path)
+            if results is not None:
+                on_new(results)
+
+
+def _read(path: str) -> dict | None:
+    """A part's results (written whole by an atomic rename), or None."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def run_part(name: str, ctx_path: str) -> int:
@@ -182,157 +225,6 @@ def environment() -> dict:
     return {"python": sys.version.split()[0], **{p: _version(p) for p in ("torch", "deepspeed", "timm", "torchscale")},
             # A copy of the tree without .git (a lent GPU machine) names its commit in the environment.
             "git_commit": os.environ.get("BEIT3_GIT_COMMIT") or git_commit(), "host_cpus": os.cpu_count()}
-
-
-# -- targets and the report ----------------------------------------------------------------------
-def _get(report: dict, part: str, *keys):
-    d = report["parts"].get(part, {}).get("results", {})
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def targets(report: dict) -> list[dict]:
-    """The three targets of the GPU check, each measured, missed, or not measured."""
-    out = []
-    best = max((_get(report, "giant", "max_batch", k) or {} for k in ("selective", "full")),
-               key=lambda r: r.get("mfu") or 0.0, default={})
-    mfu = best.get("mfu")
-    batch = _get(report, "giant", "max_batch", "batch")
-    out.append({"target": f"giant mixed batch, model FLOPs >= {MFU_TARGET:.0%} of the measured bf16 peak",
-                "measured": "not measured" if mfu is None else f"{100 * mfu:.1f}% ({batch})",
-                "met": None if mfu is None else mfu >= MFU_TARGET})
-    ours, timm = _get(report, "giant", "image_only", "samples_per_s"), _get(report, "peers", "timm_compiled",
-                                                                             "samples_per_s")
-    out.append({"target": "image-only images/s >= timm ViT-g/14 compiled",
-                "measured": "not measured" if None in (ours, timm) else f"{ours:.1f} vs {timm:.1f} ({ours / timm:.2f}x)",
-                "met": None if None in (ours, timm) else ours >= timm})
-    ours, ts = _get(report, "giant", "torchscale_batch", "samples_per_s"), _get(report, "peers", "torchscale",
-                                                                               "samples_per_s")
-    out.append({"target": f"samples/s >= {TORCHSCALE_TARGET}x torchscale at equal batch",
-                "measured": "not measured" if None in (ours, ts) else f"{ours / ts:.2f}x ({ours:.1f} vs {ts:.1f})",
-                "met": None if None in (ours, ts) else ours / ts >= TORCHSCALE_TARGET})
-    return out
-
-
-def slug(report: dict) -> str:
-    if report["dry_run"]:
-        return "cpu-dry-run"
-    name = _get(report, "peak", "device_name") or "gpu"
-    m = re.search(r"\b([A-Za-z]+\d+[A-Za-z]*)\b", name.replace("NVIDIA", ""))
-    return (m.group(1) if m else "gpu").lower()
-
-
-def write_report(report: dict, args, work: str) -> list[str]:
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = f"{report['started'][:10]}-{slug(report)}-check"
-    md_path, json_path = os.path.join(args.out_dir, stem + ".md"), os.path.join(args.out_dir, stem + ".json")
-    for path, text in ((json_path, json.dumps(report, indent=1, default=str)), (md_path, markdown(report))):
-        with open(path + ".tmp", "w") as f:
-            f.write(text + "\n")
-        os.replace(path + ".tmp", path)
-    paths = [md_path, json_path]
-    if args.copy_to:
-        os.makedirs(args.copy_to, exist_ok=True)
-        for p in paths:
-            shutil.copy(p, args.copy_to)
-        trace = _get(report, "giant", "profile", "trace")
-        if trace and os.path.exists(trace):
-            shutil.copy(trace, os.path.join(args.copy_to, stem.replace("-check", "-trace") + ".json.gz"))
-    return paths
-
-
-def _n(v, spec=".1f", scale=1.0) -> str:
-    return "n/a" if v is None else f"{v * scale:{spec}}"
-
-
-def _row(label: str, r: dict | None, extra: str = "") -> str:
-    r = r or {}
-    if r.get("error"):
-        return f"| {label} | {extra} | {r['error']} | | | | |"
-    return (f"| {label} | {extra} | {_n(r.get('samples_per_s'))} | {_n(r.get('model_tflops'))} | "
-            f"{_n(r.get('mfu'), '.1f', 100)}% | {_n(r.get('peak_mem_gb'))} | {_n(r.get('step_ms_median'), '.0f')} |")
-
-
-def _search_text(search: dict) -> str:
-    out = []
-    for t in search.get("tries", []):
-        if "forward_backward_peak_gb" in t:
-            out.append(f"probe {t['per_part']}: forward + backward peak {_n(t['forward_backward_peak_gb'])} GiB")
-        else:
-            out.append(f"step at {t['per_part']}: {t.get('error') or _n(t.get('step_peak_gb', t.get('peak_mem_gb'))) + ' GiB'}")
-    if search.get("candidate") is not None:
-        out.append(f"predicted {search['candidate']} for 90% of {_n(search.get('capacity_gb'))} GiB")
-    return "; ".join(out) or "no search"
-
-
-def markdown(report: dict) -> str:
-    env, parts = report["environment"], report["parts"]
-    peak = _get(report, "peak") or {}
-    lines = [f"# GPU check: {peak.get('device_name', 'n/a')}, {report['started'][:10]}", "",
-             f"`{report['command']}`{' (dry run: tiny preset on the CPU, figures mean nothing)' if report['dry_run'] else ''}; "
-             f"commit {env.get('git_commit') or 'n/a'}; torch {env.get('torch')}, deepspeed {env.get('deepspeed')}, "
-             f"timm {env.get('timm')}, torchscale {env.get('torchscale')}; {report.get('seconds', 0):.0f} s in all.",
-             "", f"Matmul peak measured in this run: {_n(peak.get('matmul_peak_tflops'))} TFLOP/s "
-             f"({peak.get('dtype', 'n/a')}; datasheet {_n(peak.get('datasheet_tflops'), '.0f')}); "
-             f"device memory {_n(peak.get('memory_gb'))} GiB. MFU below is against the measured peak.", "",
-             "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for t in report.get("targets", []):
-        lines.append(f"| {t['target']} | {t['measured']} | {'n/a' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
-    lines += ["", "## Parts", "", "| part | status | seconds | error |", "|---|---|---|---|"]
-    for name, p in parts.items():
-        note = f" (run {p['from']})" if p.get("from") else ""
-        lines.append(f"| {name} | {p['status']}{note} | {p['seconds']:.0f} | {p.get('error') or ''} |")
-    head = ["| configuration | batch | samples/s | TFLOP/s | MFU | peak GiB | step ms |", "|---|---|---|---|---|---|---|"]
-    g = _get(report, "giant") or {}
-    if g:
-        search = g.get("max_batch_search") or {}
-        lines += ["", f"## Throughput: {g.get('preset')} ({g.get('layout')} layout, {_n(g.get('params'), '.3f', 1e-9)}B "
-                  "parameters), DeepSpeed ZeRO-3 + bf16", "",
-                  (f"Largest micro-batch with selective checkpointing: {g.get('max_batch_per_part')} per part (found "
-                   f"in {_n(search.get('seconds'), '.0f')} s; " if g.get("max_batch") else
-                   "Largest micro-batch: not established (the part stopped before measuring it; ")
-                  + _search_text(search) + ").", ""] + head
-        mb = g.get("max_batch") or {}
-        for mode in ("selective", "full"):
-            if mode in mb:
-                lines.append(_row(f"beit3, {mode} checkpointing", mb[mode], mb.get("batch", "")))
-        for key, label in (("torchscale_batch", "beit3, torchscale's batch"), ("image_only", "beit3, image-only")):
-            if key in g:
-                lines.append(_row(f"{label} ({g[key].get('checkpointing')})", g[key], g[key].get("batch", "")))
-        pe = _get(report, "peers") or {}
-        for key, label in (("torchscale", "torchscale BEiT3 (its checkpointing)"), ("timm_eager", "timm ViT-g/14 eager"),
-                           ("timm_compiled", "timm ViT-g/14 torch.compile")):
-            if key in pe:
-                lines.append(_row(label, pe[key], pe[key].get("batch", "")))
-    n = _get(report, "numerics") or {}
-    if n.get("max_abs_diff") is not None:
-        lines += ["", f"## bf16 against fp32 ({n['preset']}, {n['steps']} steps of {n['batch']}, ZeRO-3, same weights "
-                  "and batches)", "",
-                  f"Loss fp32 {n['first_last_fp32'][0]:.4f} -> {n['first_last_fp32'][1]:.4f}, bf16 "
-                  f"{n['first_last_bf16'][0]:.4f} -> {n['first_last_bf16'][1]:.4f}; per-step |difference| max "
-                  f"{n['max_abs_diff']:.4f} ({100 * n['max_rel_diff']:.2f}% of the loss), mean {n['mean_abs_diff']:.4f}."]
-    sd = _get(report, "sdpa") or {}
-    if sd:
-        lines += ["", f"## Attention kernels (head dim {sd.get('head_dim')}, {sd.get('dtype')})", "",
-                  "| batch | SDPA ops (forward, backward) | kernels |", "|---|---|---|"]
-        for k, v in sd.items():
-            if isinstance(v, dict):
-                lines.append(f"| {k} | {', '.join(o.removeprefix('aten::') for o in v['ops'])} | "
-                             f"{'; '.join(v['kernels']) or 'n/a'} |")
-    sy = _get(report, "sync") or {}
-    if sy:
-        lines += ["", f"## Host syncs in the step ({sy.get('preset')}, {sy.get('batch')}, "
-                  "`torch.cuda.set_sync_debug_mode(\"error\")`)", ""]
-        lines += [f"- {k}: {v}" for k, v in sy.items() if k not in ("preset", "batch", "error", "traceback")]
-    prof = _get(report, "giant", "profile")
-    if prof:
-        lines += ["", f"## Profile of one giant step ({prof['batch']}, {prof['checkpointing']} checkpointing)", "",
-                  "Time by kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in prof["time_by_kind"].items()), "",
-                  "```", prof["op_table"].rstrip(), "```"]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

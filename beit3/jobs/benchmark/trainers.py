@@ -96,6 +96,23 @@ def compile_layers(layers: Iterable[nn.Module], backend: str = "inductor") -> in
     return n
 
 
+def uncompile_layers(layers: Iterable[nn.Module]) -> None:
+    """Undo ``compile_layers``: the layers run eagerly again (dynamo keeps its compiled graphs, so
+    compiling them again costs only the guard checks)."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
+def compile_stats() -> dict:
+    """What dynamo made of the compiled code so far: graphs, graph breaks and their main reasons
+    (a layer broken into many graphs gains little)."""
+    from torch._dynamo.utils import counters
+    breaks = counters["graph_break"]
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(breaks.values())),
+            "break_reasons": [r[:200] for r, _ in sorted(breaks.items(), key=lambda kv: -kv[1])[:3]]}
+
+
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 
 
