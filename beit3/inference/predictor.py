@@ -85,7 +85,8 @@ class Predictor:
         undecodable image raises ``UserError``. Thread-safe, so a pool can decode a batch."""
         size = self.model.cfg.img_size
         out = self.transform(_pil(x))
-        if tuple(out.shape[-2:]) != (size, size):  # preprocessing without a resize (CIFAR's)
+        slides = self.task == "segmentation"  # its windows slide over any size the rescale gives
+        if not slides and tuple(out.shape[-2:]) != (size, size):  # preprocessing without a resize (CIFAR's)
             raise UserError(f"image {_name(x)} is {out.shape[-1]}x{out.shape[-2]} pixels; this model "
                             f"takes {size}x{size} and its preprocessing does not resize")
         return out

@@ -7,8 +7,8 @@
 ``MultiScaleAdapter`` is unilm beit/semantic_segmentation's ``fpn1..fpn4``: from a patch-16 grid,
 two 2x2 transposed convolutions with a norm and GELU between them (x4), one transposed convolution
 (x2), the grid itself, and 2x2 max pooling (/2); from a patch-8 grid the same shifted by one octave.
-unilm puts SyncBatchNorm between the two convolutions; here it is a channel LayerNorm (timm
-``LayerNorm2d``), which needs no batch statistics and so no synchronisation between ranks.
+Between the two convolutions sits a BatchNorm, as unilm's (SyncBatchNorm there: ``sync_batchnorm``
+converts it with the heads' on several GPUs).
 
 ``UPerHead`` and ``FCNHead`` follow mmsegmentation (``uper_head.py``, ``psp_head.py``,
 ``fcn_head.py``): every convolution is conv (no bias) + BatchNorm + ReLU (timm ``ConvNormAct``; the
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, LayerNorm2d
+from timm.layers import ConvNormAct
 from torch import Tensor, nn
 
 STRIDES = (4, 8, 16, 32)
@@ -38,14 +38,14 @@ def resize(x: Tensor, size) -> Tensor:
 
 
 def _rescale(dim: int, octaves: int) -> nn.Module:
-    """Up by 2 ** octaves (2x2 transposed convs, LayerNorm2d + GELU between two), down by max pooling."""
+    """Up by 2 ** octaves (2x2 transposed convs, BatchNorm + GELU between two), down by max pooling."""
     if octaves == 0:
         return nn.Identity()
     if octaves < 0:  # ceil: a grid that does not divide still gives a map (probe models have 2 x 2 grids)
         return nn.MaxPool2d(kernel_size=2 ** -octaves, stride=2 ** -octaves, ceil_mode=True)
     layers: list[nn.Module] = [nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)]
     for _ in range(octaves - 1):
-        layers += [LayerNorm2d(dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)]
+        layers += [nn.BatchNorm2d(dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)]
     return nn.Sequential(*layers)
 
 
