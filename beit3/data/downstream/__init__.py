@@ -23,6 +23,7 @@ from beit3.data.downstream.datasets import (
     text_segment_to_input,
 )
 from beit3.data.text_tokenizer import TextTokenizer
+from beit3.errors import UserError
 from beit3.flags import add_flag, check_args
 
 NOCAPS_FILES = {"val": "nocaps_val_4500_captions.json", "test": "nocaps_test_image_info.json"}
@@ -69,7 +70,7 @@ def _parse_image_dirs(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         split, sep, folder = pair.partition("=")
         if not sep or split not in ("train", "val", "test", "test-dev"):
-            raise SystemExit(f"--images-dir expects SPLIT=DIR with SPLIT in train/val/test/test-dev, got {pair!r}")
+            raise UserError(f"--images-dir expects SPLIT=DIR with SPLIT in train/val/test/test-dev, got {pair!r}")
         dirs[split] = folder
     return dirs
 
@@ -116,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ...errors import UserError
     from ...files import check_output_dir
     parser = build_parser()
     args = parser.parse_args(argv)
