@@ -16,8 +16,9 @@ line with the same keys (``image``, ``question``, ``text``, ``texts``, ``images`
 ``top_k``, ``num_beams``, ``ban_special``); its relative paths are taken from the requests file's
 folder. A segmentation model writes each image's mask as ``<output>/<image name>_seg.png`` in the
 annotation format (class id + 1 a pixel, 0 none; paletted, so it also shows the classes in colour)
-and prints its path and the classes covering most of the image. The work is done by
-``beit3.inference.predictor.Predictor`` (scores explained there); a bad input is one line and exit code 2.
+and prints its path and the classes covering most of the image. An http(s) image must arrive whole
+within ``--download-timeout`` seconds. The work is done by ``beit3.inference.predictor.Predictor``
+(scores explained there); a bad input is one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ from typing import Iterable, Optional
 
 import torch
 
-from beit3.data.ade20k import annotation_image
-from beit3.core.errors import BadFileError, UserError
+from beit3.core.errors import BadFileError, UserError, first_line
 from beit3.core.files import atomic_write_bytes, check_output_dir
-from beit3.inference.predictor import Predictor, load_predictor
+from beit3.core.settings import add_flag, check_args
+from beit3.data.ade20k import annotation_image
+from beit3.inference.predictor import URL_TIMEOUT, Predictor, load_predictor
 
 REQUEST_KEYS = {"image": str, "images": list, "image2": str, "question": str, "text": str, "texts": list,
                 "top_k": int, "num_beams": int, "ban_special": bool}
@@ -185,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", action="append", help="a text (retrieval: once to rank images, several times to "
                                                     "rank them for one image; nlvr2: the statement)")
     ap.add_argument("--requests", help="JSON-lines file of requests (keys as these flags)")
-    ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--num-beams", type=int, default=None, help="captioning beams (default: the model's)")
+    add_flag(ap, "--top-k", type=int, default=5, ge=1)
+    add_flag(ap, "--num-beams", type=int, default=None, help="captioning beams (default: the model's)", ge=1)
+    add_flag(ap, "--download-timeout", type=float, default=URL_TIMEOUT,
+             help=f"seconds an http(s) image may take to arrive whole, a stalled or trickling server included "
+                  f"(default {URL_TIMEOUT:g})", gt=0)
     ap.add_argument("--ban-special", action=argparse.BooleanOptionalAction, default=None,
                     help="captioning: never generate <s>, <pad>, [MASK] (default: the model's setting, else yes)")
     ap.add_argument("--output", default=".", help="folder for segmentation masks (default: the current folder)")
@@ -194,16 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def pick_device(requested: Optional[str]) -> str:
+    """``--device`` (cuda, cuda:1, cpu), checked before the model is loaded; default cuda when visible."""
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(requested).type
+    except RuntimeError as e:
+        raise UserError(f"--device {requested}: {first_line(e)}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} but no CUDA device is visible (torch.cuda.is_available() is False), "
+                        f"or give --device cpu")
+    return requested
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.requests is not None and any(v is not None for v in (args.image, args.question, args.text)):
             raise UserError("give --requests or --image/--question/--text, not both")
-        for flag, value in (("--top-k", args.top_k), ("--num-beams", args.num_beams)):
-            if value is not None and value < 1:
-                raise UserError(f"{flag} must be >= 1, got {value}")
-        predictor = load_predictor(args.model, device)
+        check_args(parser, args)
+        predictor = load_predictor(args.model, pick_device(args.device))
+        predictor.url_timeout = args.download_timeout
         if predictor.task == "segmentation":
             check_output_dir(args.output)
         if args.requests is not None:

@@ -9,10 +9,11 @@
     p.nlvr2("left.jpg", "right.jpg", "two cats")       # {"answer": true, "score": 0.83}
     p.segment("room.jpg")                               # {"mask": (H, W) class ids, "classes": [...]}
 
-An image is a file path, an ``http(s)://`` URL (read with a timeout), a PIL image, a numpy array
-(H, W, 3) or (H, W) of uint8, as HF pipelines take them, or the bytes of an image file; ``vqa``,
-``classify`` and ``caption`` also take a list of images and return a list of results (batched
-embeddings of many images or texts: ``beit3.inference.embed``). Images are transformed as the evaluation does
+An image is a file path, an ``http(s)://`` URL (whole within ``url_timeout`` seconds, default
+``URL_TIMEOUT``, a stalled or trickling server included), a PIL image, a numpy array (H, W, 3) or
+(H, W) of uint8, as HF pipelines take them, or the bytes of an image file; ``vqa``, ``classify`` and
+``caption`` also take a list of images and return a list of results (batched embeddings of many
+images or texts: ``beit3.inference.embed``). Images are transformed as the evaluation does
 (the saved preprocessing); texts are cut to the model's text length as in training. Scores: VQA the
 answer's sigmoid (the head is trained with BCE), classification the softmax, retrieval the cosine
 similarity, captioning the beam's length-normalised log-probability, NLVR2 the softmax of "true".
@@ -27,25 +28,25 @@ from __future__ import annotations
 import io
 import os
 import urllib.error
-import urllib.request
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from beit3.core.errors import BadFileError, UserError, first_line
 from beit3.data.downstream.datasets import load_image
+from beit3.data.remote import Timeouts, download
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.transforms import eval_transform
-from beit3.core.errors import BadFileError, UserError, first_line
 from beit3.model.generation import DecodeConfig, generate
-from beit3.model.segmentation import slide_logits
-from beit3.model.upernet import resize
 from beit3.model.pretrained import load_pretrained
 from beit3.model.saved import CONFIG_FILE, Pretrained
+from beit3.model.segmentation import slide_logits
+from beit3.model.upernet import resize
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
-URL_TIMEOUT = 30.0  # seconds an image URL may keep a read waiting
+URL_TIMEOUT = 30.0  # seconds an image URL may take to arrive whole (the default of Predictor.url_timeout)
 HEAD_SIZE = {"vqa": "num_answers", "classification": "num_classes"}  # the head_args entry that labels name
 WHAT = {"vqa": "answers questions (--question)", "captioning": "writes captions",
         "classification": "classifies images", "retrieval": "ranks images for a text and texts for an image "
@@ -66,6 +67,7 @@ class Predictor:
         self.inference: dict = saved.config.get("inference") or {}
         spm = saved.path("tokenizer")
         self.tokenizer = _tokenizer(spm) if spm is not None and os.path.isfile(spm) else None
+        self.url_timeout: Optional[float] = None  # seconds for an image URL (None: URL_TIMEOUT)
 
     # -- inputs ------------------------------------------------------------------------------------
     def require_task(self, task: str) -> None:
@@ -84,7 +86,7 @@ class Predictor:
         """(3, S, S) on the CPU: one image transformed as the evaluation does; a missing or
         undecodable image raises ``UserError``. Thread-safe, so a pool can decode a batch."""
         size = self.model.cfg.img_size
-        out = self.transform(_pil(x))
+        out = self.transform(_pil(x, self.url_timeout))
         slides = self.task == "segmentation"  # its windows slide over any size the rescale gives
         if not slides and tuple(out.shape[-2:]) != (size, size):  # preprocessing without a resize (CIFAR's)
             raise UserError(f"image {_name(x)} is {out.shape[-1]}x{out.shape[-2]} pixels; this model "
@@ -195,7 +197,7 @@ class Predictor:
         """``mask``: (H, W) long class indices at the image's size; ``classes``: the ``k`` classes
         covering most of it, with their share of the pixels."""
         self.require_task("segmentation")
-        pil = _pil(image)
+        pil = _pil(image, self.url_timeout)
         inf = self.inference
         logits = slide_logits(self.model, self.images([pil]), inf["slide_crop"], inf["slide_stride"])
         mask = resize(logits, (pil.height, pil.width)).argmax(1)[0].cpu()  # as the evaluation scores it
@@ -250,7 +252,7 @@ def _tokenizer(path: str) -> TextTokenizer:
         raise BadFileError(path, f"not a usable SentencePiece model ({first_line(e)})") from None
 
 
-def _pil(x: ImageInput) -> Image.Image:
+def _pil(x: ImageInput, url_timeout: Optional[float] = None) -> Image.Image:
     if isinstance(x, Image.Image):
         return x.convert("RGB")
     if isinstance(x, np.ndarray):
@@ -261,7 +263,7 @@ def _pil(x: ImageInput) -> Image.Image:
         raise UserError(f"image {x!r:.60}: expected a file path, an http(s) URL, a PIL image or a uint8 "
                         f"numpy array (H, W, 3) (or an image file's bytes), not {type(x).__name__}")
     if isinstance(x, str) and x.lower().startswith(("http://", "https://")):
-        return _from_url(x)
+        return _from_url(x, url_timeout or URL_TIMEOUT)
     if os.path.isdir(x):
         raise UserError(f"image {x} is a folder; give one image file")
     return load_image(x)
@@ -275,10 +277,9 @@ def _from_array(x: np.ndarray) -> Image.Image:
     return Image.fromarray(x[:, :, 0] if x.ndim == 3 and x.shape[2] == 1 else x).convert("RGB")
 
 
-def _from_url(url: str) -> Image.Image:
-    try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT) as resp:
-            data = resp.read()
+def _from_url(url: str, timeout: float) -> Image.Image:
+    try:  # within the deadline as a whole: a server trickling a byte at a time never ends a plain read
+        data = download(url, Timeouts(connect=timeout, read=timeout, total=timeout))
     except urllib.error.HTTPError as e:
         raise UserError(f"image {url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:

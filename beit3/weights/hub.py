@@ -16,10 +16,11 @@ the file, a ``.spm`` loads). Every network read times out (``timeout``, default 
 ``BEIT3_MIRROR`` (or ``mirror=``) replaces the publisher's address for clusters without internet:
 an http(s) base URL (``$BEIT3_MIRROR/<file name>``), a ``file://`` URL or a plain folder (holding
 the files flat or in the publisher's layout). ``BEIT3_OFFLINE=1`` (``--offline``) never touches the
-network: the cache or a mirror folder only, and an error naming what the cache lacks. A file whose
-sha256 does not match the registry is deleted and reported, never loaded. Where the registry has no
-checksum, the computed one is printed so that it can be pinned (``sha256=`` or
-``BEIT3_SHA256_<NAME>``).
+network: the cache or a mirror folder only, and an error naming what the cache lacks. A downloaded
+file whose sha256 does not match is deleted and reported, never loaded; a file already in the cache
+that does not match is reported and not loaded, but kept (the checksum given may be the mistake).
+Where the registry has no checksum, the computed one is printed so that it can be pinned
+(``sha256=`` or ``BEIT3_SHA256_<NAME>``).
 """
 from __future__ import annotations
 
@@ -197,7 +198,8 @@ def download(name: str, mirror: Optional[str] = None, sha256: Optional[str] = No
     path = os.path.join(cache_dir(), m.file_name)
     expected = _pinned(m, sha256)
     offline = is_offline() if offline is None else offline
-    if not os.path.exists(path):
+    cached = os.path.exists(path)
+    if not cached:
         source, local = _source(m, mirror) if not offline or _mirror(mirror) else (m.url, False)
         if offline and not local:
             raise DownloadError(_offline_message(m, path))
@@ -210,6 +212,9 @@ def download(name: str, mirror: Optional[str] = None, sha256: Optional[str] = No
         _check_part(m, part, total, expected)
         os.replace(part, path)
     actual = sha256_of(path)
+    if expected and actual != expected.lower() and cached:  # perhaps a mistyped checksum: keep the file
+        raise DownloadError(f"{describe(path)}: sha256 {actual} does not match the expected {expected}; not used, "
+                            f"and kept in the cache: if the checksum is right, delete the file and download again")
     if expected and actual != expected.lower():
         os.remove(path)
         raise DownloadError(f"{m.file_name}: sha256 {actual} does not match the expected {expected}; "

@@ -15,6 +15,7 @@ from pathlib import Path
 from beit3.data.downstream.build import build_answer_vocab, build_captioning_index, build_imagenet_index, build_nlvr2_index, build_nocaps_index, build_retrieval_index, build_vqa_index, find_vqa_files, read_jsonl, scan_image_ids, split_rest_val, text_segment, vqa_soft_score, write_jsonl
 from beit3.data.downstream.datasets import INDEX_FILES, CaptioningDataset, CIFARDataset, ClassificationDataset, ImageLoadError, NLVR2Dataset, RetrievalDataset, VQADataset, index_files, load_answer2label, load_image, text_segment_to_input
 from beit3.data.text_tokenizer import TextTokenizer
+from beit3.core.errors import UserError
 from beit3.core.settings import add_flag, check_args
 
 NOCAPS_FILES = {"val": "nocaps_val_4500_captions.json", "test": "nocaps_test_image_info.json"}
@@ -61,7 +62,7 @@ def _parse_image_dirs(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         split, sep, folder = pair.partition("=")
         if not sep or split not in ("train", "val", "test", "test-dev"):
-            raise SystemExit(f"--images-dir expects SPLIT=DIR with SPLIT in train/val/test/test-dev, got {pair!r}")
+            raise UserError(f"--images-dir expects SPLIT=DIR with SPLIT in train/val/test/test-dev, got {pair!r}")
         dirs[split] = folder
     return dirs
 
@@ -108,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from beit3.core.errors import UserError
     from beit3.core.files import check_output_dir
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -74,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cuda_visible() -> bool:
     # In a child process: the orchestrator must not hold a CUDA context (memory) while parts run.
-    r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                       capture_output=True, text=True)
+    # A driver that hangs the query counts as no device rather than a check that never starts.
+    try:
+        r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return False
     return r.stdout.strip() == "True"
 
 
