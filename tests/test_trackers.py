@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pretrain_fixtures import IndexedBatches, run_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,7 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from beit3.cli.finetune import main as finetune_main
 from beit3.cli.pretrain import check_args, run_with_errors
 from beit3.cli.pretrain import main as pretrain_main
-from beit3.jobs.finetune.work import batch_work
+from beit3.jobs.finetune.recipes import TASKS
+from beit3.jobs.finetune.work import PASSES, batch_work
 from beit3.jobs.pretrain.loop import PretrainRun
 from beit3.jobs.tokenizer.train import main as tokenizer_main
 from beit3.model.config import BEiT3Config
@@ -291,7 +293,7 @@ def test_finetuning_logs_mfu_tokens_samples_and_memory(data, tmp_path):
 
 
 def test_a_batch_costs_its_backbone_passes():
-    import torch
+    assert sorted(PASSES) == sorted(TASKS)
     cfg = BEiT3Config.from_preset("tiny", img_size=32)
     pad = torch.tensor([[False] * 5 + [True] * 3, [False] * 8])
     batch = {"image": torch.zeros(2, 3, 32, 32), "image2": torch.zeros(2, 3, 32, 32),
