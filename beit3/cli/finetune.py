@@ -21,6 +21,7 @@ from beit3.core.errors import UserError
 from beit3.core.files import check_output_dir
 from beit3.core.settings import SettingError, add_dataclass_flags, given
 from beit3.trainer.ds_config import ConfigError, default_ds_config, resolve_ds_config
+from beit3.trainer.trackers import TrackerError, check_request
 from beit3.jobs.finetune.init_weights import init_tokenizer
 from beit3.jobs.finetune.options import SYNTHETIC, RunOptions
 from beit3.jobs.finetune.recipes import DEFAULT_RECIPE, RECIPES, TASKS, TEXTLESS_TASKS, FinetuneConfig, get_recipe, recipe_names
@@ -82,6 +83,7 @@ def settings_from_args(args: argparse.Namespace, world: int) -> tuple[FinetuneCo
     from beit3.trainer.distributed import pick_device  # imports torch
     cfg = resolve_config(args)
     options = RunOptions(**given(args, RunOptions))
+    check_request(options.report_to, options.tensorboard, getattr(args, "tensorboard", None))
     device = pick_device(options.device)
     options = options.resolved(cfg.task, device)
     if cfg.checkpoint_every is None:
@@ -111,6 +113,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = FinetuneRun(cfg, options, ds_config)
     try:
         best = run.train()
+    except TrackerError as e:  # could not start: nothing was trained, as a refused setting
+        print(f"beit3 finetune: error: {e}", file=sys.stderr)
+        return 2
     except (UserError, ValueError, FileNotFoundError, NonFiniteLossError) as e:
         print(f"beit3 finetune: error: {e}", file=sys.stderr)
         return 1

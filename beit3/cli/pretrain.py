@@ -21,6 +21,7 @@ from beit3.model.config import BEiT3Config
 from beit3.core.errors import UserError
 from beit3.core.settings import add_dataclass_flags, given
 from beit3.trainer.ds_config import ConfigError
+from beit3.trainer.trackers import TrackerError, check_request
 from beit3.jobs.pretrain.config import RECIPES, PretrainConfig
 
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(ns)
+        check_request(cfg.report_to, cfg.tensorboard, getattr(ns, "tensorboard", None))
         device = pick_device(cfg.device)
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -119,6 +121,9 @@ def run_with_errors(run, args) -> int:
     from beit3.trainer.trainer import NonFiniteLossError
     try:
         return run.train()
+    except TrackerError as e:  # could not start: nothing was trained, as a refused setting
+        print(f"beit3 pretrain: error: {e}", file=sys.stderr)
+        return 2
     except (UserError, CheckpointError, NonFiniteLossError, FileNotFoundError, DataSourceError, ValueError) as e:
         print(f"beit3 pretrain: error: {e}", file=sys.stderr)
         return 1

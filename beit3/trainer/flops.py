@@ -1,4 +1,5 @@
-"""Model FLOPs and a measured matmul peak, for TFLOP/s and MFU (nanoGPT's estimate_mfu idea).
+"""Model FLOPs and a measured matmul peak, for TFLOP/s and MFU (nanoGPT's estimate_mfu idea), of
+every job: pretraining, fine-tuning (the backbone's passes, ``encoder_flops``) and VQ-KD training.
 
 Model FLOPs of a training step = 6 x (active parameters each token passes through) x tokens
 + attention (12 x L^2 x D per layer per sequence for forward + backward). Recomputation by
@@ -16,25 +17,45 @@ import time
 import torch
 
 from beit3.model.config import BEiT3Config
+from beit3.vqkd.vqkd import VQKDConfig
 
 
-def _block_params(cfg: BEiT3Config) -> tuple[int, int]:
-    D, F = cfg.embed_dim, cfg.ffn_dim
-    attn = 4 * D * D  # qkv + out projection matmuls, per token whatever the layout
-    ffn = 2 * D * F
-    return attn, ffn
+def _blocks(batch: int, tokens: int, depth: int, dim: int, ffn_dim: int) -> tuple[float, float]:
+    """(linear, attention): forward + backward FLOPs of ``depth`` transformer blocks over ``batch``
+    sequences of ``tokens``. Linear: qkv + out projections (4 D^2) and the FFN (one expert: 2 D F)
+    per token; attention: q k^T and attention x v, 12 L^2 D per layer per sequence."""
+    linear = 6 * batch * tokens * depth * (4 * dim * dim + 2 * dim * ffn_dim)
+    return float(linear), float(12 * batch * depth * tokens * tokens * dim)
 
 
 def encoder_flops_breakdown(cfg: BEiT3Config, batch: int, image_tokens: int, text_tokens: int) -> dict:
     """Forward + backward FLOPs of the encoder, by kind: "linear" (the blocks' projections and FFNs),
     "attention" (q k^T and attention x v), "patch_embed" (the conv). image_tokens include the CLS."""
-    attn, ffn = _block_params(cfg)
-    L = image_tokens + text_tokens
-    per_token = cfg.depth * (attn + ffn)  # every token passes one FFN expert per layer
+    linear, attention = _blocks(batch, image_tokens + text_tokens, cfg.depth, cfg.embed_dim, cfg.ffn_dim)
     patch = cfg.in_chans * cfg.patch_size**2 * cfg.embed_dim if image_tokens else 0
-    return {"linear": float(6 * batch * L * per_token),
-            "attention": float(12 * batch * cfg.depth * L * L * cfg.embed_dim),
+    return {"linear": linear, "attention": attention,
             "patch_embed": float(6 * batch * max(image_tokens - 1, 0) * patch)}
+
+
+def encoder_flops(cfg: BEiT3Config, batch: int, image_tokens: int, text_tokens: int) -> float:
+    """The encoder's forward + backward FLOPs (``encoder_flops_breakdown``'s total): a fine-tuning
+    task's backbone pass over its image and text tokens."""
+    return sum(encoder_flops_breakdown(cfg, batch, image_tokens, text_tokens).values())
+
+
+def vqkd_flops(cfg: VQKDConfig, images: int) -> float:
+    """Forward + backward FLOPs of a VQ-KD training step on ``images`` images: the encoder ViT over
+    CLS + patches, its patch embedding and task layer, the nearest-code search (forward only), the
+    decoder ViT over the code map with its 1x1 patch embedding and task layer. The frozen teacher is
+    not counted, as pretraining does not count its visual tokenizer."""
+    n, mlp = cfg.num_patches, cfg.mlp_ratio
+    enc = _blocks(images, n + 1, cfg.depth, cfg.embed_dim, int(cfg.embed_dim * mlp))
+    dec = _blocks(images, n + 1, cfg.decoder_depth, cfg.decoder_embed_dim, int(cfg.decoder_embed_dim * mlp))
+    d, dd = cfg.embed_dim, cfg.decoder_embed_dim
+    per_patch = (3 * cfg.patch_size**2 * d + d * d + d * cfg.code_dim  # patch embedding, encoder task layer
+                 + cfg.code_dim * dd + dd * dd + dd * cfg.teacher_dim)  # decoder's patch embedding and task layer
+    search = 2 * images * n * cfg.num_codes * cfg.code_dim
+    return sum(enc) + sum(dec) + 6.0 * images * n * per_patch + search
 
 
 def head_flops(dim: int, classes: int, tokens: int) -> float:

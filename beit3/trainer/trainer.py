@@ -13,8 +13,9 @@ and what its checkpoints hold. What the Trainer owns, the same in every job:
 
 - the run folder: distributed setup, the folder's lock, the refusal of a folder holding another
   run unless it is resumed or replaced (``--overwrite``: moved aside), the metrics logger
-  (``metrics.jsonl``, ``tensorboard/``, a progress bar that starts at the resumed step),
-  ``run_config.json`` with the git commit, all released by ``run`` whatever happens;
+  (``metrics.jsonl``, the ``--report-to`` trackers: ``tensorboard/``, wandb, MLflow; ``run.log``; a
+  progress bar that starts at the resumed step), ``run_config.json`` with the git commit, all
+  released by ``run`` whatever happens;
 - checkpoints: ``checkpoints/step_XXXXXXXX`` through ``beit3.trainer.checkpoint`` (atomic, verified);
 - seeding, the compute dtype of the DeepSpeed config, moving batches to the device;
 - logging means over the window's micro-batches and over the ranks;
@@ -25,17 +26,19 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from beit3.core.errors import first_line
 from beit3.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from beit3.trainer.distributed import DistInfo, finish_distributed, init_distributed
 from beit3.trainer.ds_config import precision
 from beit3.trainer.metrics_log import MetricsLogger
 from beit3.trainer.run_dir import check_run_folder, lock_output, move_aside, on_every_rank, write_run_config
+from beit3.trainer.run_log import git_commit, session_header
+from beit3.trainer.trackers import RunInfo, check_available, requested
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,14 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def git_commit() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -135,43 +130,60 @@ class Trainer:
 
     def open_run(self, output: str, device: str, dist_timeout: float, total_steps: int, *,
                  resume: Optional[str] = None, overwrite: bool = False, tensorboard: bool = True,
-                 desc: str = "train", max_bad_steps: int = 5, keep_last: int = 1,
-                 single_process: bool = False) -> None:
+                 report_to: Optional[str] = None, desc: str = "train", max_bad_steps: int = 5,
+                 keep_last: int = 1, single_process: bool = False) -> None:
         """Join the process group, lock ``output``, check that a run it holds is resumed (``resume``)
         or replaced (``overwrite``: moved aside), verify the checkpoint to resume from (the job's
-        ``check_resume``) and open the logger: all before a model exists. ``single_process``: the
-        job runs in this process alone (``DistInfo.single``), joining no group and waiting for no
+        ``check_resume``), open the logger and start the trackers of ``report_to`` (``tensorboard``:
+        ``--tensorboard``, see ``trackers.requested``): all before a model exists. ``single_process``:
+        the job runs in this process alone (``DistInfo.single``), joining no group and waiting for no
         other rank, even when this process is one rank of a larger job."""
         self.output, self.keep_last = output, keep_last
+        trackers = requested(report_to, tensorboard)
         self.dist = DistInfo.single(device) if single_process else init_distributed(dist_timeout, device)
+        on_every_rank(self.dist, lambda: check_available(trackers) if self.dist.is_main else None)
         self.lock = lock_output(output, self.dist)
         held = on_every_rank(self.dist, lambda: check_run_folder(output, resume, overwrite))
         self.resume_path, self.resume_meta = self.check_resume()
         # The bar starts at the resumed step once it is loaded (MetricsLogger.start_at).
-        self.logger = MetricsLogger(output, self.dist.is_main, total_steps, tensorboard=tensorboard, desc=desc)
+        self.logger = MetricsLogger(output, self.dist.is_main, total_steps, desc=desc, trackers=trackers)
         self.non_finite = NonFiniteSteps(max_bad_steps, self.ckpt_dir, self.logger.write)
+        moved = None
         if overwrite and held:
             moved = on_every_rank(self.dist, lambda: move_aside(output) if self.dist.is_main else None)
+        # The folder is this run's now: run.log, and the wandb and MLflow runs (one that cannot start
+        # stops every rank here, before the model is built).
+        on_every_rank(self.dist, lambda: self.logger.open_session(
+            session_header(self.dist.world_size, self.dist.device), RunInfo(output, desc, resume is not None))
+            if self.dist.is_main else None)
+        if moved:
             self.logger.write(f"--overwrite: moved the run that was in {output} ({', '.join(held)}) into {moved}; "
                               f"delete it once it is no longer needed")
 
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
         return None, None
 
-    def close_run(self) -> None:
+    def close_run(self, failed: bool = False) -> None:
         if self.logger is not None:
-            self.logger.close()
+            self.logger.close(failed)
         if self.lock is not None:
             self.lock.release()
 
     def run(self, body: Callable[[], object]):
-        """``body()`` with the run folder released whatever happens; on success the ranks finish
-        together (``finish_distributed``)."""
+        """``body()`` with the run folder released whatever happens (the trackers' runs marked failed
+        and run.log told why when it raised); on success the ranks finish together
+        (``finish_distributed``)."""
         self.lock = self.logger = None
+        failed = True
         try:
             result = body()
+            failed = False
+        except BaseException as e:
+            if self.logger is not None:
+                self.logger.note(f"stopped: {type(e).__name__}: {first_line(e)}")
+            raise
         finally:
-            self.close_run()
+            self.close_run(failed)
         finish_distributed(self.dist)
         return result
 
@@ -200,10 +212,13 @@ class Trainer:
         return meta, state
 
     def write_run_config(self, info: dict) -> None:
-        """``run_config.json`` (rank 0): the job's ``info`` plus world size, git commit and torch."""
+        """``run_config.json`` (rank 0): the job's ``info`` plus world size, git commit and torch; the
+        same settings go to the trackers as their run's config."""
         if self.dist.is_main:
-            write_run_config(self.output, {**info, "world_size": self.dist.world_size, "git_commit": git_commit(),
-                                           "torch": torch.__version__})
+            config = {**info, "world_size": self.dist.world_size, "git_commit": git_commit(),
+                      "torch": torch.__version__}
+            write_run_config(self.output, config)
+            self.logger.log_config(config)
 
     def mean_over_ranks(self, logs: list[dict]) -> dict[str, float]:
         """Each value's mean over the window's micro-batches (those that have it) and over the ranks:

@@ -7,7 +7,9 @@ layer-wise lr decay and the head lr multiplier (``param_groups``), warmup + cosi
 step, parameters the task never reaches frozen (the language experts for classification, the
 whole backbone for linear probing), an optional EMA (timm ``ModelEmaV3``), validation on the eval
 transforms after every ``eval_every`` epochs, ``best/`` weights by the task's main metric,
-resumable checkpoints (``checkpoints/step_*``, as pretraining), metrics.jsonl / tensorboard / tqdm.
+resumable checkpoints (``checkpoints/step_*``, as pretraining), metrics.jsonl with pretraining's
+throughput figures (samples/s, tokens/s, model TFLOP/s, MFU, peak memory: ``work.py``), the
+``--report-to`` trackers, run.log and a progress bar.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from beit3.trainer.engine import OptimConfig, build_engine
 from beit3.trainer.full_weights import full_state_dict
 from beit3.trainer.optim import param_groups
 from beit3.trainer.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
+from beit3.trainer.throughput import Throughput
 from beit3.trainer.trainer import Trainer, compute_dtype, seed_everything, to_device
 from beit3.jobs.finetune.batches import collate, epoch_batches
 from beit3.model.heads import TaskModel, unreached_parameters
@@ -42,6 +45,7 @@ from beit3.jobs.finetune.options import SYNTHETIC, RunOptions
 from beit3.jobs.finetune.recipes import FinetuneConfig
 from beit3.jobs.finetune.tasks import build_task
 from beit3.jobs.finetune.validation import evaluate, scalars
+from beit3.jobs.finetune.work import batch_work
 
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
@@ -139,7 +143,8 @@ class FinetuneRun(Trainer):
     def build(self) -> None:
         o, c = self.opt, self.cfg
         self.open_run(o.output, o.device, o.dist_timeout, 1, resume=o.resume, overwrite=o.overwrite,
-                      tensorboard=o.tensorboard, desc=c.task, max_bad_steps=o.max_bad_steps, keep_last=o.keep_last)
+                      tensorboard=o.tensorboard, report_to=o.report_to, desc=c.task, max_bad_steps=o.max_bad_steps,
+                      keep_last=o.keep_last)
         cpu_flush_denormal(self.dist.device)
         if self.dist.is_main:  # holding the folder's lock: nobody else is replacing best/
             recovered = recover_dir(os.path.join(o.output, "best"))
@@ -204,8 +209,7 @@ class FinetuneRun(Trainer):
         self.total_steps, self.warmup_steps, note = schedule_steps(c, self.steps_per_epoch)
         if note:
             self.logger.write(note)
-        if self.logger.bar is not None:
-            self.logger.bar.total = self.total_steps
+        self.logger.set_total(self.total_steps)
 
     def build_model(self) -> TaskModel:
         o, c = self.opt, self.cfg
@@ -271,6 +275,7 @@ class FinetuneRun(Trainer):
                           f"({self.steps_per_epoch}/epoch) on {self.dist.world_size} x "
                           f"{self.dist.device.type}; output {self.opt.output}")
         self.logger.start_at(step)
+        self.throughput = Throughput(self.dist.device, self.dist.world_size)
         stop = self.opt.stop_after_steps
         self.end_step = self.total_steps if stop is None else min(self.total_steps, step + stop)
         while step < self.end_step:
@@ -296,7 +301,8 @@ class FinetuneRun(Trainer):
                             num_workers=self.opt.num_workers, collate_fn=collate,
                             pin_memory=self.dist.device.type == "cuda", generator=g)
         ga = eng.gradient_accumulation_steps()
-        window = {"t": time.perf_counter(), "samples": 0, "logs": []}
+        window = {"logs": []}
+        self.throughput.reset()  # from this epoch's first batch: the validation before it is not counted
         self.engine.train()
         done = skip
         if skip == 0:
@@ -306,6 +312,7 @@ class FinetuneRun(Trainer):
             if all_reduce_flag(self.unreadable.too_many, self.dist):
                 raise self.unreadable.error(f"stopped at step {step} (epoch {epoch}); last checkpoint: "
                                             f"{latest_checkpoint(self.ckpt_dir)}")
+            work = batch_work(c.task, self.model.cfg, batch)
             loss, logs = self.task.train_step(eng, to_device(batch, self.dist.device, self.dtype), step)
             done = micro + 1
             if all_reduce_flag(not bool(torch.isfinite(loss)), self.dist):
@@ -315,7 +322,7 @@ class FinetuneRun(Trainer):
             self.non_finite.finite()
             eng.backward(loss)
             eng.step()
-            window["samples"] += c.batch_size
+            self.throughput.add(*work)
             window["logs"].append({"loss": loss.detach(), **logs})
             self.accumulated += 1
             if self.accumulated % ga:
@@ -335,16 +342,15 @@ class FinetuneRun(Trainer):
                 self.ema.update(self.engine.module, step)
         if step % self.opt.log_every and step != self.total_steps:
             return
-        dt = max(time.perf_counter() - window["t"], 1e-9)
         mean = self.mean_over_ranks(window["logs"])
         out = {"loss": mean["loss"], **{f"train/{k}": v for k, v in mean.items() if k != "loss"}}
-        out.update({"lr": max(self.engine.get_lr()), "samples_per_s": window["samples"] * self.dist.world_size / dt,
+        out.update({"lr": max(self.engine.get_lr()), **self.throughput.figures(),
                     "skipped_samples": self.unreadable.count, "skipped_steps": self.non_finite.total})
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             out["grad_norm"] = float(gn)
         self.logger.log(step, out)
-        window.update(t=time.perf_counter(), samples=0, logs=[])
+        window["logs"] = []
 
     # validation and checkpoints
     def validate(self, step: int, epoch: int) -> dict:

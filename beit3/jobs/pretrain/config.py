@@ -111,6 +111,9 @@ class PretrainConfig:
     dist_timeout: float = _f(1800.0, "seconds a collective may wait for a peer before failing", gt=0)
     device: Optional[str] = _f(None, "default: cuda when available", choices=["cuda", "cpu"])
     tensorboard: bool = _f(True, "also write tensorboard/ beside metrics.jsonl")
+    report_to: str = _f("", "where the metrics go besides metrics.jsonl: a comma list of tensorboard, wandb, "
+                        "mlflow, or none (default: tensorboard; none with --no-tensorboard; docs/tracking.md)",
+                        metavar="LIST")
 
     def __post_init__(self):
         check_settings(self)

@@ -81,7 +81,8 @@ class PretrainRun(Trainer):
     def build(self) -> None:
         a = self.args
         self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, resume=a.resume, overwrite=a.overwrite,
-                      tensorboard=a.tensorboard, desc="pretrain", max_bad_steps=a.max_bad_steps, keep_last=a.keep_last)
+                      tensorboard=a.tensorboard, report_to=a.report_to, desc="pretrain", max_bad_steps=a.max_bad_steps,
+                      keep_last=a.keep_last)
         if self.dist.is_main:  # holding the folder's lock: nobody else is replacing final/
             recovered = recover_dir(os.path.join(a.output, FINAL))
             if recovered:

@@ -45,6 +45,9 @@ class TokenizerTrainConfig:
     max_bad_steps: int = _f(5, "non-finite steps in a row that stop the run (each one is skipped)", ge=1)
     allow_pickle: bool = _f(False, "load checkpoint files that hold pickled objects (only files you trust)")
     tensorboard: bool = _f(True)
+    report_to: str = _f("", "where the metrics go besides metrics.jsonl: a comma list of tensorboard, wandb, "
+                        "mlflow, or none (default: tensorboard; none with --no-tensorboard; docs/tracking.md)",
+                        metavar="LIST")
     seed: int = _f(0, ge=0, lt=2**32)
     device: Optional[str] = _f(None, "default: cuda when available", choices=["cuda", "cpu"])
 

@@ -3,7 +3,8 @@
 One process, one device, on the ``Trainer`` every beit3 job shares. The run folder gets the
 weights (``model.safetensors`` + ``tokenizer_config.json``, what ``load_trained_tokenizer`` reads)
 and the run files of every job: ``run_config.json``, ``metrics.jsonl`` (one line after step 1 and
-every ``log_every`` steps), ``tensorboard/`` and ``checkpoints/`` (``--resume auto``).
+every ``log_every`` steps, with the throughput figures of every job: ``flops.vqkd_flops``), the
+``--report-to`` trackers (``tensorboard/`` by default), ``run.log`` and ``checkpoints/`` (``--resume auto``).
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from beit3.trainer.distributed import pick_device
+from beit3.trainer.flops import vqkd_flops
 from beit3.trainer.plain_engine import PlainEngine
 from beit3.trainer.run_dir import check_resume, check_run_folder, find_checkpoint
+from beit3.trainer.throughput import Throughput
+from beit3.trainer.trackers import check_request
 from beit3.trainer.trainer import StopRequested, Trainer, seed_everything
 from beit3.vqkd.teachers import Teacher, build_teacher
 from beit3.jobs.tokenizer.config import TokenizerTrainConfig
@@ -209,7 +213,8 @@ class TokenizerRun(Trainer):
         s = self.settings
         device = torch.device(pick_device(s.device))
         self.open_run(s.output, str(device), 0.0, s.steps, resume=s.resume, overwrite=s.overwrite,
-                      tensorboard=s.tensorboard, desc="vq-kd", max_bad_steps=s.max_bad_steps, single_process=True)
+                      tensorboard=s.tensorboard, report_to=s.report_to, desc="vq-kd", max_bad_steps=s.max_bad_steps,
+                      single_process=True)
         seed_everything(s.seed)
         model = VQKD(self.config).to(device).train()
         model.quantize.sync_ranks = self.dist.world_size > 1  # this job's world, not the process group's
@@ -285,6 +290,7 @@ class TokenizerRun(Trainer):
         s, first = self.settings, step
         self.logger.start_at(step)
         batches = self.batches()
+        throughput = Throughput(self.dist.device, 1)
         stop = StopRequested().install()
         try:
             while step < s.steps:
@@ -295,12 +301,14 @@ class TokenizerRun(Trainer):
                     continue
                 self.non_finite.finite()
                 step += 1
+                n = images.shape[0]
+                throughput.add(n, n * (1 + self.config.num_patches), vqkd_flops(self.config, n))  # CLS + patches
                 self.usage.update(out.indices)
                 self.window.add(out)
                 self.logger.advance()
                 if step == 1 or step % s.log_every == 0 or step == s.steps:  # step 1: the untrained model
                     self.logger.log(step, {**_window_metrics(self.window, self.usage, self.engine.get_lr()[0]),
-                                           "skipped_steps": self.non_finite.total})
+                                           **throughput.figures(), "skipped_steps": self.non_finite.total})
                     self.window = _Window()
                 leave = stop.signal is not None or (s.stop_after_steps is not None and step - first >= s.stop_after_steps)
                 if (s.save_every and step % s.save_every == 0) or step == s.steps or leave:
@@ -331,14 +339,16 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
                     warmup_steps: int | None = None, min_crop_scale: float = 0.08, num_workers: int = 0,
                     usage_window: int = 50, save_every: int = 0, device: str | torch.device | None = None,
                     resume: str | None = None, max_bad_steps: int = 5, allow_pickle: bool = False,
-                    tensorboard: bool = True, stop_after_steps: int | None = None, overwrite: bool = False) -> Path:
+                    tensorboard: bool = True, stop_after_steps: int | None = None, overwrite: bool = False,
+                    report_to: str = "") -> Path:
     """Train a VQKD for ``steps`` updates against ``teacher``; returns the saved weights file.
 
     Cosine learning-rate decay to lr/10 after a linear warm-up (default: 5% of the steps).
     ``usage_window``: batches over which ``codebook/usage`` and ``codebook/perplexity`` are counted.
     ``save_every`` > 0 also checkpoints (and writes the weights) every that many steps;
     ``resume="auto"`` continues from the newest checkpoint in ``output_dir``; a folder holding another
-    run is refused unless ``overwrite`` (its files are moved aside first)."""
+    run is refused unless ``overwrite`` (its files are moved aside first). ``report_to``: as
+    ``--report-to`` (``beit3.trainer.trackers``)."""
     _check_compatible(config, teacher)
     settings = TokenizerTrainConfig(
         images=str(images_source), output=str(output_dir), steps=steps, teacher=type(teacher).__name__,
@@ -346,7 +356,7 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
         min_crop_scale=min_crop_scale, num_workers=num_workers, usage_window=usage_window, log_every=log_every,
         save_every=save_every, resume=resume, max_bad_steps=max_bad_steps, allow_pickle=allow_pickle,
         tensorboard=tensorboard, seed=seed, device=None if device is None else str(device),
-        stop_after_steps=stop_after_steps, overwrite=overwrite)
+        stop_after_steps=stop_after_steps, overwrite=overwrite, report_to=report_to)
     settings.check()
     return TokenizerRun(settings, config, teacher).train()
 
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = TokenizerTrainConfig(**given(args, TokenizerTrainConfig)).resolved()
         settings.check()  # before the teacher is loaded and the steps run
+        check_request(settings.report_to, settings.tensorboard, getattr(args, "tensorboard", None))
         check_run_folder(settings.output, settings.resume, settings.overwrite)  # the run checks again, locked
         pick_device(settings.device)
         preset = VQKDConfig.from_preset(settings.preset)
