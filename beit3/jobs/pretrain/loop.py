@@ -25,7 +25,7 @@ from beit3.core.errors import OutputError, UserError
 from beit3.core.files import recover_dir, sha256_of
 from beit3.data.pretrain_loader import PretrainLoader
 from beit3.data.text_tokenizer import TextTokenizer, spm_digest
-from beit3.jobs.demo_assets import demo_assets
+from beit3.jobs import demo_assets
 from beit3.jobs.pretrain.config import PretrainConfig
 from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
 from beit3.model.config import BEiT3Config, text_table_rows
@@ -136,8 +136,8 @@ class PretrainRun(Trainer):
         spm, tok, shards = tokenizers.spm, tokenizers.tokenizer, a.data.shards_dir
         if shards == "synthetic" and (spm is None or tok is None or self.external_data is None):
             # Rank 0 builds; a stopped build (BuildStopped) stops every rank.
-            assets = on_every_rank(self.dist, lambda: demo_assets(seed=0, build=self.dist.is_main,
-                                                                  log=self.logger.write))
+            assets = on_every_rank(self.dist, lambda: demo_assets.demo_assets(
+                seed=0, build=self.dist.is_main, log=self.logger.write))
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         self.spm = spm  # copied into final/
