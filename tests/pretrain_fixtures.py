@@ -85,13 +85,15 @@ class IndexedBatches:
         return out
 
 
-def run_args(output: str, spm: str, tok: str, extra: tuple = (), **kw) -> argparse.Namespace:
+def run_args(output: str, spm: str, tok: str, extra: tuple = (), world: int = 1, **kw):
+    """The resolved ``PretrainConfig`` of these flags on ``world`` CPU ranks; ``kw``: settings by key
+    (``steps=2``), over the flags."""
     from beit3.cli.pretrain import build_parser, defaults_for
     args = build_parser().parse_args(["--preset", "tiny", "--output", output, "--data", "synthetic",
                                       "--spm", spm, "--tokenizer", tok, "--no-tensorboard", *extra])
     for k, v in kw.items():
         setattr(args, k, v)
-    return defaults_for(args, "cpu")
+    return defaults_for(args, "cpu", world)
 
 
 def exported_backbone(checkpoint: str, out_dir) -> dict:

@@ -18,11 +18,9 @@ def main(out: str, spm: str, tok: str, ga: int, steps: int, extra: list) -> int:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     defaults = dict(steps=steps, batch_images=2, batch_texts=2, batch_pairs=2, grad_accum=ga,
                     log_every=1, save_every=steps, drop_path=0.0)
-    args = run_args(out, spm, tok, extra=tuple(extra))
-    for k, v in defaults.items():
-        flag = "--" + k.replace("_", "-")
-        if not any(e == flag or e.startswith(flag + "=") for e in extra):
-            setattr(args, k, v)
+    given = {k: v for k, v in defaults.items()
+             if not any(e == flag or e.startswith(flag + "=") for e in extra for flag in ["--" + k.replace("_", "-")])}
+    args = run_args(out, spm, tok, extra=tuple(extra), world=world, **given)
     ds = check_args(args, world)
     data = IndexedBatches(spm, rank, world, ga, sizes=(2, 2, 2))
     return run_with_errors(PretrainRun(args, ds, "cpu", data=data), args)

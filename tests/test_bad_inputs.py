@@ -69,10 +69,8 @@ def leftovers(folder) -> list:
 def pretrain(out, assets, *flags, steps=2):
     """``beit3 pretrain`` on IndexedBatches in this process; returns the exit code."""
     spm, tok = assets
-    args = run_args(str(out), spm, tok, extra=flags)
-    for k, v in dict(steps=steps, batch_images=2, batch_texts=2, batch_pairs=2, log_every=1, save_every=1,
-                     keep_last=1, drop_path=0.0).items():
-        setattr(args, k, v)
+    args = run_args(str(out), spm, tok, extra=flags, steps=steps, batch_images=2, batch_texts=2, batch_pairs=2,
+                    log_every=1, save_every=1, keep_last=1, drop_path=0.0)
     return run_with_errors(PretrainRun(args, check_args(args, 1), "cpu",
                                        data=IndexedBatches(spm, 0, 1, 1, sizes=(2, 2, 2))), args)
 
@@ -204,7 +202,7 @@ def test_a_finished_pretraining_run_is_refused_resumed_or_moved_aside(pretrained
     assert json.loads(new["final/meta.json"])["step"] == 2
     assert {k.split("/")[1] for k in new if k.startswith("checkpoints/step_")} == {"step_00000002"}
     # Recorded, but a --config replay of this run replaces nothing unless its own command line says so.
-    assert json.loads(new["run_config.json"])["args"]["overwrite"] is True
+    assert json.loads(new["run_config.json"])["args"]["run"]["overwrite"] is True
     assert "overwrite" not in PretrainConfig.from_file(os.path.join(out, "run_config.json"))
 
 

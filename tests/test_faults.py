@@ -161,10 +161,8 @@ class PoisonedBatches(IndexedBatches):
 
 def _run_poisoned(out, assets, poison, **kw):
     spm, tok = assets
-    args = run_args(str(out), spm, tok)
-    for k, v in dict(steps=6, batch_images=2, batch_texts=2, batch_pairs=2, log_every=1,
-                     save_every=2, drop_path=0.0, **kw).items():
-        setattr(args, k, v)
+    args = run_args(str(out), spm, tok, steps=6, batch_images=2, batch_texts=2, batch_pairs=2, log_every=1,
+                    save_every=2, drop_path=0.0, **kw)
     run = PretrainRun(args, check_args(args, 1), "cpu",
                       data=PoisonedBatches(spm, 0, 1, 1, sizes=(2, 2, 2), poison=poison))
     return run_with_errors(run, args)

@@ -134,8 +134,8 @@ def test_pretraining_lr_is_the_warmup_cosine_schedule(pretrained_tiny):
     """The lr the engine reports after each logged step (the one the next step uses): tiny's peak
     2e-3, 6 warmup steps climbing (k + 1) / 6, cosine over the remaining 54 to 1% of the peak."""
     with open(os.path.join(pretrained_tiny, "run_config.json")) as f:
-        args = json.load(f)["args"]
-    assert (args["lr"], args["warmup_steps"], args["steps"], args["min_lr_ratio"]) == (2e-3, 6, 60, 0.01)
+        optim = json.load(f)["args"]["optim"]
+    assert (optim["lr"], optim["warmup_steps"], optim["steps"], optim["min_lr_ratio"]) == (2e-3, 6, 60, 0.01)
 
     def lr(k):
         if k < 6:

@@ -10,7 +10,10 @@ from bad_shards import png as _png, write_bad_shards, write_tar as _write_tar
 import torch
 import webdataset as wds
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
+from beit3.cli.pretrain import build_parser, config_from_args
 from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader, ShardStream, SkipLog
 from beit3.data.shards import write_shards
 from beit3.data.synthetic.world import make_synthetic_world
@@ -126,8 +129,43 @@ def test_text_padding_cuts_only_padding(world):
     (loss_s, grad_s, flops_s), (loss_f, grad_f, flops_f) = results
     assert torch.allclose(loss_s, loss_f, rtol=1e-5) and torch.allclose(grad_s, grad_f, rtol=1e-4, atol=1e-6)
     assert flops_s < 0.9 * flops_f  # texts of ~11 tokens padded to 16 or 24 instead of 32
-    with pytest.raises(ValueError, match="text_padding"):
+    with pytest.raises(ValueError, match="--text-padding must be one of longest, max, got 'shortest'"):
         _cfg(world / "shards", text_padding="shortest").validate()
+
+
+def _job_batch(world, *flags) -> dict:
+    """The first batch of the loader that ``beit3 pretrain`` builds from these flags: the resolved
+    settings' data part, handed to the loader as it is."""
+    cfg = config_from_args(build_parser().parse_args(["--preset", "tiny", "--data", str(world / "shards"),
+                                                      "--batch-images", "4", "--batch-texts", "4", "--batch-pairs",
+                                                      "4", *flags])).resolved("cpu")
+    return next(iter(PretrainLoader(cfg.data, world / "spm/synthetic.model")))
+
+
+def _whole_image_view(world, key: str) -> torch.Tensor:
+    """The sample ``shard.tar:key``'s picture resized whole to tiny's 64 px, normalised as the views."""
+    shard, name = key.split(":")
+    with tarfile.open(world / "shards" / shard) as tar:
+        img = Image.open(io.BytesIO(tar.extractfile(f"{name}.png").read())).convert("RGB")
+    view = TF.resize(img, [64, 64], T.InterpolationMode.BICUBIC)
+    return TF.normalize(TF.to_tensor(view), [0.5] * 3, [0.5] * 3)
+
+
+def test_masking_and_crop_settings_of_the_command_line_reach_the_batches(world):
+    default = _job_batch(world)
+    assert default["images"]["image_mask"].sum(1).tolist() == [26] * 4  # 40% of tiny's 8x8 grid
+    b = _job_batch(world, "--image-mask-ratio", "0.25", "--text-mask-prob", "1", "--pair-text-mask-prob", "0",
+                   "--pair-crop-scale", "1", "1", "--color-jitter", "0")
+    assert b["images"]["image_mask"].sum(1).tolist() == [16] * 4  # 25% of 64 patches
+    texts, pairs = b["texts"], b["pairs"]
+    # every token but <s> and </s> masked; a pair's text gets the one token no text goes without
+    assert (texts["labels"] != -100).sum(1).tolist() == ((~texts["padding_mask"]).sum(1) - 2).tolist()
+    assert (pairs["labels"] != -100).sum(1).tolist() == [1] * 4
+    # pairs cropped to the whole picture (scale 1): the resized picture itself; images still BEiT's crops
+    for i, key in enumerate(b["stats"]["keys"]["pairs"]):
+        torch.testing.assert_close(pairs["image"][i], _whole_image_view(world, key), atol=1e-6, rtol=0)
+    assert not any(torch.allclose(b["images"]["image"][i], _whole_image_view(world, key), atol=1e-2)
+                   for i, key in enumerate(b["stats"]["keys"]["images"]))
 
 
 def test_optional_parts(world):

@@ -3,12 +3,10 @@ the wrong type or outside it (from a flag, a --config file or a recipe) stops th
 work with one line naming the flag. In-process ``main(argv)`` calls: no subprocess imports."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
 import os
-import typing
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from beit3.cli import finetune
 from beit3.jobs.finetune.options import RunOptions
 from beit3.jobs.finetune.recipes import RECIPES, FinetuneConfig
 from beit3.jobs.finetune.run import schedule_steps
-from beit3.core.settings import Range, SettingError, check_values, flag_ranges, is_number, ranges_table
+from beit3.core.settings import Range, SettingError, check_values, flag_ranges, is_number, leaves, ranges_table
 from beit3.cli.info import InfoSettings
 from beit3.data.synthetic import world
 from beit3.jobs.tokenizer import train as train_tokenizer
@@ -51,10 +49,9 @@ PARSERS = {"info": info, "pretrain": pretrain, "train-tokenizer": train_tokenize
 # -- every number declares its range -------------------------------------------------------------
 @pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
 def test_every_number_setting_declares_its_range(cls):
-    hints = typing.get_type_hints(cls)
-    numbers = [f for f in dataclasses.fields(cls) if is_number(hints[f.name])]
+    numbers = [leaf for leaf in leaves(cls).values() if is_number(leaf.tp)]  # a tree's parts too
     assert numbers  # the walk sees them
-    assert [f.name for f in numbers if Range.of(f.metadata) is None] == []
+    assert [leaf.key for leaf in numbers if Range.of(leaf.field.metadata) is None] == []
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))

@@ -44,10 +44,9 @@ def offline(monkeypatch):
 def pretrain(out, assets, *flags, **settings):
     """``beit3 pretrain`` on IndexedBatches in this process; returns the exit code."""
     spm, tok = assets
-    args = run_args(str(out), spm, tok, extra=flags)
-    for k, v in dict(steps=4, batch_images=2, batch_texts=2, batch_pairs=2, log_every=1, save_every=2,
-                     drop_path=0.0, final_weights=False, tensorboard=True, **settings).items():
-        setattr(args, k, v)
+    args = run_args(str(out), spm, tok, extra=flags, **dict(
+        steps=4, batch_images=2, batch_texts=2, batch_pairs=2, log_every=1, save_every=2, drop_path=0.0,
+        final_weights=False, tensorboard=True, **settings))
     return run_with_errors(PretrainRun(args, check_args(args, 1), "cpu",
                                        data=IndexedBatches(spm, 0, 1, 1, sizes=(2, 2, 2))), args)
 
@@ -201,12 +200,12 @@ def test_every_tracker_holds_metrics_jsonl_and_a_resume_continues_the_same_runs(
     sessions, got, config = wandb_run(out, ids["wandb"]["run_id"])
     assert sessions == 2
     same_numbers(got, want, rel=1e-12)
-    assert config["args"]["preset"] == "tiny" and config["output"] == str(out) and "git_commit" in config
+    assert config["args"]["model"]["preset"] == "tiny" and config["output"] == str(out) and "git_commit" in config
 
     run, got, client = mlflow_run(out, ids["mlflow"]["run_id"])
     same_numbers(got, want, rel=1e-12)
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
-    assert run.data.params["args.preset"] == "tiny" and run.data.params["args.resume"] == "null"  # the first's
+    assert run.data.params["args.model.preset"] == "tiny" and run.data.params["args.run.resume"] == "null"  # the first's
     assert run.data.tags["beit3.output"] == str(out)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"run.log", "run_config.json"}
 

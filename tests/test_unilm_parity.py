@@ -225,9 +225,9 @@ def _picture(seed=0):
 
 def test_image_views_are_beit2s(monkeypatch):
     cfg = PretrainDataConfig()
-    assert (cfg.min_crop_scale, cfg.hflip, cfg.color_jitter) == (0.08, 0.5, 0.4)  # image-only: BEiT's
-    assert (cfg.pair_min_crop_scale, cfg.pair_hflip) == (0.5, 0.0)  # pairs: their captions say left/right
-    ours = PretrainImageTransform(48, 32, cfg.min_crop_scale, cfg.color_jitter, cfg.hflip)
+    assert (cfg.crop_scale, cfg.hflip, cfg.color_jitter) == ((0.08, 1.0), 0.5, 0.4)  # image-only: BEiT's
+    assert (cfg.pair_crop_scale, cfg.pair_hflip) == ((0.5, 1.0), 0.0)  # pairs: their captions say left/right
+    ours = PretrainImageTransform(48, 32, cfg.crop_scale, cfg.color_jitter, cfg.hflip)
     img = _picture()
     flips = 0
     for seed in range(8):

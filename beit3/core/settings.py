@@ -13,11 +13,22 @@ set: those values override a recipe or a ``--config`` file without a default eve
 ``--config`` file, a recipe), and raises ``SettingError`` naming the flag, the value and the range:
 the settings dataclasses run it when they are built, before any work. Parsers written by hand declare
 ranges with ``add_flag(ap, "--x", type=int, ge=1)`` and check them with ``check_args``.
+
+Settings nest (torchtitan's config tree): a field made with ``part(Cls, help)`` holds a settings
+dataclass of its own (the data loader's, the optimizer's, ...) whose fields become flags too, in a
+help group of their own. A setting is named by its *key*: the field's name, unless its metadata gives
+``name`` (``--data`` sets ``PretrainDataConfig.shards_dir``). The flag is ``--key``, and the key is
+the flag's ``dest`` and the setting's name in a flat dict, so keys are unique over a tree
+(``leaves`` refuses a repeat). ``tree_from_dict`` builds a tree from its nested form
+(``{"optim": {"lr": 1e-3}}``, what ``dataclasses.asdict`` gives) or from flat keys (``{"lr": 1e-3}``,
+what the command line and older files give). A field with ``flag=False`` is no flag: the job fills
+it from what it builds (an image size from the model), and ``--print-config`` still shows it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -75,6 +86,12 @@ class Range:
 def setting(default: Any, help: str = "", **meta) -> dataclasses.Field:
     """A settings field: its flag's ``help`` and the metadata of the module docstring (range included)."""
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def part(cls: type, help: str = "") -> dataclasses.Field:
+    """A field holding the settings dataclass ``cls``, a part of a settings tree (default ``cls()``);
+    ``help`` titles its flags' group in ``--help``."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
 # -- types -----------------------------------------------------------------------------------------
@@ -161,23 +178,135 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_values(cls, values: Mapping, naming: Callable[[str], str] = flag_name,
-                 error: type[Exception] = SettingError) -> None:
-    """Raise ``error`` naming the first of ``values`` (fields of the dataclass ``cls``) of the wrong
-    type or outside its field's range; keys that are not fields are left to ``config.check_fields``."""
+# -- the tree ----------------------------------------------------------------------------------------
+def part_type(tp) -> Optional[type]:
+    """The settings dataclass a field of annotation ``tp`` holds, or None for a setting."""
+    base = _base(tp)
+    return base if isinstance(base, type) and dataclasses.is_dataclass(base) else None
+
+
+def setting_key(f: dataclasses.Field) -> str:
+    """The setting's name: its flag without ``--``, its key in a flat dict."""
+    return f.metadata.get("name", f.name)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One setting of a tree: its key, the attribute path from the root, its field and annotation."""
+    key: str
+    path: tuple
+    field: dataclasses.Field
+    tp: Any
+
+
+@functools.lru_cache(maxsize=None)
+def leaves(cls) -> dict[str, Leaf]:
+    """``{key: Leaf}`` for every setting of the dataclass ``cls`` and of its parts, in field order."""
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        sub = part_type(hints[f.name])
+        found = ([dataclasses.replace(leaf, path=(f.name, *leaf.path)) for leaf in leaves(sub).values()] if sub
+                 else [Leaf(setting_key(f), (f.name,), f, hints[f.name])])
+        for leaf in found:
+            if leaf.key in out:
+                raise TypeError(f"{cls.__name__}: two settings named {leaf.key!r} ({'.'.join(out[leaf.key].path)} "
+                                f"and {'.'.join(leaf.path)}); give one a metadata name")
+            out[leaf.key] = leaf
+    return out
+
+
+def flat_values(settings) -> dict:
+    """``{key: value}`` of every setting of a settings tree."""
+    out = {}
+    for leaf in leaves(type(settings)).values():
+        value = settings
+        for name in leaf.path:
+            value = getattr(value, name)
+        out[leaf.key] = value
+    return out
+
+
+def flatten(cls, d: Mapping) -> dict:
+    """The flat ``{key: value}`` of ``d``, a dict of ``cls``'s settings in the nested form (a part's
+    name holding an object of its fields) or flat (keys), or mixed. TypeError naming unknown keys
+    or a setting given twice."""
+    flat, unknown = {}, []
+    _flatten_into(cls, d, flat, unknown, "", root=True)
+    if unknown:
+        parts = [f.name for f in dataclasses.fields(cls) if part_type(typing.get_type_hints(cls)[f.name])]
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}; settings are named as their flags, flat "
+                        f"(\"lr\") or nested in their part ({', '.join(parts) or 'none'}) as --print-config shows")
+    return flat
+
+
+def _flatten_into(cls, d: Mapping, flat: dict, unknown: list, prefix: str, root: bool) -> None:
+    """At the root a key may name any setting of the tree; inside a part object, its fields."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name, value in values.items():
-        if name in fields:
-            problem = _problem(value, hints[name], fields[name].metadata)
+    for name, value in d.items():
+        f = fields.get(name)
+        sub = part_type(hints[name]) if f is not None else None
+        if sub is not None and isinstance(value, Mapping):
+            _flatten_into(sub, value, flat, unknown, f"{prefix}{name}.", root=False)
+            continue
+        key = name if root and name in leaves(cls) else setting_key(f) if f is not None and sub is None else None
+        if key is None:
+            if sub is not None:
+                raise TypeError(f"{prefix}{name} must be an object of {sub.__name__} settings, got {value!r}")
+            unknown.append(prefix + name)
+        elif key in flat:
+            raise TypeError(f"{cls.__name__}: {prefix}{name} is given twice")
+        else:
+            flat[key] = value
+
+
+def build_tree(cls, flat: Mapping):
+    """``cls`` with the settings of ``flat`` (keys of ``leaves(cls)``), each part built by its class
+    (which checks it), the others at their defaults."""
+    hints, kw = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        sub = part_type(hints[f.name])
+        if sub is not None:
+            kw[f.name] = build_tree(sub, flat)
+        elif setting_key(f) in flat:
+            kw[f.name] = flat[setting_key(f)]
+    return cls(**kw)
+
+
+def tree_from_dict(cls, d: Mapping, naming: Callable[[str], str] = flag_name, error: type[Exception] = SettingError):
+    """``cls`` built from ``d`` (nested, flat or mixed), naming the unknown keys (TypeError) and the
+    first value of the wrong type or outside its range (``error``; ``naming``: how a key is named)."""
+    flat = flatten(cls, d)
+    check_values(cls, flat, naming, error)
+    return build_tree(cls, flat)
+
+
+def check_values(cls, values: Mapping, naming: Callable[[str], str] = flag_name,
+                 error: type[Exception] = SettingError) -> None:
+    """Raise ``error`` naming the first of ``values`` (settings of the dataclass ``cls`` or of its
+    parts, by key) of the wrong type or outside its range; keys that are no setting are left to
+    ``config.check_fields`` (or ``flatten``)."""
+    known = leaves(cls)
+    for key, value in values.items():
+        leaf = known.get(key)
+        if leaf is not None:
+            problem = _problem(value, leaf.tp, leaf.field.metadata)
             if problem:
-                raise error(f"{naming(name)} {problem}")
+                raise error(f"{naming(key)} {problem}")
 
 
 def check_settings(settings, error: type[Exception] = SettingError) -> None:
-    """Every field of the settings dataclass object ``settings``: its type and its range."""
-    check_values(type(settings), {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)},
-                 error=error)
+    """Every setting of the settings dataclass object ``settings`` and of its parts: type and range."""
+    hints, values = typing.get_type_hints(type(settings)), {}
+    for f in dataclasses.fields(settings):
+        value, sub = getattr(settings, f.name), part_type(hints[f.name])
+        if sub is None:
+            values[setting_key(f)] = value
+        elif not isinstance(value, sub):
+            raise error(f"{type(settings).__name__}.{f.name} must be a {sub.__name__}, got {value!r}")
+        else:
+            check_settings(value, error)
+    check_values(type(settings), values, error=error)
 
 
 # -- flags -----------------------------------------------------------------------------------------
@@ -190,20 +319,28 @@ def _none_or(cast):
 
 def add_dataclass_flags(ap: argparse.ArgumentParser | argparse._ArgumentGroup, cls,
                         skip: Iterable[str] = ()) -> None:
-    """One flag per field of the dataclass ``cls`` (see the module docstring)."""
+    """One flag per setting of the dataclass ``cls`` and of its parts (see the module docstring);
+    on a parser, each part's flags form a help group."""
     hints = typing.get_type_hints(cls)
+    leaves(cls)  # a key used twice fails here, before any flag is added
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        sub = part_type(hints[f.name])
+        if sub is not None:
+            title = f"{f.name}: {f.metadata.get('help') or sub.__name__}"
+            add_dataclass_flags(ap.add_argument_group(title) if isinstance(ap, argparse.ArgumentParser) else ap,
+                                sub, skip)
             continue
-        meta, tp = f.metadata, hints[f.name]
-        names = [flag_name(f.name), *meta.get("flags", ())]
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f, meta, tp))
+        key, meta, tp = setting_key(f), f.metadata, hints[f.name]
+        if key in skip or not meta.get("flag", True):
+            continue
+        names = [flag_name(key), *meta.get("flags", ())]
+        kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=_help(f, meta, tp))
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif _is_list(tp):
             kw.update(action="append", metavar=meta.get("metavar"), choices=meta.get("choices"))
         elif _is_pair(tp):
-            kw.update(type=float, nargs=2)
+            kw.update(type=float, nargs=2, metavar=meta.get("metavar"))
         else:
             scalar = _scalar_type(tp)
             if scalar is None:
@@ -291,6 +428,6 @@ def check_args(parser: argparse.ArgumentParser, ns: argparse.Namespace,
 
 
 def given(ns: argparse.Namespace, cls) -> dict:
-    """The fields of ``cls`` that the command line set."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(ns).items() if k in names}
+    """The settings of ``cls`` (and of its parts) that the command line set, by key."""
+    keys = leaves(cls)
+    return {k: v for k, v in vars(ns).items() if k in keys}

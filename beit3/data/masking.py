@@ -1,7 +1,9 @@
 """Masks for BEiT-3's masked data modeling: block-wise image masks and BERT-style text masks.
 
 BEiT-3 (paper, Sec. 2.3) masks 15% of the tokens of monomodal texts, 50% of the text tokens of
-image-text pairs, and 40% of image patches with the block-wise strategy of BEiT.
+image-text pairs, and 40% of image patches with the block-wise strategy of BEiT. These are the
+defaults of the pretraining loader's settings (``PretrainDataConfig``: ``--text-mask-prob``,
+``--pair-text-mask-prob``, ``--image-mask-ratio``).
 """
 from __future__ import annotations
 

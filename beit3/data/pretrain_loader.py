@@ -14,9 +14,10 @@ A kind with batch size 0 is absent. Texts are cut at ``max_text_len`` and padded
 of the part rounded up to ``text_pad_multiple`` (``text_padding="longest"``: padding is compute the
 model spends for nothing, and captions are mostly far shorter than the limit), or always to
 ``max_text_len`` (``"max"``: one shape for every step). Both give the same masks and the same
-loss: masking is drawn at ``max_text_len`` and only all-padding columns are cut. 15% of text tokens and
-50% of pair-text tokens are masked (BERT 80/10/10), images get exactly ``num_masking_patches``
-block-wise masked patches.
+loss: masking is drawn at ``max_text_len`` and only all-padding columns are cut. ``text_mask_prob``
+(15%) of text tokens and ``pair_text_mask_prob`` (50%) of pair-text tokens are masked (BERT
+80/10/10), images get exactly ``masked_patches()`` block-wise masked patches (``image_mask_ratio``,
+40%, of the grid), as the BEiT-3 paper's defaults.
 
 The stream is defined globally, not per rank, so that a run can continue on another number of
 ranks with exactly the batches it would have seen. It is made of ``streams`` readers (``world_size x
@@ -75,18 +76,21 @@ from bisect import bisect
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image as tv_decode
 
+from beit3.core.settings import SettingError, check_settings, flag_name, setting as _f
 from beit3.data.masking import IMAGE_MASK_RATIO, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, default_num_masking_patches, mask_text
 from beit3.data.remote import Timeouts
 from beit3.data.shards import ShardError, manifest_shards, read_manifest
 from beit3.data.sources import IMAGE_KEYS, DataSourceError, RetryPolicy, Shard, SkipLog, Source, failed_in, first_usable, read_samples, resolve_source
 from beit3.data.text_tokenizer import TextTokenizer
-from beit3.data.transforms import BEIT_MIN_CROP_SCALE, VL_CROP_SCALE, PretrainImageTransform
+from beit3.data.transforms import BEIT_CROP_SCALE, VL_CROP_SCALE, PretrainImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -97,57 +101,119 @@ IMAGE_DECODERS = ("pil", "torchvision")
 MAX_EMPTY_EPOCHS = 1000  # a reader that finds nothing usable for this long stops instead of hanging
 
 
+SOURCE = "PATTERN[::WEIGHT]"
+
+
 @dataclass
 class PretrainDataConfig:
-    shards_dir: str | None = None  # holds {images,texts,pairs}-*.tar (and manifest.json)
-    # Per-kind sources, each "PATTERN[::WEIGHT]" (see beit3.data.sources): local or remote shard
-    # patterns, folders, text files; several per kind are mixed by weight.
-    image_shards: str | Sequence[str] | None = None
-    text_shards: str | Sequence[str] | None = None
-    pair_shards: str | Sequence[str] | None = None
-    shard_retries: int = 3  # further attempts at a remote shard whose open or read failed
-    retry_backoff: float = 1.0  # seconds before the first retry, doubled each time
-    shard_connect_timeout: float = 30.0  # seconds to connect to a remote shard's server
-    shard_read_timeout: float = 60.0  # window in which a remote read must deliver shard_min_rate bytes/s
-    shard_min_rate: float = 1024.0  # bytes/s; slower for a whole window is a stall or a trickle
-    max_bad_shard_fraction: float = 0.1  # a reader stops the run when more of one source's shards fail
-    batch_images: int = 16
-    batch_texts: int = 16
-    batch_pairs: int = 16
-    img_size: int = 224
-    patch_size: int = 16
-    tokenizer_img_size: int = 224
-    tokenizer_patch_size: int | None = None  # when given, its grid must equal the model's
-    max_text_len: int = 64
-    text_padding: str = "longest"  # or "max"
-    text_pad_multiple: int = 8  # tensor-core friendly widths, and few distinct shapes
-    num_workers: int = 0
-    seed: int = 0
-    image_mask_ratio: float = IMAGE_MASK_RATIO
-    num_masking_patches: int | None = None  # default: default_num_masking_patches(grid, grid, ratio)
-    mask_pair_images: bool = False
-    min_crop_scale: float = BEIT_MIN_CROP_SCALE
+    """The loader's settings: ``beit3 pretrain``'s data part (``PretrainConfig.data``), each field a
+    flag. ``None`` batch sizes, text length and workers are filled by the job (they depend on the
+    preset and the device); the loader needs them given. The last four fields are no flags: the job
+    sets them from the model and the visual tokenizer."""
+    # -- sources
+    shards_dir: Optional[str] = _f(None, "'synthetic' (the embedded world, built and cached; the default without "
+                                   "sources) or a shards directory holding images-*/texts-*/pairs-*.tar and "
+                                   "manifest.json", name="data")
+    pair_shards: Optional[list] = _f(None, "image-text pairs: PATTERN[::WEIGHT] (repeat to mix; docs/data.md)",
+                                     metavar=SOURCE)
+    image_shards: Optional[list] = _f(None, "images (pair shards' captions are ignored)", metavar=SOURCE)
+    text_shards: Optional[list] = _f(None, "texts", metavar=SOURCE)
+    data_streams: Optional[int] = _f(None, "readers of the data stream over all ranks (default: ranks x max(1, "
+                                     "--num-workers)); fixed for the run: a resume on another number of ranks keeps "
+                                     "the exact stream, reading without waste when this is a multiple of its ranks "
+                                     "(x workers)", ge=1)
+    # -- remote shards
+    shard_retries: int = _f(3, "further attempts at a remote shard whose open or read failed", ge=0)
+    retry_backoff: float = _f(1.0, "seconds before the first retry, doubled for each further one", ge=0)
+    shard_connect_timeout: float = _f(30.0, "seconds to connect to a remote shard's server", gt=0)
+    shard_read_timeout: float = _f(60.0, "seconds in which a remote shard must deliver --shard-min-rate bytes/s; "
+                                   "a stalled or trickling read fails and is retried", gt=0)
+    shard_min_rate: float = _f(1024.0, "bytes/s below which a remote read counts as stalled", ge=0)
+    max_bad_shard_fraction: float = _f(0.1, "stop when a reader has given up on more than this share of a "
+                                       "source's shards", ge=0, le=1)
+    # -- batches and texts
+    batch_images: Optional[int] = _f(None, "per rank per micro-step (default 16 for tiny, 32 otherwise; 0 without "
+                                     "an image source)", ge=0)
+    batch_texts: Optional[int] = _f(None, "per rank per micro-step", ge=0)
+    batch_pairs: Optional[int] = _f(None, "per rank per micro-step", ge=0)
+    max_text_len: Optional[int] = _f(None, "text tokens with <s> and </s>, at most the preset's position table "
+                                     "(1022); default 32 for tiny, 64 otherwise", ge=3)
+    text_padding: str = _f("longest", "pad each micro-batch's texts to its longest text rounded up to "
+                           "--text-pad-multiple (no compute on padding) or always to --max-text-len (one shape every "
+                           "step)", choices=list(TEXT_PADDING))
+    text_pad_multiple: int = _f(8, "--text-padding longest: widths rounded up to this (tensor-core friendly, few "
+                                "distinct shapes)", ge=1)
+    # -- reading
+    num_workers: Optional[int] = _f(None, "data loader workers per rank (default 0 on CPU, 6 on GPU; the loader "
+                                    "alone: 0, reading in its own process)", ge=0)
+    prefetch_factor: int = _f(2, "batches each worker prepares ahead", ge=1)
+    pin_memory: bool = _f(False, "page-locked batches (faster copies to the GPU)")
+    shuffle_buffer: int = _f(500, "samples shuffled together inside a shard", ge=1)
+    warnings_per_shard: int = _f(5, "bad samples of a shard logged by name (all are counted)", ge=0)
+    image_decoder: str = _f("pil", "PIL, or torchvision.io.decode_image with the transforms on uint8 tensors",
+                            choices=list(IMAGE_DECODERS))
+    seed: int = _f(0, "the data stream's order, augmentation and masks (and the model's initialisation)",
+                   ge=0, lt=2**32)
+    # -- masking (BEiT-3 paper, Sec. 2.3)
+    image_mask_ratio: float = _f(IMAGE_MASK_RATIO, "share of image patches masked, block-wise (75 of 196 at "
+                                 "224/16, BEiT's count)", ge=0, le=1)
+    num_masking_patches: Optional[int] = _f(None, "masked patches per image, instead of --image-mask-ratio", ge=0)
+    mask_pair_images: bool = _f(False, "also mask (and predict) pair images")
+    text_mask_prob: float = _f(TEXT_MASK_PROB, "share of a monomodal text's tokens masked (BERT 80/10/10)",
+                               ge=0, le=1)
+    pair_text_mask_prob: float = _f(PAIR_TEXT_MASK_PROB, "share of a pair's text tokens masked: the image makes "
+                                    "recovering them easier", ge=0, le=1)
+    # -- augmentation (BEiT v2's DataAugmentationForBEiT)
+    crop_scale: tuple = _f(BEIT_CROP_SCALE, "RandomResizedCrop area range of images (BEiT's --min_crop_scale "
+                           "0.08)", gt=0, le=1, metavar=("MIN", "MAX"))
     # A pair's caption describes the whole picture and says "left"/"right": crop it as the official
     # vision-language fine-tuning does (scale >= 0.5) and do not flip it.
-    pair_min_crop_scale: float = VL_CROP_SCALE[0]
-    color_jitter: float = 0.4
-    hflip: float = 0.5
-    pair_hflip: float = 0.0
-    text_mask_prob: float = TEXT_MASK_PROB
-    pair_text_mask_prob: float = PAIR_TEXT_MASK_PROB
-    shuffle_buffer: int = 500
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-    warnings_per_shard: int = 5
-    image_decoder: str = "pil"  # or "torchvision": torchvision.io.decode_image, transforms on uint8 tensors
+    pair_crop_scale: tuple = _f(VL_CROP_SCALE, "RandomResizedCrop area range of pair images (as vision-language "
+                                "fine-tuning's --crop-scale)", gt=0, le=1, metavar=("MIN", "MAX"))
+    color_jitter: float = _f(0.4, "brightness, contrast and saturation jitter of images and pair images", ge=0)
+    hflip: float = _f(0.5, "probability of a horizontal flip of an image", ge=0, le=1)
+    pair_hflip: float = _f(0.0, "probability of a horizontal flip of a pair image (its caption may say left)",
+                           ge=0, le=1)
+    # -- the model's and the visual tokenizer's sizes: set by the job, no flags
+    img_size: int = _f(224, "the model's input (from the preset)", ge=1, flag=False)
+    patch_size: int = _f(16, "the model's patch (from the preset)", ge=1, flag=False)
+    tokenizer_img_size: Optional[int] = _f(None, "the visual tokenizer's input (default: img_size)", ge=1,
+                                           flag=False)
+    tokenizer_patch_size: Optional[int] = _f(None, "when given, its grid must equal the model's", ge=1, flag=False)
+
+    def __post_init__(self):
+        # Sources given as one pattern or as paths are lists of strings.
+        for name in ("pair_shards", "image_shards", "text_shards"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                value = [value]
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
+        if isinstance(self.shards_dir, os.PathLike):
+            self.shards_dir = os.fspath(self.shards_dir)
+        check_settings(self)
+        self.crop_scale, self.pair_crop_scale = tuple(self.crop_scale), tuple(self.pair_crop_scale)
+        for name in ("crop_scale", "pair_crop_scale"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise SettingError(f"{flag_name(name)} {lo:g} {hi:g}: the smallest area comes first")
 
     @property
     def readers_per_rank(self) -> int:
-        return max(1, self.num_workers)
+        return max(1, self.workers)
+
+    @property
+    def workers(self) -> int:
+        return self.num_workers or 0
 
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def view_size(self) -> int:
+        """The visual tokenizer's input size."""
+        return self.tokenizer_img_size or self.img_size
 
     def batch_size(self, kind: str) -> int:
         return {"images": self.batch_images, "texts": self.batch_texts, "pairs": self.batch_pairs}[kind]
@@ -156,8 +222,7 @@ class PretrainDataConfig:
         return [k for k in KINDS if self.batch_size(k) > 0]
 
     def specs(self, kind: str) -> list[str]:
-        given = {"images": self.image_shards, "texts": self.text_shards, "pairs": self.pair_shards}[kind]
-        return [] if not given else [given] if isinstance(given, (str, os.PathLike)) else [os.fspath(g) for g in given]
+        return list({"images": self.image_shards, "texts": self.text_shards, "pairs": self.pair_shards}[kind] or [])
 
     def retry(self) -> RetryPolicy:
         return RetryPolicy(self.shard_retries, self.retry_backoff, self.timeouts())
@@ -172,31 +237,27 @@ class PretrainDataConfig:
         return default_num_masking_patches(self.grid, self.grid, self.image_mask_ratio)
 
     def validate(self) -> None:
-        if min(self.batch_images, self.batch_texts, self.batch_pairs) < 0 or not self.active_kinds():
-            raise ValueError(f"batch sizes must be >= 0 and not all 0, got images={self.batch_images}, "
-                             f"texts={self.batch_texts}, pairs={self.batch_pairs}")
+        """The checks across fields (each field's type and range: ``check_settings``, run again in case
+        a field was set after the config was built)."""
+        check_settings(self)
+        unset = [flag_name(n) for n in ("batch_images", "batch_texts", "batch_pairs", "max_text_len")
+                 if getattr(self, n) is None]
+        if unset:
+            raise ValueError(f"the pretraining data loader needs {', '.join(unset)} given (the job fills them in)")
+        if not self.active_kinds():
+            raise ValueError("--batch-images, --batch-texts and --batch-pairs are all 0")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.tokenizer_patch_size and self.tokenizer_img_size // self.tokenizer_patch_size != self.grid:
-            raise ValueError(f"tokenizer grid {self.tokenizer_img_size}/{self.tokenizer_patch_size} != model grid "
+        if self.tokenizer_patch_size and self.view_size // self.tokenizer_patch_size != self.grid:
+            raise ValueError(f"tokenizer grid {self.view_size}/{self.tokenizer_patch_size} != model grid "
                              f"{self.img_size}/{self.patch_size}: the image mask indexes both")
         if not 0 <= self.masked_patches() <= self.grid ** 2:
-            raise ValueError(f"num_masking_patches {self.masked_patches()} outside [0, {self.grid ** 2}]")
-        if self.image_decoder not in IMAGE_DECODERS:
-            raise ValueError(f"image_decoder={self.image_decoder!r}: expected one of {IMAGE_DECODERS}")
-        if self.text_padding not in TEXT_PADDING or self.text_pad_multiple < 1:
-            raise ValueError(f"text_padding={self.text_padding!r}, text_pad_multiple={self.text_pad_multiple}: "
-                             f"expected one of {TEXT_PADDING} and a multiple >= 1")
-        if self.shard_retries < 0 or self.retry_backoff < 0 or not 0 <= self.max_bad_shard_fraction <= 1:
-            raise ValueError(f"need shard_retries >= 0, retry_backoff >= 0 and max_bad_shard_fraction in [0, 1]; "
-                             f"got {self.shard_retries}, {self.retry_backoff}, {self.max_bad_shard_fraction}")
+            raise ValueError(f"--num-masking-patches {self.masked_patches()} outside [0, {self.grid ** 2}] (the "
+                             f"{self.grid}x{self.grid} patch grid)")
         try:
             self.timeouts().check()
         except ValueError as e:
             raise ValueError(f"remote shard reads: {e}") from None
-        if self.max_text_len < 2 or self.num_workers < 0 or self.shuffle_buffer < 1:
-            raise ValueError(f"need max_text_len >= 2, num_workers >= 0, shuffle_buffer >= 1; got "
-                             f"{self.max_text_len}, {self.num_workers}, {self.shuffle_buffer}")
 
 
 # --------------------------------------------------------------------------- sources
@@ -331,7 +392,6 @@ def decode_image(sample: dict, decoder: str = "pil") -> Image.Image | torch.Tens
         raise BadSample(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(k for k in sample if k[0] != '_')}")
     try:
         if decoder == "torchvision":
-            from torchvision.io import ImageReadMode, decode_image as tv_decode
             return tv_decode(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
         with Image.open(io.BytesIO(sample[ext])) as im:
             return im.convert("RGB")
@@ -403,10 +463,10 @@ class ReaderBatches:
         self.decode = {"images": image, "texts": decode_text, "pairs": lambda x: (image(x), decode_text(x))}
         self.tokenizer = TextTokenizer(tokenizer_path)
         self.masker = BlockMaskGenerator(cfg.grid, cfg.masked_patches())
-        self.image_tf = PretrainImageTransform(cfg.img_size, cfg.tokenizer_img_size, cfg.min_crop_scale,
-                                               cfg.color_jitter, cfg.hflip)
-        self.pair_tf = PretrainImageTransform(cfg.img_size, cfg.tokenizer_img_size, cfg.pair_min_crop_scale,
-                                              cfg.color_jitter, cfg.pair_hflip)
+        self.image_tf = PretrainImageTransform(cfg.img_size, cfg.view_size, cfg.crop_scale, cfg.color_jitter,
+                                               cfg.hflip)
+        self.pair_tf = PretrainImageTransform(cfg.img_size, cfg.view_size, cfg.pair_crop_scale, cfg.color_jitter,
+                                              cfg.pair_hflip)
 
     def state(self) -> dict:
         return {"reader": self.reader, "batches": self.batches, "skipped": dict(self.skips.counts),
@@ -558,8 +618,8 @@ class PretrainLoader:
     """Iterable of mixed pretraining batches for one rank, with a resumable stream position.
 
     ``text_tokenizer``: a :class:`TextTokenizer` or the path of its sentencepiece model.
-    ``streams``: readers of the global stream (default ``world_size x max(1, num_workers)``); a
-    restored state brings its own.
+    ``streams``: readers of the global stream (default ``cfg.data_streams``, else ``world_size x
+    max(1, num_workers)``); a restored state brings its own.
     """
 
     def __init__(self, cfg: PretrainDataConfig, text_tokenizer: TextTokenizer | str, rank: int = 0,
@@ -573,7 +633,7 @@ class PretrainLoader:
         self.tokenizer_path = text_tokenizer.model_file if isinstance(text_tokenizer, TextTokenizer) \
             else os.fspath(text_tokenizer)
         TextTokenizer(self.tokenizer_path)  # fail now, not in a worker
-        self.streams = streams or world_size * cfg.readers_per_rank
+        self.streams = streams or cfg.data_streams or world_size * cfg.readers_per_rank
         self.sources = resolve_sources(cfg, self.streams)
         self._check_shard_counts()
         self._warn_if_shared()
@@ -598,14 +658,14 @@ class PretrainLoader:
 
     @property
     def read_factor(self) -> float:
-        return read_factor(self.world_size, self.streams, self.cfg.num_workers)
+        return read_factor(self.world_size, self.streams, self.cfg.workers)
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         data = MixedBatches(cfg, self.sources, self.tokenizer_path, self.rank, self.world_size, self.streams,
                             copy.deepcopy(self._states), self._consumed)
-        if cfg.num_workers > 0:
-            data = DataLoader(data, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
+        if cfg.workers > 0:
+            data = DataLoader(data, batch_size=None, num_workers=cfg.workers, pin_memory=cfg.pin_memory,
                               prefetch_factor=cfg.prefetch_factor)
         for batch in data:
             state = batch.pop("_state")

@@ -30,7 +30,7 @@ from beit3.data.randaug import VL_OPS, RandomAugment
 from beit3.data.seg_transforms import Rescale
 
 BEIT3_MEAN, BEIT3_STD = IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD  # (0.5,) * 3: pixels -> [-1, 1]
-BEIT_MIN_CROP_SCALE = 0.08  # BEiT / BEiT v2 pretraining `--min_crop_scale`
+BEIT_CROP_SCALE = (0.08, 1.0)  # BEiT / BEiT v2 pretraining: `--min_crop_scale 0.08`, the whole image at most
 VL_CROP_SCALE = (0.5, 1.0)  # unilm/beit3 build_transform for VQA, retrieval, captioning, NLVR2
 VL_RANDAUG_N, VL_RANDAUG_M = 2, 7  # unilm/beit3 RandomAugment(2, 7, isPIL=True, augs=VL_OPS)
 CLS_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # BEiT-3 ImageNet fine-tuning `--aa`
@@ -51,7 +51,7 @@ class RandomResizedCropTwoViews:
     cut from the same box of the input.
     """
 
-    def __init__(self, size: int, second_size: int, scale: tuple[float, float] = (BEIT_MIN_CROP_SCALE, 1.0),
+    def __init__(self, size: int, second_size: int, scale: tuple[float, float] = BEIT_CROP_SCALE,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), interp: str = "bicubic",
                  second_interp: str = "bicubic"):
         if not 0 < scale[0] <= scale[1] <= 1:
@@ -77,14 +77,14 @@ class PretrainImageTransform:
     ``tokenizer_image`` float (3, tokenizer_img_size, tokenizer_img_size) in [0, 1], the same crop.
     """
 
-    def __init__(self, img_size: int, tokenizer_img_size: int, min_crop_scale: float = BEIT_MIN_CROP_SCALE,
+    def __init__(self, img_size: int, tokenizer_img_size: int, crop_scale: tuple[float, float] = BEIT_CROP_SCALE,
                  color_jitter: float = 0.4, hflip: float = 0.5, interp: str = "bicubic",
                  tokenizer_interp: str = "bicubic"):
         common = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
         if hflip > 0:
             common.append(T.RandomHorizontalFlip(hflip))
         self.common = T.Compose(common)
-        self.crop = RandomResizedCropTwoViews(img_size, tokenizer_img_size, (min_crop_scale, 1.0),
+        self.crop = RandomResizedCropTwoViews(img_size, tokenizer_img_size, tuple(crop_scale),
                                               interp=interp, second_interp=tokenizer_interp)
         self.normalize = T.Normalize(BEIT3_MEAN, BEIT3_STD)
 

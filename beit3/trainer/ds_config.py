@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from typing import Any
 
 
@@ -16,7 +17,6 @@ DEFAULT_DS = {"cpu": "cpu_zero3.json", "cuda": "zero3_bf16.json"}
 
 
 def packaged_ds_config(name: str) -> str:
-    from importlib.resources import files
     return str(files("beit3") / "ds_configs" / name)
 
 
@@ -57,27 +57,33 @@ def _int_or_auto(cfg: dict, key: str, path: str) -> Any:
     return v
 
 
-def resolve_ds_config(path: str, micro_batch: int, grad_accum: int | None, world_size: int) -> dict:
+def resolve_ds_config(path: str, micro_batch: int, grad_accum: int | None, world_size: int,
+                      accum_source: str | None = None) -> dict:
     """Return the config with batch sizes filled in, or raise ConfigError naming the mismatch.
 
     micro_batch: samples per rank per micro-step (images + texts + pairs).
-    grad_accum: from the command line, or None to take the config's (default 1).
+    grad_accum: micro-batches per rank per optimizer step, from the command line; None takes the
+    config's (default 1). Given, it is the one source: the config's "auto" values are filled from it
+    and an explicit value that disagrees is refused, ``accum_source`` (default ``--grad-accum K``)
+    saying where the command line's value comes from.
     """
     cfg = load_json(path)
     mb = _int_or_auto(cfg, "train_micro_batch_size_per_gpu", path)
     ga = _int_or_auto(cfg, "gradient_accumulation_steps", path)
     tb = _int_or_auto(cfg, "train_batch_size", path)
+    source = accum_source or f"--grad-accum {grad_accum}"
     if mb != "auto" and mb != micro_batch:
         raise ConfigError(f"{path}: train_micro_batch_size_per_gpu={mb} but the command line asks for "
                           f"{micro_batch} samples per micro-batch (images + texts + pairs); "
                           f"make them agree or set it to \"auto\"")
     if grad_accum is not None and ga != "auto" and ga != grad_accum:
-        raise ConfigError(f"{path}: gradient_accumulation_steps={ga} but --grad-accum {grad_accum}")
+        raise ConfigError(f"{path}: gradient_accumulation_steps={ga} but {source} accumulates {grad_accum} "
+                          f"micro-batches per rank; set it to \"auto\" (filled from the command line)")
     ga = grad_accum if grad_accum is not None else (1 if ga == "auto" else ga)
     expected = micro_batch * ga * world_size
     if tb != "auto" and tb != expected:
         raise ConfigError(f"{path}: train_batch_size={tb} but micro-batch {micro_batch} x grad-accum {ga} "
-                          f"x {world_size} ranks = {expected}")
+                          f"x {world_size} ranks = {expected}; set it to \"auto\" (filled from the command line)")
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = ga
     cfg["train_batch_size"] = expected

@@ -10,32 +10,36 @@ and its ``meta.json`` names the step; the checkpoints keep the history (``beit3 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import resource
 import time
 import warnings
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from beit3.model.config import BEiT3Config, text_table_rows
 from beit3.core.errors import OutputError, UserError
-from beit3.core.files import recover_dir
-from beit3.model.saved import TOKENIZER_FILE, save_folder, saved_config
-from beit3.weights.official import load_backbone
-from beit3.trainer.distributed import all_reduce_flag
-from beit3.trainer.engine import OptimConfig, build_engine
-from beit3.trainer.full_weights import full_state_dict
-from beit3.trainer.flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
+from beit3.core.files import recover_dir, sha256_of
+from beit3.data.pretrain_loader import PretrainLoader
+from beit3.data.text_tokenizer import TextTokenizer, spm_digest
+from beit3.jobs import demo_assets
+from beit3.jobs.pretrain.config import PretrainConfig
 from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
+from beit3.model.config import BEiT3Config, text_table_rows
+from beit3.model.saved import TOKENIZER_FILE, save_folder, saved_config
 from beit3.trainer.checkpoint import data_states
+from beit3.trainer.distributed import all_reduce_flag
+from beit3.trainer.engine import build_engine
+from beit3.trainer.flops import batch_counts, measure_matmul_peak, pretrain_flops_breakdown
+from beit3.trainer.full_weights import full_state_dict
 from beit3.trainer.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
 from beit3.trainer.trainer import StopRequested, Trainer, compute_dtype, seed_everything, to_device
 from beit3.trainer.universal import ensure_universal, repair_universal_optimizer, universal_dir, use_universal
-
-if TYPE_CHECKING:
-    from beit3.jobs.pretrain.config import PretrainConfig
+from beit3.vqkd.vqkd import VQKDConfig, load_trained_tokenizer, load_vqkd, trained_weights
+from beit3.weights.official import load_backbone
 
 log = logging.getLogger("beit3.cli.pretrain")
 FINAL = "final"  # <output>/final/: the backbone's weights when the run last stopped
@@ -43,56 +47,45 @@ FINAL = "final"  # <output>/final/: the backbone's weights when the run last sto
 warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*")
 
 
-def pretrain_data_config(args: PretrainConfig, **model_sizes):
-    """The pretraining loader's config from the command line; ``model_sizes``: img_size,
-    patch_size and tokenizer_img_size, known once the model and visual tokenizer are chosen."""
-    from beit3.data.pretrain_loader import PretrainDataConfig
-    return PretrainDataConfig(
-        shards_dir=None if args.data == "synthetic" else args.data, image_shards=args.image_shards,
-        text_shards=args.text_shards, pair_shards=args.pair_shards, batch_images=args.batch_images,
-        batch_texts=args.batch_texts, batch_pairs=args.batch_pairs, max_text_len=args.max_text_len,
-        text_padding=args.text_padding, num_workers=args.num_workers, seed=args.seed,
-        mask_pair_images=args.mask_pair_images, shard_retries=args.shard_retries,
-        retry_backoff=args.retry_backoff, max_bad_shard_fraction=args.max_bad_shard_fraction,
-        shard_connect_timeout=args.shard_connect_timeout, shard_read_timeout=args.shard_read_timeout,
-        shard_min_rate=args.shard_min_rate, **model_sizes)
-
-
 def tokenizer_digests(spm: str, vqkd: str) -> dict:
     """What identifies the two tokenizers a run was trained with: their files' contents (not their
     paths: a moved copy is the same tokenizer; a retrained one of the same size is not)."""
-    from beit3.data.text_tokenizer import spm_digest
-    from beit3.core.files import sha256_of
-    from beit3.vqkd.vqkd import trained_weights
     weights = str(trained_weights(vqkd) or vqkd) if os.path.isdir(vqkd) else vqkd
     return {"text_tokenizer_sha256": spm_digest(spm), "visual_tokenizer_sha256": sha256_of(weights)[:16]}
+
+
+def resume_identity(cfg: PretrainConfig) -> dict:
+    """What a checkpoint must have recorded to be resumed with the settings ``cfg`` (its marker's
+    keys: the same whatever form, flat or nested, the settings were given in)."""
+    model = cfg.model.config().to_dict()
+    del model["vocab_size"]  # compared once the text tokenizer is loaded
+    return {"preset": cfg.model.preset, "layout": cfg.model.layout, "patch_aggregation": cfg.model.patch_aggregation,
+            "model": model}
 
 
 class PretrainRun(Trainer):
     """Masked data modeling: the model, the tokenizers and the mixed data of ``PretrainConfig``, in
     the Trainer's run folder."""
 
-    def __init__(self, args, ds_config: dict, device: str, data: Optional[Iterator] = None):
+    def __init__(self, args: PretrainConfig, ds_config: dict, device: str, data: Optional[Iterator] = None):
         """``data``: an iterator of batches to use instead of the shard loader (tests)."""
         self.args, self.ds_config, self.device_kind = args, ds_config, device
         self.external_data = data
 
     # -- building ------------------------------------------------------------------------------
     def build(self) -> None:
-        a = self.args
-        self.open_run(a.output, self.device_kind, a.dist_timeout, a.steps, resume=a.resume, overwrite=a.overwrite,
-                      tensorboard=a.tensorboard, report_to=a.report_to, desc="pretrain", max_bad_steps=a.max_bad_steps,
-                      keep_last=a.keep_last)
+        a, run = self.args, self.args.run
+        self.open_run(run.output, self.device_kind, a.engine.dist_timeout, a.optim.steps, resume=run.resume,
+                      overwrite=run.overwrite, tensorboard=run.tensorboard, report_to=run.report_to, desc="pretrain",
+                      max_bad_steps=run.max_bad_steps, keep_last=run.keep_last)
         if self.dist.is_main:  # holding the folder's lock: nobody else is replacing final/
-            recovered = recover_dir(os.path.join(a.output, FINAL))
+            recovered = recover_dir(os.path.join(run.output, FINAL))
             if recovered:
                 self.logger.write(recovered)
         self.elastic = self.prepare_elastic_resume()
-        seed_everything(a.seed)
+        seed_everything(a.data.seed)
         self.text_tokenizer, self.visual_tokenizer, data_source = self.build_tokenizers_and_data()
-        cfg = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
-                                      vocab_size=text_table_rows(self.text_tokenizer.vocab_size),
-                                      subln_init_scale=a.init_scheme == "subln")
+        cfg = a.model.config(vocab_size=text_table_rows(self.text_tokenizer.vocab_size))
         if self.visual_tokenizer.grid_size != cfg.grid_size:
             raise ValueError(f"visual tokenizer grid {self.visual_tokenizer.grid_size}x"
                              f"{self.visual_tokenizer.grid_size} != model patch grid {cfg.grid_size}x{cfg.grid_size}")
@@ -102,8 +95,9 @@ class PretrainRun(Trainer):
                         **self.tokenizer_digests}
             on_every_rank(self.dist, lambda: check_same_run(self.resume_path, self.resume_meta, identity))
         model = MaskedDataModeling(cfg, num_visual_tokens=self.visual_tokenizer.num_tokens,
-                                   patch_aggregation=a.patch_aggregation)
-        model.model.set_grad_checkpointing(a.checkpoint_every > 0, a.checkpoint_every, a.checkpoint_mode)
+                                   patch_aggregation=a.model.patch_aggregation)
+        model.model.set_grad_checkpointing(a.model.checkpoint_every > 0, a.model.checkpoint_every,
+                                           a.model.checkpoint_mode)
         self.engine = self.build_engine(model)
         self.dtype = compute_dtype(self.ds_config)
         self.data = data_source if self.external_data is None else self.external_data
@@ -111,15 +105,11 @@ class PretrainRun(Trainer):
     def check_resume(self) -> tuple[Optional[str], Optional[dict]]:
         """The checkpoint to resume from, verified and compared with this run's settings before
         anything is built (the vocabulary is compared once the tokenizer is loaded)."""
-        a = self.args
-        path = find_checkpoint(self.ckpt_dir, a.resume)
+        run = self.args.run
+        path = find_checkpoint(self.ckpt_dir, run.resume)
         if path is None:
             return None, None
-        model = BEiT3Config.from_preset(a.preset, layout=a.layout, drop_path_rate=a.drop_path,
-                                        subln_init_scale=a.init_scheme == "subln").to_dict()
-        del model["vocab_size"]
-        identity = {"preset": a.preset, "layout": a.layout, "patch_aggregation": a.patch_aggregation, "model": model}
-        return path, check_resume(path, self.dist, identity, a.allow_pickle)
+        return path, check_resume(path, self.dist, resume_identity(self.args), run.allow_pickle)
 
     def prepare_elastic_resume(self) -> bool:
         """A checkpoint written by another number of ranks is resumed from DeepSpeed's universal
@@ -129,7 +119,8 @@ class PretrainRun(Trainer):
         self.logger.write(f"checkpoint {self.resume_path} was written by {self.resume_meta.get('world_size', 1)} "
                           f"ranks, resuming on {self.dist.world_size}: loading its universal form")
         # The other ranks wait in the next collective, so the conversion gets the same time limit.
-        on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write, self.args.dist_timeout)
+        on_every_rank(self.dist, lambda: ensure_universal(self.resume_path, self.logger.write,
+                                                          self.args.engine.dist_timeout)
                       if self.dist.is_main else None)
         use_universal(self.ds_config)
         then = self.resume_meta.get("micro_batches_per_step")
@@ -141,54 +132,46 @@ class PretrainRun(Trainer):
         return True
 
     def build_tokenizers_and_data(self):
-        from beit3.data.text_tokenizer import TextTokenizer
-        from beit3.vqkd.vqkd import load_trained_tokenizer, load_vqkd, VQKDConfig
-        a = self.args
-        spm, tok, shards = a.spm, a.tokenizer, a.data
-        if a.data == "synthetic" and (spm is None or tok is None or self.external_data is None):
-            from beit3.jobs.demo_assets import demo_assets
+        a, tokenizers = self.args, self.args.tokenizers
+        spm, tok, shards = tokenizers.spm, tokenizers.tokenizer, a.data.shards_dir
+        if shards == "synthetic" and (spm is None or tok is None or self.external_data is None):
             # Rank 0 builds; a stopped build (BuildStopped) stops every rank.
-            assets = on_every_rank(self.dist, lambda: demo_assets(seed=0, build=self.dist.is_main,
-                                                                  log=self.logger.write))
+            assets = on_every_rank(self.dist, lambda: demo_assets.demo_assets(
+                seed=0, build=self.dist.is_main, log=self.logger.write))
             spm, tok, shards = spm or assets.spm, tok or assets.tokenizer, assets.shards
         text_tok = TextTokenizer(spm)
         self.spm = spm  # copied into final/
         self.tokenizer_digests = tokenizer_digests(spm, tok)
-        if a.tokenizer_preset:
-            vcfg = VQKDConfig.from_preset(a.tokenizer_preset)
-            grid = BEiT3Config.from_preset(a.preset).grid_size
+        if tokenizers.tokenizer_preset:
+            vcfg = VQKDConfig.from_preset(tokenizers.tokenizer_preset)
+            grid = BEiT3Config.from_preset(a.model.preset).grid_size
             if vcfg.grid_size != grid:
                 # e.g. giant (224/14: 16x16) with the 224/16 tokenizer: tokenize a 256 px view.
-                vcfg = VQKDConfig.from_preset(a.tokenizer_preset, img_size=grid * vcfg.patch_size)
+                vcfg = VQKDConfig.from_preset(tokenizers.tokenizer_preset, img_size=grid * vcfg.patch_size)
                 self.logger.write(f"visual tokenizer sees {vcfg.img_size} px views for the model's "
                                   f"{grid}x{grid} patch grid")
             vqkd = load_vqkd(tok, vcfg)
         else:
             vqkd = load_trained_tokenizer(tok)
         vqkd = vqkd.to(self.dist.device).freeze()
+        a.data.tokenizer_img_size = vqkd.config.img_size  # the views it tokenizes (run_config.json keeps it)
         data = None
         if self.external_data is None:
             data = self.build_loader(shards, text_tok, vqkd)
         return text_tok, vqkd, data
 
     def build_loader(self, shards: str | None, text_tok, vqkd):
-        from beit3.data.pretrain_loader import PretrainLoader
-        preset = BEiT3Config.from_preset(self.args.preset)
-        cfg = pretrain_data_config(self.args, img_size=preset.img_size, patch_size=preset.patch_size,
-                          tokenizer_img_size=vqkd.config.img_size)
-        cfg.shards_dir = shards
+        """The loader of the data part as it is, reading the synthetic world's folder for 'synthetic'."""
+        data = self.args.data
+        if shards != data.shards_dir:
+            data = dataclasses.replace(data, shards_dir=shards)
         # The command line opened every source's first shard before anything was built (check_args).
-        loader = PretrainLoader(cfg, text_tok, rank=self.dist.rank, world_size=self.dist.world_size,
-                                check=False, streams=self.args.data_streams)
+        loader = PretrainLoader(data, text_tok, rank=self.dist.rank, world_size=self.dist.world_size, check=False)
         self.logger.write(loader.summary())
         return loader
 
     def build_engine(self, model):
-        a = self.args
-        opt = OptimConfig(lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, a.beta2), eps=1e-6,
-                          warmup_steps=a.warmup_steps, total_steps=a.steps, min_lr_ratio=a.min_lr_ratio,
-                          grad_clip=a.grad_clip)
-        return build_engine(model, self.ds_config, opt)
+        return build_engine(model, self.ds_config, self.args.optim.optim_config())
 
     def write_run_info(self) -> None:
         self.write_run_config({"args": self.args.to_dict(), "model": self.cfg.to_dict(), "deepspeed": self.ds_config})
@@ -225,7 +208,7 @@ class PretrainRun(Trainer):
         return self.run(body)
 
     def loop(self, step: int) -> int:
-        a, eng = self.args, self.engine
+        a, eng, steps = self.args.run, self.engine, self.args.optim.steps
         first = step
         ga = eng.gradient_accumulation_steps()
         peak = measure_matmul_peak(self.dist.device)
@@ -234,10 +217,10 @@ class PretrainRun(Trainer):
         checkpoint = None
         window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0, "metrics": []}
         self.logger.start_at(step)
-        self.logger.write(f"pretraining {a.preset} ({self.cfg.layout} layout) for {a.steps} steps from step "
-                          f"{step} on {self.dist.world_size} x {self.dist.device.type}; output {a.output}")
+        self.logger.write(f"pretraining {self.args.model.preset} ({self.cfg.layout} layout) for {steps} steps from "
+                          f"step {step} on {self.dist.world_size} x {self.dist.device.type}; output {a.output}")
         try:
-            while step < a.steps:
+            while step < steps:
                 ok_all = True
                 for _ in range(ga):
                     batch = next(data_iter)
@@ -258,11 +241,11 @@ class PretrainRun(Trainer):
                 self.non_finite.finite()
                 step += 1
                 self.logger.advance()
-                if step % a.log_every == 0 or step == a.steps:
+                if step % a.log_every == 0 or step == steps:
                     self.log_window(step, window, peak, grad_norm, self.non_finite.total)
                 leave = a.stop_after_steps is not None and step - first >= a.stop_after_steps
                 stop_now = all_reduce_flag(stop.signal is not None or leave, self.dist)
-                if step % a.save_every == 0 or step == a.steps or stop_now:
+                if step % a.save_every == 0 or step == steps or stop_now:
                     checkpoint = self.save(step)
                 if stop_now:
                     self.save_final(step, checkpoint)
@@ -277,8 +260,8 @@ class PretrainRun(Trainer):
 
     def meta(self) -> dict:
         """What identifies the run: in its checkpoints' markers and in final/meta.json."""
-        return {"preset": self.args.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
-                "patch_aggregation": self.args.patch_aggregation,
+        return {"preset": self.args.model.preset, "layout": self.cfg.layout, "model": self.cfg.to_dict(),
+                "patch_aggregation": self.args.model.patch_aggregation,
                 "num_visual_tokens": self.visual_tokenizer.num_tokens,
                 "micro_batches_per_step": self.dist.world_size * self.engine.gradient_accumulation_steps(),
                 **self.tokenizer_digests}
@@ -292,7 +275,7 @@ class PretrainRun(Trainer):
         fp32 master weights, the run's SentencePiece model) and ``meta.json`` (the step, the run's
         settings). Collective. A failed write (a full disk) fails the run on every rank; the previous
         final/ and the checkpoint just written, ``checkpoint``, are kept."""
-        if not self.args.final_weights:
+        if not self.args.run.final_weights:
             return
         path = os.path.join(self.output, FINAL)
         sd = full_state_dict(self.engine.module, masters=True, keep=self.dist.is_main)
@@ -319,7 +302,7 @@ class PretrainRun(Trainer):
         self.logger.write(f"wrote {path}: the backbone at step {step} as a saved model")
 
     def maybe_resume(self) -> int:
-        a = self.args
+        a = self.args.run
         tag_dir = universal_dir(self.resume_path) if self.elastic else None
         meta, state = self.load_state(a.allow_pickle, a.resume, tag_dir)
         if meta is None:
@@ -352,5 +335,4 @@ class PretrainRun(Trainer):
     def peak_memory_gb(self) -> float:
         if self.dist.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.dist.device) / 2**30
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
