@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image as tv_decode
 
 from beit3.data.masking import IMAGE_MASK_RATIO, PAIR_TEXT_MASK_PROB, TEXT_MASK_PROB, BlockMaskGenerator, default_num_masking_patches, mask_text
 from beit3.data.remote import Timeouts
@@ -331,7 +332,6 @@ def decode_image(sample: dict, decoder: str = "pil") -> Image.Image | torch.Tens
         raise BadSample(f"no image member ({'/'.join(IMAGE_KEYS)}) among {sorted(k for k in sample if k[0] != '_')}")
     try:
         if decoder == "torchvision":
-            from torchvision.io import ImageReadMode, decode_image as tv_decode
             return tv_decode(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
         with Image.open(io.BytesIO(sample[ext])) as im:
             return im.convert("RGB")

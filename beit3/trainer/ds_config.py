@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from typing import Any
 
 
@@ -16,7 +17,6 @@ DEFAULT_DS = {"cpu": "cpu_zero3.json", "cuda": "zero3_bf16.json"}
 
 
 def packaged_ds_config(name: str) -> str:
-    from importlib.resources import files
     return str(files("beit3") / "ds_configs" / name)
 
 

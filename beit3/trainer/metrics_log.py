@@ -10,6 +10,7 @@ import math
 import os
 from typing import Optional
 
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 
@@ -43,7 +44,6 @@ class MetricsLogger:
         os.makedirs(self.output_dir, exist_ok=True)
         self.jsonl = open(os.path.join(self.output_dir, "metrics.jsonl"), "a", buffering=1)
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
 
     def log(self, step: int, metrics: dict) -> None:
