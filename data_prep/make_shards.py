@@ -7,7 +7,7 @@
 """
 import sys
 
-from beit3.data.shards import main
+from beit3.cli.data import shards_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

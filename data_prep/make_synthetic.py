@@ -5,7 +5,7 @@
 """
 import sys
 
-from beit3.data.synthetic.world import main
+from beit3.cli.data import synthetic_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

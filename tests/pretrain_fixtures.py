@@ -3,7 +3,6 @@ deterministic mixed batches indexed by (step, global micro-batch) so that any sp
 global batch over ranks and accumulation steps sees the same samples."""
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -100,7 +99,7 @@ def exported_backbone(checkpoint: str, out_dir) -> dict:
     """The backbone ``beit3 export --to safetensors`` consolidates from a DeepSpeed checkpoint."""
     from safetensors.torch import load_file
 
-    from beit3.weights.export import main as export_main
+    from beit3.cli.export import main as export_main
     out = os.path.join(str(out_dir), f"{os.path.basename(checkpoint)}.safetensors")
     assert export_main(["--to", "safetensors", str(checkpoint), "-o", out]) == 0
     return load_file(out)

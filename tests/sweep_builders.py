@@ -71,8 +71,9 @@ def _parser(command: str):
         spec.loader.exec_module(module)
         return module.build_parser()
     words = command.split()
-    module = DATA_COMMANDS[words[1]] if words[0] == "data" else COMMANDS[words[0]][0]
-    parser = importlib.import_module(module).build_parser()
+    module, _, main = (DATA_COMMANDS[words[1]] if words[0] == "data" else COMMANDS[words[0]][0]).partition(":")
+    stem = main.replace("main", "").strip("_")  # shards_main, main_embed -> shards_parser, embed_parser
+    parser = getattr(importlib.import_module(module), f"{stem}_parser" if stem else "build_parser")()
     if command == "data downstream":  # the sub-command the sweep runs
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["all"]
     return parser

@@ -140,7 +140,7 @@ def serve() -> None:
     # Imported here, in the server: the test process that drives a ForkServer never imports beit3.
     import beit3.cli
     for module in [m.partition(":")[0] for m, _ in beit3.cli.COMMANDS.values() if m] + \
-            list(beit3.cli.DATA_COMMANDS.values()) + list(PRELOAD):
+            [m.partition(":")[0] for m in beit3.cli.DATA_COMMANDS.values()] + list(PRELOAD):
         importlib.import_module(module)
     answers.write(b'"ready"\n')
     answers.flush()

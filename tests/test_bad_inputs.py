@@ -23,7 +23,7 @@ from PIL import Image
 from beit3.data.downstream.datasets import CIFARDataset
 from beit3.data.text_tokenizer import train_spm
 from beit3.core.errors import BadFileError, OutputError
-from beit3.weights.export import main as export_main
+from beit3.cli.export import main as export_main
 from beit3.cli.finetune import main as finetune_main
 from beit3.model.saved import save_folder
 from beit3.cli.pretrain import check_args, run_with_errors
@@ -462,7 +462,7 @@ def test_a_full_disk_or_a_kill_during_export_keeps_the_previous_file(tmp_path, c
     other = small_checkpoint(tmp_path / "other.pth")  # other random weights
 
     with monkeypatch.context() as m:
-        m.setattr("safetensors.torch.save_file", half_then_enospc)
+        m.setattr("beit3.weights.export.save_file", half_then_enospc)
         assert export_main(["--to", "safetensors", other, "-o", str(out)]) == 1
     error_line(capsys.readouterr().err, "beit3 export", f"could not write {out}: No space left on device",
                "bytes free there); the previous version is kept")
@@ -474,7 +474,7 @@ def test_a_full_disk_or_a_kill_during_export_keeps_the_previous_file(tmp_path, c
         def replace(src, dst):  # the temporary is complete: die before it replaces the output
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace = replace
-        from beit3.weights.export import main
+        from beit3.cli.export import main
         main(["--to", "safetensors", {other!r}, "-o", {str(out)!r}])
     """)
     killed = subprocess.run([sys.executable, "-c", kill], env=ENV, capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@ mistakes exit 2 with a line that names them. In-process: the dispatcher is a dic
 a subprocess would spend its time importing torch."""
 import importlib
 import os
+import runpy
 import sys
 
 import pytest
@@ -61,18 +62,70 @@ def test_each_command_prints_its_own_help(argv, capsys):
 def test_the_rest_of_the_line_reaches_the_command(monkeypatch):
     """The dispatcher strips the command words and passes the rest as they were; the command's
     return value becomes the exit status."""
-    import beit3.data.shards
-    import beit3.weights.hub
+    import beit3.cli.data
+    import beit3.cli.list_models
     import beit3.cli.predict
     seen = []
     monkeypatch.setattr(beit3.cli.predict, "main", lambda argv: seen.append(("predict", argv)) or 7)
-    monkeypatch.setattr(beit3.weights.hub, "list_main", lambda argv: seen.append(("list", argv)))
-    monkeypatch.setattr(beit3.data.shards, "main", lambda argv: seen.append(("shards", argv)) or 0)
+    monkeypatch.setattr(beit3.cli.list_models, "main", lambda argv: seen.append(("list", argv)))
+    monkeypatch.setattr(beit3.cli.data, "shards_main", lambda argv: seen.append(("shards", argv)) or 0)
     assert main(["predict", "--image", "a b.png", "--top-k", "3"]) == 7
     assert main(["list-models", "--task", "vqa"]) == 0  # None -> 0
     assert main(["data", "shards", "--images", "x"]) == 0
     assert seen == [("predict", ["--image", "a b.png", "--top-k", "3"]), ("list", ["--task", "vqa"]),
                     ("shards", ["--images", "x"])]
+
+
+@pytest.mark.parametrize("flag", [["--local_rank=3"], ["--local_rank", "3"], ["--local-rank=3"]], ids=" ".join)
+def test_a_launchers_local_rank_before_the_command_is_passed_on(flag, monkeypatch):
+    """DeepSpeed's launcher runs ``python -u -m beit3 --local_rank=N finetune ...``: the flag comes
+    before the command, which gets it first, and the commands that launchers start accept it."""
+    import beit3.cli.finetune
+    from beit3.cli import benchmark, finetune
+    seen = []
+    monkeypatch.setattr(beit3.cli.finetune, "main", lambda argv: seen.append(argv) or 0)
+    assert main([*flag, "finetune", "--task", "vqa"]) == 0
+    assert seen == [[*flag, "--task", "vqa"]]
+    assert finetune.build_parser().parse_args([*flag, "--task", "vqa"]).local_rank == 3
+    assert benchmark.build_parser().parse_args(flag).local_rank == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, on imported modules
+def test_python_m_beit3_runs_the_command_with_the_launchers_flag(monkeypatch, capsys):
+    """``python -m beit3`` is the dispatcher (here run in-process, as runpy runs it), flag included:
+    the command itself parses the line and reports the bad setting."""
+    monkeypatch.setattr(sys, "argv", ["beit3", "--local_rank=0", "benchmark", "--num-visual-tokens", "0"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("beit3", run_name="__main__")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "beit3 benchmark: error: --num-visual-tokens must be >= 1, got 0\n"
+
+
+COMMAND_MODULES = sorted({m.partition(":")[0] for m, _ in COMMANDS.values() if m} - {"beit3.cli.embed"})
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+@pytest.mark.parametrize("module", [*COMMAND_MODULES, "beit3.cli.data", "beit3.cli"])
+def test_python_m_each_command_module_prints_its_help(module, monkeypatch, capsys):
+    """``python -m beit3.cli.<command> --help`` (``python -m beit3.cli.data shards --help``,
+    ``python -m beit3.cli embed --help``): what ``torchrun``/``deepspeed ... -m`` launch."""
+    words = {"beit3.cli.data": ["shards"], "beit3.cli": ["embed"]}.get(module, [])
+    monkeypatch.setattr(sys, "argv", [module, *words, "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(module, run_name="__main__")
+    assert e.value.code == 0
+    command = {"beit3.cli.data": "data shards", "beit3.cli": "embed"}.get(module)
+    command = command or next(c for c, (m, _) in COMMANDS.items() if m and m.partition(":")[0] == module)
+    assert capsys.readouterr().out.startswith(f"usage: beit3 {command} ")
+
+
+def test_the_public_api_names_resolve_at_import():
+    """Every name of ``beit3.__all__`` is there after ``import beit3`` (``beit3.backbones`` is
+    ``beit3.weights.backbones``)."""
+    import beit3
+    import beit3.weights.backbones
+    assert [n for n in beit3.__all__ if not hasattr(beit3, n)] == []
+    assert beit3.backbones is beit3.weights.backbones
 
 
 def test_unknown_command_exits_2_naming_it(capsys):

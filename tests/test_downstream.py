@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from beit3.data.downstream import CaptioningDataset, CIFARDataset, ClassificationDataset, ImageLoadError, NLVR2Dataset, RetrievalDataset, VQADataset, build_all_indexes, build_answer_vocab, build_retrieval_index, main, read_jsonl, split_rest_val, vqa_soft_score
+from beit3.cli.data import downstream_main as main
+from beit3.data.downstream import CaptioningDataset, CIFARDataset, ClassificationDataset, ImageLoadError, NLVR2Dataset, RetrievalDataset, VQADataset, build_all_indexes, build_answer_vocab, build_retrieval_index, read_jsonl, split_rest_val, vqa_soft_score
 from beit3.data.downstream.build import build_vqa_index, nlvr2_image_prefix, scan_image_ids
 from beit3.data.text_tokenizer import TextTokenizer, train_spm
 from beit3.data.vqa_normalize import normalize_answer
@@ -483,7 +484,7 @@ def test_index_files_record_and_check_their_tokenizer(tmp_path, world, spm_path,
 
 
 def test_cifar_from_an_undecodable_image_is_one_line(tmp_path, world, capsys):
-    from beit3.data.cifar_format import main as cifar_main
+    from beit3.cli.data import cifar_main
     shutil.copytree(world / "classification", tmp_path / "src")
     bad = tmp_path / "src" / "train" / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -304,7 +304,7 @@ def test_recall_of_the_saved_matrices_equals_evaluate(saved, retrieval_run, data
 def test_the_official_checkpoint_format_embeds_the_same(model, data, tmp_path, capsys):
     """unilm/beit3's format (released layout, ``beit3.`` prefix, heads by their official names) gives
     the saved folder's vectors. A random released-layout model: the official format has no VL-FFN."""
-    from beit3.weights.export import main as export_main
+    from beit3.cli.export import main as export_main
     from beit3.model.heads import RetrievalModel
     cfg = beit3.BEiT3Config.from_preset("tiny", layout="released", img_size=32, vocab_size=data_vocab(model))
     RetrievalModel(cfg).save_pretrained(str(tmp_path / "saved"), tokenizer=str(model / "tokenizer.model"))

@@ -17,7 +17,8 @@ from torch import nn
 from beit3 import BEiT3, BEiT3Config
 from beit3.weights.backbones import vision_encoder
 from beit3.weights import from_official, load_backbone
-from beit3.weights.export import create_timm_model, main
+from beit3.cli.export import main
+from beit3.weights.export import create_timm_model
 
 TOL = 1e-5
 

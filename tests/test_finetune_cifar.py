@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from beit3.data.cifar_format import cifar_from_image_folder
-from beit3.data.cifar_format import main as cifar_main
+from beit3.cli.data import cifar_main
 from beit3.data.downstream.datasets import CIFARDataset
 from beit3.cli.evaluate import main as evaluate_main
 from beit3.cli.finetune import main as finetune_main

@@ -13,7 +13,7 @@ from beit3 import BEiT3
 from beit3.weights.official import load_backbone, official_vocab
 from beit3.model.config import BEiT3Config, check_text_vocab, text_table_rows
 from beit3.data.text_tokenizer import TextTokenizer
-from beit3.weights.export import main as export_main
+from beit3.cli.export import main as export_main
 from beit3.cli.pretrain import check_args
 from beit3.trainer.checkpoint import complete_checkpoints
 from beit3.jobs.pretrain.loop import PretrainRun

@@ -244,7 +244,7 @@ def test_a_saved_folder_exports_with_its_own_config(runs, tmp_path, capsys):
     import timm
 
     from beit3.weights.backbones import vision_encoder
-    from beit3.weights.export import main as export_main
+    from beit3.cli.export import main as export_main
     assert export_main(["--to", "timm", best(runs, "retrieval"), "-o", str(tmp_path / "timm")]) == 0
     assert "guessed" not in capsys.readouterr().out
     model = from_pretrained(best(runs, "retrieval"))

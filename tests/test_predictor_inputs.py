@@ -173,13 +173,18 @@ def test_evaluate_takes_the_ban_special_switch_for_an_older_run():
     """A run saved before the setting existed still takes --no-ban-special; its decoder follows."""
     import dataclasses
 
-    from beit3.cli.evaluate import build_parser, config_for
-    from beit3.jobs.finetune.recipes import get_recipe
+    from beit3.cli.evaluate import build_parser
+    from beit3.core.settings import given
+    from beit3.jobs.finetune.evaluate import config_for
+    from beit3.jobs.finetune.recipes import FinetuneConfig, get_recipe
     from beit3.jobs.finetune.tasks import build_task
+
+    def flags(*argv):  # the FinetuneConfig fields of a command line
+        return given(build_parser().parse_args(["--checkpoint", "x", *argv]), FinetuneConfig)
     saved = dataclasses.asdict(get_recipe("captioning-tiny"))
     saved.pop("ban_special")
-    assert config_for(build_parser().parse_args(["--checkpoint", "x"]), {"finetune": saved}).ban_special is True
-    cfg = config_for(build_parser().parse_args(["--checkpoint", "x", "--no-ban-special"]), {"finetune": saved})
+    assert config_for({"finetune": saved}, None, None, flags()).ban_special is True
+    cfg = config_for({"finetune": saved}, None, None, flags("--no-ban-special"))
     assert cfg.ban_special is False
 
     class Tok:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader
 from beit3.data.remote import Timeouts
-from beit3.data.shards import main as shards_main
+from beit3.cli.data import shards_main
 from beit3.data.shards import read_manifest
 from beit3.data.sources import RetryPolicy, Shard, SkipLog, read_samples
 from beit3.cli.pretrain import main as pretrain_main

@@ -7,22 +7,21 @@ import importlib.util
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from beit3.cli import benchmark, info, pretrain
 from beit3.jobs.benchmark.config import BenchmarkConfig
-from beit3.data import cifar_format, downstream, shards, text_tokenizer
-from beit3.cli import evaluate
-from beit3.cli import finetune
+from beit3.cli import data, embed, evaluate, finetune, predict
 from beit3.jobs.finetune.options import RunOptions
 from beit3.jobs.finetune.recipes import RECIPES, FinetuneConfig
 from beit3.jobs.finetune.run import schedule_steps
-from beit3.core.settings import Range, SettingError, check_values, flag_ranges, is_number, leaves, ranges_table
+from beit3.core.settings import Range, SettingError, check_values, flag_ranges, given, is_number, leaves, ranges_table
+from beit3.jobs.finetune.evaluate import config_for
 from beit3.cli.info import InfoSettings
-from beit3.data.synthetic import world
-from beit3.jobs.tokenizer import train as train_tokenizer
+from beit3.cli import train_tokenizer
 from beit3.jobs.tokenizer.config import TokenizerTrainConfig
 from beit3.vqkd.vqkd import VQKDConfig
 from beit3.trainer.optim import cosine_lr_lambda
@@ -40,9 +39,18 @@ def _script(name: str):
 
 
 init_probe = _script("init_probe")
+
+
+def _data_step(step: str):
+    """``beit3 data <step>``'s parser and entry point, as the other commands' modules hold them."""
+    return SimpleNamespace(build_parser=getattr(data, f"{step}_parser"), main=getattr(data, f"{step}_main"))
+
+
 PARSERS = {"info": info, "pretrain": pretrain, "train-tokenizer": train_tokenizer, "finetune": finetune,
-           "evaluate": evaluate, "benchmark": benchmark, "data shards": shards, "data spm": text_tokenizer,
-           "data synthetic": world, "data downstream": downstream, "data cifar": cifar_format,
+           "evaluate": evaluate, "benchmark": benchmark, **{f"data {s}": _data_step(s) for s in
+                                                            ("shards", "spm", "synthetic", "downstream", "cifar")},
+           "predict": predict, "embed": SimpleNamespace(build_parser=embed.embed_parser, main=embed.main_embed),
+           "search": SimpleNamespace(build_parser=embed.search_parser, main=embed.main_search),
            "scripts/init_probe.py": init_probe}
 
 
@@ -106,6 +114,17 @@ def test_every_recipe_is_within_the_ranges():
         FinetuneConfig(**RECIPES[name])  # raises on a value outside its range
     for name in PRETRAIN_RECIPES:
         PretrainConfig.from_recipe(name)
+
+
+def test_a_recipe_alone_sets_the_task_and_the_flags_go_on_top():
+    """``--recipe NAME`` without ``--task`` (the docs' launches) fine-tunes and evaluates the
+    recipe's task, with the flags given on top."""
+    args = finetune.build_parser().parse_args(["--recipe", "retrieval-tiny", "--lr", "2e-4"])
+    cfg = finetune.resolve_config(args)
+    assert (cfg.task, cfg.lr, cfg.epochs) == ("retrieval", 2e-4, RECIPES["retrieval-tiny"]["epochs"])
+    args = evaluate.build_parser().parse_args(["--checkpoint", "x", "--recipe", "nlvr2-tiny", "--batch-size", "3"])
+    cfg = config_for({}, args.task, args.recipe, given(args, FinetuneConfig))
+    assert (cfg.task, cfg.batch_size) == ("nlvr2", 3)
 
 
 # -- one line naming the flag, exit 2, before any work ---------------------------------------------

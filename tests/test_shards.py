@@ -8,7 +8,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from beit3.data.shards import MANIFEST, ShardError, main, manifest_shards, read_manifest, sniff_image_format, write_shards
+from beit3.cli.data import shards_main as main
+from beit3.data.shards import MANIFEST, ShardError, manifest_shards, read_manifest, sniff_image_format, write_shards
 
 
 def _image_bytes(fmt: str, seed: int, size=(20, 16)) -> bytes:

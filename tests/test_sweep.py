@@ -365,10 +365,15 @@ def sweep(server: ForkServer, places: dict, pieces, case: Case, out: str) -> Res
     for text in case.says:
         assert text.format(**fill) in line, (text.format(**fill), line)
     # exit 2: refused before any work, nothing written; exit 1: the work began and stopped, which may
-    # leave the output folder of a run holding its released (empty) lock
+    # leave the output folder of a run holding its released (empty) lock and the run.log that records
+    # the error (neither makes the folder a run that a next start must resume or replace)
     left = sorted(os.listdir(out)) if os.path.isdir(out) else [out] if os.path.exists(out) else None
-    assert left is None or (case.code == 1 and left in ([], [".lock"])), f"{out} was written: {left}"
-    assert left != [".lock"] or os.path.getsize(os.path.join(out, ".lock")) == 0
+    assert left is None or (case.code == 1 and left in ([], [".lock"], [".lock", "run.log"])), \
+        f"{out} was written: {left}"
+    assert not left or ".lock" not in left or os.path.getsize(os.path.join(out, ".lock")) == 0
+    if left and "run.log" in left:
+        with open(os.path.join(out, "run.log")) as f:
+            assert line.split(": error: ", 1)[1] in f.read(), line
     assert pieces.changed(case.aims) == [], r
     if case.after:
         case.after(fill)

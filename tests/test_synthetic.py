@@ -17,7 +17,8 @@ from PIL import Image
 
 from beit3.data.synthetic.scenes import COLORS, SHAPES
 from beit3.data.synthetic.language import NLVR2_STATEMENTS
-from beit3.data.synthetic.world import WorldConfig, make_synthetic_world, main, split_sizes, write_nlvr2
+from beit3.cli.data import synthetic_main as main
+from beit3.data.synthetic.world import WorldConfig, make_synthetic_world, split_sizes, write_nlvr2
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.vqa_normalize import normalize_answer
 

@@ -6,7 +6,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from beit3.data.text_tokenizer import TextTokenizer, main, train_spm
+from beit3.cli.data import spm_main as main
+from beit3.data.text_tokenizer import TextTokenizer, train_spm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference tokenizer loads from a local folder
 

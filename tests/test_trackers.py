@@ -23,7 +23,7 @@ from beit3.cli.pretrain import main as pretrain_main
 from beit3.jobs.finetune.recipes import TASKS
 from beit3.jobs.finetune.work import PASSES, batch_work
 from beit3.jobs.pretrain.loop import PretrainRun
-from beit3.jobs.tokenizer.train import main as tokenizer_main
+from beit3.cli.train_tokenizer import main as tokenizer_main
 from beit3.model.config import BEiT3Config
 from beit3.trainer.flops import encoder_flops
 from beit3.trainer.mlflow_tracker import MlflowTracker

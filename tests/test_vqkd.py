@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 from beit3.model.config import BEiT3Config
 from beit3.vqkd.quantizer import NormEMAVectorQuantizer
 from beit3.vqkd.teachers import build_teacher
-from beit3.jobs.tokenizer.train import main, read_metrics, train_tokenizer
+from beit3.cli.train_tokenizer import main
+from beit3.jobs.tokenizer.train import read_metrics, train_tokenizer
 from beit3.vqkd.vqkd import VQKD, VQKDConfig, load_trained_tokenizer, load_vqkd
 
 # Names in beit2's vqkd_encoder_base_decoder_3x768x12_clip checkpoint (modeling_vqkd.py, BEiT's

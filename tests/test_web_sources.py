@@ -260,7 +260,7 @@ def test_too_many_failed_shards_stop_the_run_with_one_line(served, assets):
 
 
 def test_shards_output_that_is_a_file_is_refused_before_reading(tmp_path, capsys):
-    from beit3.data.shards import main as shards_main
+    from beit3.cli.data import shards_main
     (tmp_path / "out").write_text("not a folder")
     (tmp_path / "t.txt").write_text("one line\n")
     assert shards_main(["--texts", str(tmp_path / "t.txt"), "--output", str(tmp_path / "out")]) == 2

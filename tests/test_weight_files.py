@@ -7,7 +7,7 @@ import torch
 
 from beit3 import BEiT3, BEiT3Config
 from beit3.core.errors import BadFileError
-from beit3.weights.export import main as export_main
+from beit3.cli.export import main as export_main
 from beit3.cli.predict import main as predict_main
 from beit3.vqkd.vqkd import VQKD, VQKDConfig, load_trained_tokenizer, save_trained
 from beit3.weights import UnsafeCheckpointError, load_checkpoint_file

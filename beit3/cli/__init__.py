@@ -1,32 +1,39 @@
-"""The ``beit3`` console script: a thin dispatcher to each command's own module."""
+"""The ``beit3`` console script: a thin dispatcher to each command's own module (``beit3/cli/<command>.py``),
+imported by name when its command runs, so that ``beit3 --help`` imports none of them."""
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+
+from beit3 import __version__
 
 # command -> (module, help). Each module exposes main(argv) -> int.
 COMMANDS = {
     "info": ("beit3.cli.info", "build a preset, print its parameter table, run a forward/backward pass"),
     "pretrain": ("beit3.cli.pretrain", "masked data modeling pretraining (DeepSpeed)"),
-    "train-tokenizer": ("beit3.jobs.tokenizer.train", "train a VQ-KD visual tokenizer"),
+    "train-tokenizer": ("beit3.cli.train_tokenizer", "train a VQ-KD visual tokenizer"),
     "data": (None, "data preparation: 'beit3 data synthetic|shards|downstream|spm|cifar ...'"),
-    "export": ("beit3.weights.export", "export weights: --to timm | onnx | safetensors | official"),
-    "finetune": ("beit3.cli.finetune", "fine-tune on vqa, retrieval, captioning, classification, nlvr2"),
+    "export": ("beit3.cli.export", "export weights: --to timm | onnx | safetensors | official"),
+    "finetune": ("beit3.cli.finetune", "fine-tune on vqa, retrieval, captioning, classification, nlvr2, segmentation"),
     "evaluate": ("beit3.cli.evaluate", "evaluate a fine-tuned checkpoint"),
     "predict": ("beit3.cli.predict", "answers, captions, classes, rankings from a saved model (JSON lines)"),
     "embed": ("beit3.cli.embed:main_embed", "feature vectors of a folder, text file, list or shards (retrieval model)"),
     "search": ("beit3.cli.embed:main_search", "nearest neighbours in a saved embedding matrix; recall of two"),
     "benchmark": ("beit3.cli.benchmark", "throughput, TFLOP/s and MFU of pretraining steps"),
-    "list-models": ("beit3.weights.hub:list_main", "the official checkpoints by name"),
-    "download": ("beit3.weights.hub", "download an official checkpoint by name (checksummed, resumable)"),
+    "list-models": ("beit3.cli.list_models", "the official checkpoints by name"),
+    "download": ("beit3.cli.download", "download an official checkpoint by name (checksummed, resumable)"),
 }
 DATA_COMMANDS = {
-    "synthetic": "beit3.data.synthetic.world",
-    "shards": "beit3.data.shards",
-    "downstream": "beit3.data.downstream",
-    "spm": "beit3.data.text_tokenizer",
-    "cifar": "beit3.data.cifar_format",
+    "synthetic": "beit3.cli.data:synthetic_main",
+    "shards": "beit3.cli.data:shards_main",
+    "downstream": "beit3.cli.data:downstream_main",
+    "spm": "beit3.cli.data:spm_main",
+    "cifar": "beit3.cli.data:cifar_main",
 }
+# The launchers' rank flag: ``deepspeed ... -m beit3 pretrain ...`` runs ``python -u -m beit3
+# --local_rank=N pretrain ...`` (torch.distributed.launch: ``--local-rank=N``).
+LOCAL_RANK = re.compile(r"--local[_-]rank(=\d+)?$")
 
 
 def _usage() -> str:
@@ -35,13 +42,21 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _launcher_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's ``--local_rank`` flag and its value, if it precedes the command; the rest)."""
+    if argv and LOCAL_RANK.match(argv[0]):
+        n = 1 if "=" in argv[0] else 2
+        return argv[:n], argv[n:]
+    return [], argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    local_rank, argv = _launcher_flags(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from beit3 import __version__
         print(f"beit3 {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
@@ -56,8 +71,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beit3: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, _, func = module.partition(":")
-    return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    # by name: a command's module (and what it imports) loads only when the command runs
+    return int(getattr(importlib.import_module(module), func or "main")(local_rank + rest) or 0)

@@ -19,12 +19,16 @@ from typing import Optional
 
 from beit3.core.errors import UserError
 from beit3.core.files import check_output_dir
-from beit3.core.settings import SettingError, add_dataclass_flags, given
+from beit3.core.settings import add_dataclass_flags, given
+from beit3.metrics.report import print_results_table
+from beit3.trainer.distributed import pick_device
 from beit3.trainer.ds_config import ConfigError, default_ds_config, resolve_ds_config
 from beit3.trainer.trackers import TrackerError, check_request
+from beit3.trainer.trainer import NonFiniteLossError
 from beit3.jobs.finetune.init_weights import init_tokenizer
 from beit3.jobs.finetune.options import SYNTHETIC, RunOptions
-from beit3.jobs.finetune.recipes import DEFAULT_RECIPE, RECIPES, TASKS, TEXTLESS_TASKS, FinetuneConfig, get_recipe, recipe_names
+from beit3.jobs.finetune.recipes import RECIPES, TASKS, TEXTLESS_TASKS, FinetuneConfig, resolve_recipe
+from beit3.jobs.finetune.run import FinetuneRun
 
 
 def add_config_flags(ap: argparse.ArgumentParser) -> None:
@@ -46,21 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
     """The recipe (``--recipe``, else the task's demo recipe) with the flags given on top."""
-    if args.recipe is None and args.task is None:
-        raise ConfigError(f"give --task ({', '.join(TASKS)}) or --recipe")
-    name = args.recipe or DEFAULT_RECIPE[args.task]
-    if name not in RECIPES:
-        lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
-        raise ConfigError(f"unknown --recipe {name!r}; choices:\n" + "\n".join(lines))
-    if args.task is not None and RECIPES[name]["task"] != args.task:
-        raise ConfigError(f"--recipe {name} is a {RECIPES[name]['task']} recipe, not {args.task}; "
-                          f"{args.task} recipes: {', '.join(recipe_names(args.task))}")
-    cfg = get_recipe(name, **given(args, FinetuneConfig))
-    if cfg.layer_decay != 1.0 and cfg.head_lr_scale != 1.0:  # unilm takes the head's weight only without decay
-        raise SettingError(f"--head-lr-scale {cfg.head_lr_scale:g} with --layer-decay {cfg.layer_decay:g} (given, or "
-                           f"--recipe {name}'s): the head's factor applies only without layer decay, as unilm's "
-                           f"--task_head_lr_weight; give --layer-decay 1 or leave --head-lr-scale at 1")
-    return cfg
+    return resolve_recipe(args.recipe, args.task, given(args, FinetuneConfig))
 
 
 def check_paths(o: RunOptions, needs_spm: bool = True) -> None:
@@ -80,7 +70,6 @@ def check_paths(o: RunOptions, needs_spm: bool = True) -> None:
 
 def settings_from_args(args: argparse.Namespace, world: int) -> tuple[FinetuneConfig, RunOptions, dict]:
     """(hyperparameters, run options, resolved DeepSpeed config), every check that needs no model done."""
-    from beit3.trainer.distributed import pick_device  # imports torch
     cfg = resolve_config(args)
     options = RunOptions(**given(args, RunOptions))
     check_request(options.report_to, options.tensorboard, getattr(args, "tensorboard", None))
@@ -105,10 +94,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if options.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from beit3.metrics.report import print_results_table
-    from beit3.trainer.trainer import NonFiniteLossError
-    from beit3.jobs.finetune.run import FinetuneRun
-
     os.makedirs(options.output, exist_ok=True)
     run = FinetuneRun(cfg, options, ds_config)
     try:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from beit3.core.errors import BadFileError, UserError, first_line
@@ -134,7 +135,6 @@ def load_checkpoint_file(path: str, allow_pickle: bool = False, mmap: bool = Fal
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Tensor]:
     """A ``.safetensors`` file's tensors; an empty, truncated or foreign file raises ``BadFileError``."""
-    from safetensors.torch import load_file
     problem = safetensors_problem(path)
     if problem is not None:
         raise BadFileError(path, f"not a complete safetensors file ({problem})")
@@ -217,13 +217,13 @@ def _zero_location(path: str, tag: Optional[str]) -> tuple[str, Optional[str], s
     return path, tag, tag_dir
 
 
-def _deepspeed_safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """DeepSpeed classes its checkpoints pickle; building them runs nothing but their plain
     constructors and attribute updates. ``fragment_address`` (two ints) is in every ZeRO-1/2
     optimizer file: where each parameter's slice lies in the flat partition."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # heavy: deepspeed, ~2 s to import
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # heavy: deepspeed, ~2 s to import
+    from deepspeed.utils.tensor_fragment import fragment_address  # heavy: deepspeed, ~2 s to import
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
@@ -240,7 +240,7 @@ def check_deepspeed_files(tag_dir: str, allow_pickle: bool) -> None:
         warnings.warn(f"{tag_dir}: loading DeepSpeed files with full unpickling (allow_pickle=True)", UserWarning,
                       stacklevel=3)
         return
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         for f in deepspeed_state_files(tag_dir):
             if file_format(f) not in ("zip", "legacy"):
                 raise not_a_checkpoint(f)
@@ -257,7 +257,8 @@ def check_deepspeed_files(tag_dir: str, allow_pickle: bool) -> None:
 def load_zero_checkpoint(path: str, tag: Optional[str] = None, allow_pickle: bool = False) -> dict[str, Tensor]:
     """Consolidated fp32 weights of a DeepSpeed (ZeRO 1/2/3) checkpoint, names as in the engine's
     module (e.g. ``model.layers.0...`` for a module holding the backbone at ``.model``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import (  # heavy: deepspeed, ~2 s to import
+        get_fp32_state_dict_from_zero_checkpoint)
 
     ckpt_dir, tag, tag_dir = _zero_location(os.fspath(path), tag)
     check_deepspeed_files(tag_dir, allow_pickle)

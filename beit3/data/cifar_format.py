@@ -14,11 +14,9 @@ are Python 2 ``str``: loaded with ``encoding="bytes"`` (the CIFAR page's snippet
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +25,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from beit3.core.errors import BadFileError, UserError, first_line
-from beit3.core.files import check_output_dir
+from beit3.core.errors import BadFileError, first_line
 
 CIFAR10_DIR, CIFAR100_DIR = "cifar-10-batches-py", "cifar-100-python"
 CIFAR10_TRAIN_BATCHES = 5
@@ -175,33 +172,4 @@ def cifar_from_image_folder(src: str | os.PathLike, out_dir: str | os.PathLike, 
     return write_cifar100(out_dir, train, test, classes, coarse_names)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="beit3 data cifar", description="Write an ImageFolder tree "
-                                 "(SRC/train, SRC/val) as a CIFAR-10 or CIFAR-100 python-pickle folder.")
-    ap.add_argument("--src", required=True, help="e.g. the synthetic world's classification/ folder")
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--kind", choices=["cifar10", "cifar100"], default="cifar10")
-    ap.add_argument("--coarse-by-shape", action="store_true",
-                    help="CIFAR-100 superclasses from '{color}_{shape}' class names (the synthetic world's)")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    coarse_of = (lambda c: c.rsplit("_", 1)[-1]) if args.coarse_by_shape else None
-    try:
-        check_output_dir(args.output)
-        out = cifar_from_image_folder(args.src, args.output, args.kind, coarse_of)
-    except (FileNotFoundError, ValueError, UserError) as e:
-        print(f"beit3 data cifar: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
 __all__ = ["CifarSplit", "write_cifar10", "write_cifar100", "load_split", "cifar_from_image_folder"]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

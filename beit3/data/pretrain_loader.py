@@ -761,7 +761,7 @@ class PretrainLoader:
     def summary(self) -> str:
         """What the loader reads, a line per source, for the run's log."""
         cfg = self.cfg
-        head = (f"pretraining data: " + ", ".join(f"{kind} {cfg.batch_size(kind)}/step" for kind in self.sources)
+        head = ("pretraining data: " + ", ".join(f"{kind} {cfg.batch_size(kind)}/step" for kind in self.sources)
                 + f"; rank {self.rank}/{self.world_size}, {self.streams} readers in all, "
                 f"{cfg.masked_patches()} of {cfg.grid ** 2} patches masked")
         return "\n".join([head] + [f"  {line}" for line in self.source_lines])

@@ -24,7 +24,6 @@ and moved in, with the manifest, once complete: an error or an interrupt leaves 
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import csv
 import http.client
@@ -41,9 +40,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from beit3.core.errors import OutputError, UserError, describe, first_line, report
-from beit3.core.files import check_output_dir, remove_stale_temps
-from beit3.core.settings import SettingError, add_flag, check_args
+from beit3.core.errors import describe, first_line
+from beit3.core.files import remove_stale_temps
 from beit3.data.remote import ReadTimeout, Timeouts, download
 
 log = logging.getLogger(__name__)
@@ -236,8 +234,8 @@ def _table_rows(path: Path, url_col: str | None, caption_col: str | None) -> Ite
 
 
 def _parquet_table(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
-    import pyarrow  # optional heavy dependency, only for parquet captions
-    import pyarrow.parquet as pq
+    import pyarrow  # optional: not a dependency of beit3; only parquet captions need it
+    import pyarrow.parquet as pq  # optional: not a dependency of beit3; only parquet captions need it
     try:
         table = pq.read_table(path)
     except (pyarrow.ArrowException, OSError) as e:
@@ -512,56 +510,3 @@ def manifest_shards(folder: str | os.PathLike, kind: str) -> list[str] | None:
     if entry is None:
         return None
     return [os.path.join(folder, s["name"]) for s in entry["shards"]]
-
-
-# --------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="beit3 data shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images (searched recursively)")
-    src.add_argument("--captions", help='captions with image paths or URLs: JSON lines {"image", "caption"}, '
-                                        "COCO captions or Karpathy-split JSON, CSV/TSV or parquet")
-    src.add_argument("--texts", nargs="+", help="text files, one document a line")
-    parser.add_argument("--image-root", help="--captions: folder the image paths are relative to "
-                                             "(default: the captions file's)")
-    parser.add_argument("--url-col", help="--captions table: the image path or URL column")
-    parser.add_argument("--caption-col", help="--captions table: the caption column")
-    parser.add_argument("--split", nargs="+", help="--captions Karpathy JSON: keep these splits (e.g. train restval)")
-    add_flag(parser, "--download-timeout", type=float, default=DOWNLOAD_TIMEOUT,
-             help="--captions with URLs: seconds for one image's download, a stalled or trickling "
-                  f"server included (default {DOWNLOAD_TIMEOUT:g}); such an image is skipped and counted", gt=0)
-    parser.add_argument("--output", required=True, help="folder for the shards and manifest.json")
-    parser.add_argument("--kind", help="shard name prefix (default: images, pairs or texts after the source)")
-    add_flag(parser, "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max samples per shard", ge=1)
-    add_flag(parser, "--max-bytes", type=float, default=None,
-             help="close a shard once its samples hold this many bytes (e.g. 1e9)", gt=0)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    start = time.perf_counter()
-    try:
-        check_args(parser, args)
-        check_output_dir(args.output)
-    except (OutputError, SettingError) as e:
-        return report("beit3 data shards", e, 2)
-    try:
-        options = {"image_root": args.image_root, "url_col": args.url_col, "caption_col": args.caption_col,
-                   "split": args.split, "download_timeout": args.download_timeout}
-        entry = write_shards(args.output, images=args.images, captions=args.captions, texts=args.texts,
-                             kind=args.kind, shard_size=args.shard_size, max_bytes=args.max_bytes,
-                             caption_options={k: v for k, v in options.items() if v is not None})
-    except (ShardError, UserError) as e:
-        return report("beit3 data shards", e, 2)
-    print(f"{args.output}: {entry['num_samples']} {entry['content']} samples in {len(entry['shards'])} shards, "
-          f"{entry['num_bytes'] / 1e6:.1f} MB, {entry['skipped']} inputs skipped, "
-          f"{time.perf_counter() - start:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from beit3.data.remote import ReadTimeout, Timeouts, open_stream
 from beit3.data.shards import ShardError, read_manifest
@@ -330,8 +331,6 @@ def _line_samples(shard: Shard, skips: SkipLog) -> Iterator[dict]:
 
 
 def _tar_samples(url: str, skips: SkipLog, retry: RetryPolicy) -> Iterator[dict]:
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     def reraise(exn: Exception) -> bool:
         raise exn
 

@@ -8,11 +8,10 @@ The sentencepiece model itself must keep its defaults ``<unk>``=0, ``<s>``=1, ``
 sentencepiece id 0 to ``<unk>`` and shifts every other id by one, so ids 1 and 2 (control pieces,
 never produced by encoding text) land on ``<pad>`` and ``</s>`` and are never emitted.
 
-``train_spm`` trains such a model; ``main`` is its command-line entry point.
+``train_spm`` trains such a model (``beit3 data spm``).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import warnings
@@ -21,9 +20,8 @@ from collections.abc import Sequence
 import sentencepiece as spm
 import torch
 
-from beit3.core.errors import BadFileError, UserError, describe, first_line, report
-from beit3.core.files import check_output_file, sha256_of
-from beit3.core.settings import add_flag, check_args
+from beit3.core.errors import BadFileError, UserError, describe
+from beit3.core.files import sha256_of
 
 FAIRSEQ_OFFSET = 1  # fairseq prepends <s>, <pad>, </s>, <unk> and drops sentencepiece's own three
 
@@ -212,34 +210,3 @@ def check_corpus(files: Sequence[str]) -> None:
             head = f.read(1 << 16)
         if not head.strip():
             raise BadFileError(path, "no text in it (empty or blank lines only); sentencepiece needs sentences")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="beit3 data spm", description="Train the sentencepiece model for BEiT-3 text (XLM-R id layout).")
-    parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence a line")
-    parser.add_argument("--output", required=True, help="model prefix; writes PREFIX.model, PREFIX.vocab")
-    add_flag(parser, "--vocab-size", type=int, default=64000, help="pieces (a soft limit)", ge=8)
-    parser.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
-    add_flag(parser, "--character-coverage", type=float, default=0.9999, gt=0, le=1)
-    add_flag(parser, "--input-sentence-size", type=int, default=10_000_000, help="sentences sampled (0: all)", ge=0)
-    add_flag(parser, "--seed", type=int, default=0, ge=0, lt=2**32)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        check_args(parser, args)
-        check_output_file(args.output + ".model")
-        check_corpus(args.input)
-        path = train_spm(args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
-                         character_coverage=args.character_coverage,
-                         input_sentence_size=args.input_sentence_size, seed=args.seed)
-        tok = TextTokenizer(path)
-    except (FileNotFoundError, ValueError, UserError) as e:
-        return report("beit3 data spm", first_line(e), 2)
-    print(f"{path}: {tok.sp.get_piece_size()} sentencepiece pieces, vocab_size {tok.vocab_size} "
-          f"(with <s> <pad> </s> <unk> <mask>)")
-    return 0

@@ -29,7 +29,7 @@ BLOCK = 65536  # matrix rows per matmul of the torch backend
 
 def has_faiss() -> bool:
     try:
-        import faiss  # noqa: F401 - an optional extra
+        import faiss  # noqa: F401  # optional: the faiss extra, which may be missing
     except ImportError:
         return False
     return True
@@ -75,7 +75,7 @@ def _torch_top_k(matrix: np.ndarray, queries: torch.Tensor, k: int, block: int) 
 
 
 def _faiss_top_k(matrix: np.ndarray, queries: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    import faiss  # optional: only this backend needs it
+    import faiss  # optional: the faiss extra; only this backend needs it
     index = faiss.IndexFlatIP(matrix.shape[1])
     for start in range(0, matrix.shape[0], block):
         index.add(np.ascontiguousarray(_rows(matrix, start, block).numpy()))

@@ -18,8 +18,14 @@ from typing import Iterator
 
 from beit3.core.errors import UserError
 from beit3.core.files import atomic_write_bytes, cache_root, read_json
+from beit3.data.downstream import build_all_indexes
 from beit3.data.synthetic import world as _world
 from beit3.data.synthetic.segmentation import has_segmentation, write_segmentation
+from beit3.jobs.tokenizer.config import TokenizerTrainConfig
+from beit3.jobs.tokenizer.train import TokenizerRun
+from beit3.trainer.checkpoint import latest_checkpoint, read_marker
+from beit3.vqkd.teachers import build_teacher
+from beit3.vqkd.vqkd import VQKDConfig, trained_weights
 
 READY = "READY"  # written into a cached folder once its build is complete
 
@@ -92,8 +98,6 @@ def finetune_world(seed: int = 0, num_images: int = 2000, image_size: int = 64, 
     """The cached world of ``demo_assets`` (so a model pretrained there fits its vocabulary) with its
     fine-tuning index files and segmentation masks, written once when ``build``; ``tokenizer`` is
     left empty."""
-    from beit3.data.downstream import build_all_indexes
-
     world = os.path.join(synthetic_root(seed, num_images, image_size), "world")
     spm = os.path.join(world, "spm", "synthetic.model")
     if build:
@@ -114,10 +118,6 @@ def ensure_demo_tokenizer(images: str, tok_dir: str, steps: int, batch_size: int
     stopped build is resumed from its checkpoint. Raises ``BuildStopped`` if a signal stops it."""
     if os.path.isfile(os.path.join(tok_dir, READY)):
         return
-    # Imported here: the job framework sits above the synthetic package and is needed only to build.
-    from beit3.trainer.checkpoint import latest_checkpoint, read_marker
-    from beit3.vqkd.vqkd import trained_weights
-
     checkpoint = latest_checkpoint(os.path.join(tok_dir, "checkpoints"))
     if checkpoint is not None:
         log(f"resuming the build of the tiny VQ-KD visual tokenizer in {tok_dir}: it stopped at step "
@@ -143,13 +143,6 @@ def ensure_demo_tokenizer(images: str, tok_dir: str, steps: int, batch_size: int
 def _demo_tokenizer_run(images: str, out_dir: str, steps: int, batch_size: int, seed: int, restart: bool):
     """The demo tokenizer's run in ``out_dir``: resuming a stopped build, or (``restart``) replacing
     what is there."""
-    # Imported here: the tokenizer's trainer (a job, with timm and the teachers) is needed only when
-    # the cache is built, and the synthetic package sits below the jobs.
-    from beit3.vqkd.teachers import build_teacher
-    from beit3.jobs.tokenizer.train import TokenizerRun
-    from beit3.jobs.tokenizer.config import TokenizerTrainConfig
-    from beit3.vqkd.vqkd import VQKDConfig
-
     grid = VQKDConfig.from_preset("tiny")
     # The pixel teacher (normalised pixel patches, as MaskFeat/MAE targets) gives codes that carry
     # the picture's content within a few hundred steps; HOG needs several times more.

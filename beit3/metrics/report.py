@@ -8,12 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from beit3.core.files import atomic_write_bytes as _atomic_write_bytes
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """``beit3.core.files.atomic_write_bytes`` (a reader, or a job killed mid-write, never sees a
     half-written file), returning the path."""
-    from beit3.core.files import atomic_write_bytes as write
-    write(path, data)
+    _atomic_write_bytes(path, data)
     return Path(path)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -94,7 +95,6 @@ def init_distributed(timeout_s: float = 1800.0, device: str | None = None) -> Di
 def skip_cpu_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on its first
     ``initialize`` (30 s to 5 min on 2 cores); gloo alone is all the CPU path needs."""
-    import importlib
     try:
         comm_torch = importlib.import_module("deepspeed.comm.torch")
     except ImportError:

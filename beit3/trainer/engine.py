@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from beit3.trainer.optim import build_optimizer, build_scheduler, param_groups
 
@@ -32,7 +33,7 @@ def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Op
     DeepSpeed needs its own CPU Adam, which it builds from an "optimizer" section we add here.
     ``groups`` (from ``optim.param_groups``) override the default decay / no-decay groups.
     """
-    import deepspeed
+    import deepspeed  # heavy: deepspeed, ~2 s to import
 
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         keep_zero3_fetches_out_of_dispatch_modes()
@@ -51,7 +52,7 @@ def build_engine(model: nn.Module, ds_config: dict, opt: OptimConfig, groups: Op
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=clean, config=ds_config,
                                                dist_init_required=False, lr_scheduler=schedule)
         return engine
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # heavy: deepspeed, ~2 s to import
 
     if get_accelerator().device_name() == "cuda":
         # On the GPU before the optimizer is built, so torch's AdamW takes its fused kernel (it
@@ -73,8 +74,8 @@ def keep_zero3_fetches_out_of_dispatch_modes() -> None:
     module order changes (a batch without pairs, say): the recomputation then meets ops the forward
     never ran and fails. Parameter bookkeeping is not part of the model's computation, so it is kept
     out of the count. Idempotent."""
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
-    from torch.utils._python_dispatch import _disable_current_modes
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (  # heavy: deepspeed, ~2 s to import
+        PartitionedParameterCoordinator as C)
 
     for name in ("fetch_sub_module", "release_sub_module"):
         fn = getattr(C, name)

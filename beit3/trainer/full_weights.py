@@ -20,12 +20,12 @@ def full_parameter(p: nn.Parameter, masters: bool, keep: bool) -> Optional[Tenso
     parameter without one (frozen, or no ZeRO and fp32, where the module's is the master) is the
     module's."""
     if masters:
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # heavy: deepspeed, ~2 s to import
         full = safe_get_full_fp32_param(p)
         if full is not None:
             return full.detach().to("cpu", copy=True) if keep else None
     if hasattr(p, "ds_id"):  # a ZeRO-3 partition
-        import deepspeed
+        import deepspeed  # heavy: deepspeed, ~2 s to import
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             return p.detach().to("cpu", copy=True) if keep else None
     return p.detach().to("cpu", copy=True) if keep else None

@@ -53,7 +53,7 @@ class MlflowTracker:
         run to continue (resuming), continued when it is in the same tracking store."""
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the store in the run folder
-        from mlflow.tracking import MlflowClient  # optional (the trackers extra)
+        from mlflow.tracking import MlflowClient  # optional: the trackers extra
 
         self.info, self.uri = info, store_uri(info.folder)
         self.file_store = self.uri.startswith(("file:", "/", "."))  # a path is a file store too
@@ -76,7 +76,7 @@ class MlflowTracker:
         return {"run_id": self.run_id, "tracking_uri": self.uri}
 
     def log_config(self, config: dict) -> None:
-        from mlflow.entities import Param  # optional, as above
+        from mlflow.entities import Param  # optional: the trackers extra
         # A parameter cannot change once logged: a resumed run adds the new ones, and the run_config.json
         # artifact holds the latest settings whole.
         have = self.client.get_run(self.run_id).data.params
@@ -86,7 +86,7 @@ class MlflowTracker:
         self.client.log_dict(self.run_id, json.loads(json.dumps(config, default=str)), "run_config.json")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        from mlflow.entities import Metric  # optional, as above
+        from mlflow.entities import Metric  # optional: the trackers extra
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k, self.file_store), float(v), now, step)
                                                     for k, v in scalars.items()])

@@ -17,6 +17,7 @@ import os
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from beit3.core.files import atomic_file
@@ -82,7 +83,6 @@ class PlainEngine:
 
     # -- checkpoints: DeepSpeed's signatures, our two files ------------------------------------
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
-        from safetensors.torch import save_file
         path = os.path.join(save_dir, tag)
         os.makedirs(path, exist_ok=True)
         with atomic_file(os.path.join(path, WEIGHTS)) as tmp:
@@ -94,7 +94,6 @@ class PlainEngine:
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[Optional[str], dict]:
-        from safetensors.torch import load_file
         path = os.path.join(load_dir, tag)
         if not os.path.isfile(os.path.join(path, WEIGHTS)):
             return None, {}

@@ -119,7 +119,7 @@ class TensorBoard:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only runs that log
+            from torch.utils.tensorboard import SummaryWriter  # heavy: imports tensorboard, only runs that log
             self.writer = SummaryWriter(os.path.join(self.folder, "tensorboard"))
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)

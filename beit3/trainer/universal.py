@@ -30,6 +30,7 @@ import sys
 import torch
 
 from beit3.core.files import atomic_file
+from beit3.core.weight_files import deepspeed_safe_globals
 from beit3.trainer.checkpoint import CheckpointError
 
 UNIVERSAL = "universal"  # the converted copy's folder inside a checkpoint, and its DeepSpeed tag
@@ -82,8 +83,6 @@ def repair_universal_optimizer(engine, folder: str) -> None:
     """After DeepSpeed loaded the universal checkpoint ``folder``: each optimizer param group's
     hyperparameters (weight decay, lr, lr scale, betas, ...) as the checkpoint saved them, and an
     Adam step counter of its own for each partition."""
-    from beit3.core.weight_files import _deepspeed_safe_globals
-
     base = getattr(engine.optimizer, "optimizer", None)
     if base is None:
         return
@@ -93,7 +92,7 @@ def repair_universal_optimizer(engine, folder: str) -> None:
     path = os.path.join(folder, "zero", "optimizer_state.pt")
     if not os.path.isfile(path):
         return
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         saved = torch.load(path, map_location="cpu", weights_only=True).get("optimizer_state_dict", {})
     if len(saved.get("param_groups", [])) != len(base.param_groups):
         return  # not the ZeRO-3 layout this repair is for

@@ -20,7 +20,7 @@ class WandbTracker:
     def __init__(self, info, previous: Optional[dict]):
         """``info``: the run's ``trackers.RunInfo``; ``previous``: what trackers.json holds of the wandb
         run to continue (resuming), continued when it is in the same project."""
-        import wandb  # optional (the trackers extra); check_available ran before any work
+        import wandb  # optional: the trackers extra; check_available ran before any work
 
         project = os.environ.get("WANDB_PROJECT", "beit3")
         run_id = (previous or {}).get("run_id") if (previous or {}).get("project") == project else None

@@ -18,8 +18,10 @@ import math
 import os
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
 from beit3.core.errors import BadFileError, first_line
@@ -163,9 +165,6 @@ class TimmTeacher(Teacher):
 
     def __init__(self, name: str, weights: str | os.PathLike | None, grid: int):
         super().__init__(grid)
-        import timm
-        from timm.data import resolve_model_data_config
-
         path = _weights_file(weights, name)
         # pretrained=True with a file overlay: timm reads the file (weights_only), applies the
         # model's checkpoint filter (e.g. OpenAI CLIP -> timm names) and drops the classifier.
@@ -196,7 +195,7 @@ class OpenClipTeacher(Teacher):
     def __init__(self, name: str, weights: str | os.PathLike | None, grid: int):
         super().__init__(grid)
         try:
-            import open_clip
+            import open_clip  # optional: not a dependency of beit3; only open_clip teachers need it
         except ImportError as e:
             raise ImportError(f"teacher {OPEN_CLIP_PREFIX}{name} needs the open_clip package: "
                               "pip install open_clip_torch") from e
@@ -232,8 +231,6 @@ def build_teacher(name: str, weights: str | os.PathLike | None = None, *, grid: 
         return PixelTeacher(grid, img_size)
     if name.startswith(OPEN_CLIP_PREFIX):
         return OpenClipTeacher(name[len(OPEN_CLIP_PREFIX):], weights, grid)
-    import timm
-
     if not timm.is_model(name):
         raise ValueError(f"unknown teacher {name!r}: expected 'hog', 'pixel', "
                          f"'{OPEN_CLIP_PREFIX}<model>' or a timm model name")

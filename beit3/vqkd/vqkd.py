@@ -30,11 +30,13 @@ from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.beit import Beit
 from torch import Tensor, nn
 
 from beit3.model.config import checked_from_dict
+from beit3.core.files import atomic_file, atomic_write_bytes
 from beit3.core.weight_files import load_safetensors
 from beit3.core.errors import BadFileError, first_line
 from beit3.vqkd.quantizer import NormEMAVectorQuantizer
@@ -296,7 +298,6 @@ def load_vqkd(path_or_state_dict: str | os.PathLike | Mapping, config: VQKDConfi
 
 
 def _resample_positions(state: dict, model: VQKD) -> dict:
-    from timm.layers import resample_abs_pos_embed
     own = model.state_dict()
     for key in ("encoder.pos_embed", "decoder.pos_embed"):
         if key in state and key in own and state[key].shape != own[key].shape \
@@ -309,8 +310,6 @@ def _resample_positions(state: dict, model: VQKD) -> dict:
 
 def save_trained(model: VQKD, output_dir: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``tokenizer_config.json``, each atomically."""
-    from safetensors.torch import save_file
-    from beit3.core.files import atomic_file, atomic_write_bytes
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_NAME

@@ -24,7 +24,6 @@ Where the registry has no checksum, the computed one is printed so that it can b
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import http.client
 import os
@@ -43,6 +42,9 @@ from tqdm import tqdm
 from beit3.core.errors import UserError, describe, first_line
 from beit3.core.files import cache_root, sha256_of
 from beit3.core.weight_files import file_format, safetensors_problem
+from beit3.model import BEiT3
+from beit3.model.config import BEiT3Config
+from beit3.weights.official import from_official
 
 OFFICIAL = "https://conversationhub.blob.core.windows.net/beit-share-public/beit3"
 CHUNK = 1 << 20
@@ -369,8 +371,6 @@ def create_model(name: str, pretrained: bool = False, mirror: Optional[str] = No
     ``overrides`` go to the config, e.g. ``img_size=384``), with the official weights when
     ``pretrained`` (``download``'s ``mirror`` and ``offline``). A task checkpoint's heads are in
     ``load_official(download(name)).heads``."""
-    from beit3.model.config import BEiT3Config
-    from beit3.model import BEiT3
     m = info(name)
     if m.task == "tokenizer":
         raise UserError(f"{name} is the SentencePiece model, not a network: beit3.download({name!r})")
@@ -378,42 +378,4 @@ def create_model(name: str, pretrained: bool = False, mirror: Optional[str] = No
                                   **overrides)
     if not pretrained:
         return BEiT3(cfg)
-    from beit3.weights.official import from_official
     return from_official(download(name, mirror=mirror, offline=offline), cfg)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``beit3 download NAME [--mirror URL|FOLDER] [--sha256 H] [--offline] [--timeout S]``."""
-    ap = argparse.ArgumentParser(prog="beit3 download")
-    ap.add_argument("name")
-    ap.add_argument("--mirror", default=None,
-                    help="base URL (http(s):// or file://) or folder holding the files by name (default $BEIT3_MIRROR)")
-    ap.add_argument("--sha256", default=None, help="the expected checksum")
-    ap.add_argument("--offline", action="store_true", default=None,
-                    help="never use the network: the cache or a mirror folder only (default $BEIT3_OFFLINE)")
-    ap.add_argument("--timeout", type=float, default=60.0, help="seconds any network read may wait (default 60)")
-    args = ap.parse_args(argv)
-    try:
-        if not args.timeout > 0:
-            raise UserError(f"--timeout must be positive, got {args.timeout}")
-        print(download(args.name, args.mirror, args.sha256, timeout=args.timeout, offline=args.offline))
-    except UserError as e:
-        print(f"beit3 download: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, DownloadError) else 1
-    return 0
-
-
-def list_main(argv: Optional[list[str]] = None) -> int:
-    """``beit3 list-models [PATTERN] [--task T]``."""
-    ap = argparse.ArgumentParser(prog="beit3 list-models")
-    ap.add_argument("pattern", nargs="?", default="*")
-    ap.add_argument("--task", default=None, help=", ".join(tasks()))
-    args = ap.parse_args(argv)
-    try:
-        found = list_models(args.pattern, args.task)
-    except UserError as e:
-        print(f"beit3 list-models: error: {e}", file=sys.stderr)
-        return 2
-    for m in found:
-        print(f"{m.name:<48} {m.task or 'backbone':<14} {m.preset:<6} {m.img_size or '':>4}  {m.note}")
-    return 0

@@ -31,9 +31,10 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from beit3.model.config import OFFICIAL_TOKENIZER_IDS, OFFICIAL_VOCAB_SIZE, PRESETS, BEiT3Config
@@ -319,7 +320,6 @@ def _stored_config(checkpoint: Any) -> Optional[BEiT3Config]:
     """The config ``beit3 export --to safetensors`` writes into the file's metadata, if any."""
     if not (isinstance(checkpoint, (str, os.PathLike)) and os.fspath(checkpoint).endswith(".safetensors")):
         return None
-    from safetensors import safe_open
     with safe_open(checkpoint, "pt") as f:
         meta = f.metadata() or {}
     return BEiT3Config.from_dict(json.loads(meta[CONFIG_KEY])) if CONFIG_KEY in meta else None

@@ -22,6 +22,7 @@ export that cannot be silently wrong.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -136,7 +137,7 @@ def _export_one(graph: _Outputs, inputs: tuple, name: str, path: str) -> None:
 
 def max_differences(graph: _Outputs, path: str, inputs: tuple) -> dict[str, float]:
     """{output: max |onnxruntime - PyTorch|} on ``inputs``."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: the onnx extra; only the check of a graph needs it
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
     got = session.run(graph.output_names, feed)
@@ -152,7 +153,6 @@ def export_onnx(loaded: LoadedBackbone, out_dir: str, check: Optional[bool] = No
     (default: when onnxruntime is installed) compare the graphs with PyTorch on inputs of another
     batch size and text length than the export's. Returns the check."""
     if check is None:
-        import importlib.util
         check = importlib.util.find_spec("onnxruntime") is not None
     os.makedirs(out_dir, exist_ok=True)
     modules = graphs(loaded)

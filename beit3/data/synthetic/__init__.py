@@ -9,7 +9,7 @@ assets built from it are the jobs' (``beit3.jobs.demo_assets``).
 """
 from beit3.data.synthetic.language import NLVR2_STATEMENTS, nlvr2_candidates
 from beit3.data.synthetic.scenes import CLASSES, COLORS, SHAPES, Scene, Shape
-from beit3.data.synthetic.world import WORLD_VERSION, WorldConfig, main, make_synthetic_world, split_sizes, write_nlvr2
+from beit3.data.synthetic.world import WORLD_VERSION, WorldConfig, make_synthetic_world, split_sizes, write_nlvr2
 
 __all__ = ["CLASSES", "COLORS", "NLVR2_STATEMENTS", "SHAPES", "Scene", "Shape", "WORLD_VERSION",
-           "WorldConfig", "main", "make_synthetic_world", "nlvr2_candidates", "split_sizes", "write_nlvr2"]
+           "WorldConfig", "make_synthetic_world", "nlvr2_candidates", "split_sizes", "write_nlvr2"]

@@ -53,22 +53,23 @@ output_dir, spm)`` (use a small ``min_answer_count`` for small worlds).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
+try:  # needs protobuf (a tensorboard dependency); without it the model keeps its training paths
+    from sentencepiece import sentencepiece_model_pb2
+except ImportError:
+    sentencepiece_model_pb2 = None
+
 from beit3.data.shards import write_shards
 from beit3.data.text_tokenizer import train_spm
-from beit3.core.settings import add_flag, check_args
 from beit3.data.synthetic.language import annotator_answers, ask, corpus_sentences, describe, nlvr2_set
 from beit3.data.synthetic.render import encode_image, render_scene
 from beit3.data.synthetic.scenes import CLASSES, COLORS, Scene, sample_scene, scene_size, seeded_rng
@@ -265,9 +266,7 @@ def write_texts(out: Path, images: list[WorldImage], pairs: list[dict], cfg: Wor
 def _relative_training_paths(model: str) -> None:
     """sentencepiece records its input and output paths in the model; keep only the file names so
     that the same world written to another folder has the same bytes."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2  # needs protobuf (a tensorboard dependency)
-    except ImportError:
+    if sentencepiece_model_pb2 is None:
         return
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(model).read_bytes())
@@ -342,42 +341,3 @@ def make_synthetic_world(output_dir: str | os.PathLike, num_images: int = 2000, 
     _write_json({"config": asdict(cfg), "counts": counts, "spm": os.path.relpath(spm, out), "complete": True},
                 out / "world.json")
     return counts
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="beit3 data synthetic", description="Write the synthetic world "
-                                     "(images, raw task annotations, corpus, SentencePiece model, shards).")
-    parser.add_argument("--output", required=True, help="new or empty folder (or a previous world, replaced)")
-    add_flag(parser, "--num-images", type=int, default=2000, help="one per split at least", ge=3)
-    add_flag(parser, "--seed", type=int, default=0, ge=0, lt=2**32)
-    add_flag(parser, "--image-size", type=int, default=64, help="shortest image side in pixels", ge=32)
-    add_flag(parser, "--max-image-size", type=int, default=None, help="longest side (default 1.5 x --image-size)",
-             ge=32)
-    parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
-    add_flag(parser, "--num-nlvr2-pairs", type=int, default=None, help="default --num-images // 4", ge=6)
-    add_flag(parser, "--shards-per-kind", type=int, default=32, ge=1)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    from beit3.core.errors import UserError
-    from beit3.core.files import check_output_dir
-    try:
-        check_args(parser, args)
-        check_output_dir(args.output)
-        counts = make_synthetic_world(args.output, args.num_images, args.image_size, args.seed,
-                                      max_image_size=args.max_image_size, image_format=args.image_format,
-                                      num_nlvr2_pairs=args.num_nlvr2_pairs, shards_per_kind=args.shards_per_kind)
-    except (ValueError, FileExistsError, UserError) as e:
-        print(f"beit3 data synthetic: error: {e}", file=sys.stderr)
-        return 2
-    print(f"synthetic world in {args.output} ({time.perf_counter() - start:.1f}s): "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,18 +11,27 @@ import json
 import math
 import os
 import time
+import traceback
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from beit3.model.config import BEiT3Config
+from beit3.trainer.distributed import DistInfo, init_distributed
 from beit3.trainer.ds_config import default_ds_config, packaged_ds_config, resolve_ds_config
+from beit3.trainer.flops import datasheet_peak, measure_matmul_peak
+from beit3.trainer.optim import build_optimizer, param_groups
+from beit3.trainer.trainer import to_device
+from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
 from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
+from beit3.jobs.benchmark.host_reads import HostReads
 from beit3.jobs.benchmark.measure import GiB, Measurement, is_oom, measure, release_memory
-
-if TYPE_CHECKING:
-    from beit3.trainer.distributed import DistInfo
+from beit3.jobs.benchmark.report import device_name
+from beit3.jobs.benchmark.runner import Batches, Settings, build_trainer
+from beit3.jobs.benchmark.trainers import compile_layers, deepspeed_trainer
 
 V = 8192  # VQ-KD codebook: MIM classes
 MFU_TARGET, TORCHSCALE_TARGET = 0.5, 3.5
@@ -86,7 +95,6 @@ def ds_config_of(ctx: Context, mix: BatchMix, bf16: bool = True, stage: int = 3)
 
 def settings_of(ctx: Context, cfg: BEiT3Config, mix: BatchMix, ds_config, every: int = 1, mode: str = "full",
                 warmup: int = 3, steps: int = 10, compare: tuple = ()):
-    from beit3.jobs.benchmark.runner import Settings
     w, n = ctx.steps(warmup, steps)
     return Settings(cfg=cfg, device=ctx.device, mix=mix, warmup=w, steps=n, checkpoint_every=every,
                     checkpoint_mode=mode, ds_config=ds_config, num_visual_tokens=V, compare=compare)
@@ -117,7 +125,6 @@ def line(r: dict) -> str:
 
 
 def init_dist(ctx: Context):
-    from beit3.trainer.distributed import init_distributed
     ctx.dist = init_distributed(device=ctx.device.type)
     return ctx.dist
 
@@ -125,8 +132,6 @@ def init_dist(ctx: Context):
 # -- the parts -----------------------------------------------------------------------------------
 def part_peak(ctx: Context) -> None:
     """The device's matmul peak: bf16 8192^3 on a GPU (fp32 512^3 on the CPU), the best of 10."""
-    from beit3.trainer.flops import datasheet_peak, measure_matmul_peak
-    from beit3.jobs.benchmark.report import device_name
     peak = max(measure_matmul_peak(ctx.device) for _ in range(2))
     sheet = datasheet_peak(ctx.device)
     ctx.record(device_name=device_name(ctx.device), matmul_peak_tflops=peak / 1e12,
@@ -139,8 +144,6 @@ def part_peak(ctx: Context) -> None:
 
 def _prepared(cfg: BEiT3Config, mix: BatchMix, device: torch.device, dtype=torch.float32, seed: int = 0,
               prepare: bool = True):
-    from beit3.trainer.trainer import to_device
-    from beit3.jobs.pretrain.objective import prepare_batch
     batch, targets = synthetic_batch(cfg, mix, V, seed)
     if prepare:
         batch = prepare_batch(batch, cfg.vocab_size)
@@ -152,8 +155,6 @@ def part_sync(ctx: Context) -> None:
     to read a value: run under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first
     synchronising call (on the CPU, ``HostReads`` lists the ops that would). The unprepared batch (boolean-mask gathers) is the check's control: it must
     fail, or the check proves nothing."""
-    from beit3.jobs.pretrain.objective import MaskedDataModeling
-    from beit3.trainer.optim import build_optimizer, param_groups
     cfg = BEiT3Config.from_preset(ctx.preset("base"))
     torch.manual_seed(0)
     with torch.device(ctx.device):
@@ -180,10 +181,8 @@ def part_sync(ctx: Context) -> None:
         """(what happened, fn's result): "no sync", or "SYNC at <our line>: <message>". On the CPU,
         ``HostReads`` names the ops that would make a GPU wait."""
         if not cuda:
-            from beit3.jobs.benchmark.host_reads import HostReads
             with HostReads() as reads:
                 result = fn(*a)
-            from collections import Counter
             counts = ", ".join(f"{n} x {op}" for op, n in Counter(reads.ops).items())
             return ("no host read" if not reads.ops else "HOST READS: " + counts), result
         torch.cuda.synchronize()
@@ -191,7 +190,6 @@ def part_sync(ctx: Context) -> None:
         try:
             return "no sync", fn(*a)
         except RuntimeError as e:
-            import traceback
             ours = [f"{os.path.basename(f.filename)}:{f.lineno} {f.line}" for f in traceback.extract_tb(e.__traceback__)
                     if "beit3" in f.filename]
             return f"SYNC at {ours[-1] if ours else '?'}: " + str(e).strip().splitlines()[0][:200], None
@@ -230,8 +228,6 @@ SDPA_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cud
 def part_sdpa(ctx: Context) -> None:
     """Which scaled-dot-product-attention kernel runs (forward and backward), with and without text
     padding, at the giant's head size (88), from the profiler's op names."""
-    from torch.profiler import ProfilerActivity, profile
-    from beit3.jobs.pretrain.objective import MaskedDataModeling
     cfg = BEiT3Config.from_preset(ctx.preset("giant"), depth=2, vl_layers=1)
     torch.manual_seed(0)
     with torch.device(ctx.device):
@@ -264,10 +260,6 @@ def part_sdpa(ctx: Context) -> None:
 def part_numerics(ctx: Context) -> None:
     """20 steps of base through DeepSpeed ZeRO-3 in bf16 and in fp32 from the same weights on the
     same batches: the per-step losses and their difference."""
-    from beit3.jobs.pretrain.objective import MaskedDataModeling
-    from beit3.trainer.trainer import to_device
-    from beit3.jobs.pretrain.objective import prepare_batch
-    from beit3.jobs.benchmark.trainers import deepspeed_trainer
     init_dist(ctx)
     cfg = BEiT3Config.from_preset(ctx.preset("base"))
     mix = mix_of(ctx, 8)
@@ -301,8 +293,6 @@ def part_numerics(ctx: Context) -> None:
 def part_peers(ctx: Context) -> None:
     """torchscale's BEiT3 at the giant size on the comparison batch (its own activation
     checkpointing), and timm's ViT-g/14 on the image-only batch, eager and torch.compile'd."""
-    from beit3.jobs.benchmark.runner import Batches, build_trainer
-    from beit3.jobs.benchmark.trainers import compile_layers
     ctx.device = init_dist(ctx).device
     cfg = BEiT3Config.from_preset(ctx.preset("giant"))
     peak = measured_peak(ctx)
@@ -334,7 +324,6 @@ def part_peers(ctx: Context) -> None:
 
 
 def _measure_peer(name: str, s, mix: BatchMix, batches, warmup: int, steps: int) -> Measurement:
-    from beit3.jobs.benchmark.runner import build_trainer
     try:
         trainer = build_trainer(name, s, s.checkpoint_every)
     except RuntimeError as e:

@@ -39,6 +39,7 @@ from beit3.trainer.ds_config import default_ds_config, resolve_ds_config
 from beit3.trainer.trainer import to_device
 from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
 from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
+from beit3.jobs.benchmark.trainers import deepspeed_trainer
 
 GIANT_WIDTH = 1408
 # ZeRO-3's settings counted in parameters (numel): scaled with the model, so a narrow model keeps
@@ -126,8 +127,9 @@ class GatheredParams:
         self.phases, self.seen, self._orig = phases, defaultdict(set), None
 
     def install(self) -> None:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus  # heavy: deepspeed, ~2 s to import
+        from deepspeed.runtime.zero.partitioned_param_coordinator import (  # heavy: deepspeed, ~2 s to import
+            PartitionedParameterCoordinator as C)
         orig = self._orig = getattr(C, self.METHOD)
 
         def recorded(coordinator, params, forward, quantize=False):
@@ -139,7 +141,8 @@ class GatheredParams:
         setattr(C, self.METHOD, recorded)
 
     def uninstall(self) -> None:
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+        from deepspeed.runtime.zero.partitioned_param_coordinator import (  # heavy: deepspeed, ~2 s to import
+            PartitionedParameterCoordinator as C)
         if self._orig is not None:
             setattr(C, self.METHOD, self._orig)
 
@@ -219,7 +222,6 @@ def param_numels(engine) -> dict:
 def count_steps(model: Model, mix: BatchMix, ds_config: dict, steps: int, phases: Phases,
                 params: GatheredParams, checkpoint_every: int) -> dict:
     """Build an engine for ``mix``, train ``steps`` micro-steps, count each."""
-    from beit3.jobs.benchmark.trainers import deepspeed_trainer
     torch.manual_seed(0)
     module = MaskedDataModeling(model.cfg, model.num_visual_tokens)
     module.model.set_grad_checkpointing(checkpoint_every > 0, max(1, checkpoint_every))

@@ -12,6 +12,7 @@ from beit3.core.settings import check_settings, setting as _f
 from beit3.model.activation_checkpointing import CHECKPOINT_MODES
 from beit3.trainer.recompute import check_activation_checkpointing, fill_checkpoint_defaults
 from beit3.trainer.ds_config import default_ds_config, ds_config_path, resolve_ds_config
+from beit3.jobs.benchmark.batches import BatchMix
 
 
 @dataclass
@@ -102,8 +103,6 @@ class BenchmarkConfig:
     def check(self, world: int):
         """Every check that needs no model (on a resolved config). Returns (BatchMix, resolved
         DeepSpeed config or None)."""
-        from beit3.jobs.benchmark.batches import BatchMix
-
         if self.image_only and (self.batch_texts or self.batch_pairs):
             raise ValueError("--image-only with --batch-texts/--batch-pairs > 0")
         check_activation_checkpointing(self)

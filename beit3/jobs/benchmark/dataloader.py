@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader
 from beit3.model.config import BEiT3Config
 from beit3.trainer.flops import batch_counts
+from beit3.jobs.demo_assets import demo_assets
 from beit3.jobs.benchmark.batches import BatchMix
 
 
@@ -17,11 +19,8 @@ def time_loader(preset: str, mix: BatchMix, num_workers: int, warmup: int, steps
     default the cached synthetic world of ``beit3 pretrain --data synthetic`` (built on first
     use). Images are cut for a visual tokenizer of the model's input size (BEiT-3: 224 both).
     Warm-up batches, which include the workers' start-up, are not timed."""
-    from beit3.data.pretrain_loader import PretrainDataConfig, PretrainLoader
-
     sources = {k: v for k, v in (sources or {}).items() if v}
     if shards is None and not sources:
-        from beit3.jobs.demo_assets import demo_assets
         assets = demo_assets(seed=seed, log=log)
         shards, spm = assets.shards, spm or assets.spm
     if spm is None:

@@ -21,11 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
-from beit3.trainer.distributed import free_port
+import torch
+
+from beit3.trainer.distributed import finish_distributed, free_port
+from beit3.trainer.trainer import git_commit
 from beit3.jobs.benchmark.check_giant import part_giant
-from beit3.jobs.benchmark.check_parts import part_numerics, part_peak, part_peers, part_sdpa, part_sync
+from beit3.jobs.benchmark.check_parts import Context, part_numerics, part_peak, part_peers, part_sdpa, part_sync
 from beit3.jobs.benchmark.check_report import targets, write_report
+from beit3.jobs.benchmark.report import package_version
 
 # In the order they run, with their time budgets in seconds (a dry run doubles them). giant gets
 # most of a 520 s check: it is what the check is for until its targets are measured.
@@ -198,11 +203,6 @@ def _read(path: str) -> dict | None:
 
 def run_part(name: str, ctx_path: str) -> int:
     """Child side: run one part, recording an exception as its error."""
-    import traceback
-
-    import torch
-
-    from beit3.jobs.benchmark.check_parts import Context
     with open(ctx_path) as f:
         c = json.load(f)
     ctx = Context(dry=c["dry"], device=torch.device(c["device"]), result_path=c["result_path"],
@@ -212,7 +212,6 @@ def run_part(name: str, ctx_path: str) -> int:
     try:
         PARTS[name][0](ctx)
         if ctx.dist is not None:  # the group ends at exit, not in an abort after the part's success
-            from beit3.trainer.distributed import finish_distributed
             finish_distributed(ctx.dist)
         return 0
     except Exception as e:  # noqa: BLE001 - recorded, and the next part runs
@@ -224,9 +223,8 @@ def run_part(name: str, ctx_path: str) -> int:
 
 
 def environment() -> dict:
-    from beit3.trainer.trainer import git_commit
-    from beit3.jobs.benchmark.report import _version
-    return {"python": sys.version.split()[0], **{p: _version(p) for p in ("torch", "deepspeed", "timm", "torchscale")},
+    return {"python": sys.version.split()[0],
+            **{p: package_version(p) for p in ("torch", "deepspeed", "timm", "torchscale")},
             # A copy of the tree without .git (a lent GPU machine) names its commit in the environment.
             "git_commit": os.environ.get("BEIT3_GIT_COMMIT") or git_commit(), "host_cpus": os.cpu_count()}
 

@@ -1,7 +1,9 @@
 """Timing of training steps and peak memory, on CUDA and on the CPU."""
 from __future__ import annotations
 
+import gc
 import math
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,6 @@ def is_oom(e: BaseException) -> bool:
 
 
 def release_memory(device: torch.device) -> None:
-    import gc
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -56,7 +57,6 @@ class PeakMemory:
                         return int(line.split()[1]) * 1024 / GiB  # kB
         except OSError:
             pass
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # KiB on Linux
 
 

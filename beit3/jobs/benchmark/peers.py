@@ -16,6 +16,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from beit3.model.config import BEiT3Config
@@ -30,8 +31,8 @@ class TorchscaleMDM(nn.Module):
         super().__init__()
         with warnings.catch_warnings():  # torchscale imports timm's deprecated timm.models.layers
             warnings.simplefilter("ignore", FutureWarning)
-            from torchscale.architecture.config import EncoderConfig
-            from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
+            from torchscale.architecture.config import EncoderConfig  # optional: only --compare torchscale
+            from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3  # optional: only --compare torchscale
 
         args = EncoderConfig(
             multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True,
@@ -88,8 +89,6 @@ def timm_mlp_ratio(cfg: BEiT3Config) -> float:
 class TimmMIM(nn.Module):
     def __init__(self, cfg: BEiT3Config, num_visual_tokens: int, grad_checkpointing: bool):
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
-
         self.vit = VisionTransformer(
             img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=0,
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=timm_mlp_ratio(cfg),

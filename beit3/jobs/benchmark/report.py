@@ -4,10 +4,13 @@ from __future__ import annotations
 import datetime
 import math
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 import torch
 
+from beit3.core.files import atomic_write_bytes
+from beit3.trainer.trainer import git_commit
 from beit3.jobs.benchmark.measure import Measurement
 from beit3.jobs.benchmark.runner import Config, Settings
 
@@ -17,12 +20,11 @@ FIGURES = ("samples_per_s", "tokens_per_s", "model_tflops", "mfu_measured_peak",
 
 def environment(device: torch.device, matmul_peak: float, datasheet: Optional[float], world_size: int) -> dict:
     """Hardware, versions and commit: the fields every record shares."""
-    from beit3.trainer.trainer import git_commit
     return {"device": device.type, "device_name": device_name(device), "world_size": world_size,
             "matmul_peak_tflops": matmul_peak / 1e12,
             "datasheet_tflops": None if datasheet is None else datasheet / 1e12,
-            "torch": torch.__version__, "deepspeed": _version("deepspeed"), "timm": _version("timm"),
-            "torchscale": _version("torchscale"), "git_commit": git_commit()}
+            "torch": torch.__version__, **{p: package_version(p) for p in ("deepspeed", "timm", "torchscale")},
+            "git_commit": git_commit()}
 
 
 def device_name(device: torch.device) -> str:
@@ -37,8 +39,7 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} thread(s)"
 
 
-def _version(pkg: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
+def package_version(pkg: str) -> Optional[str]:
     try:
         return version(pkg)
     except PackageNotFoundError:
@@ -199,5 +200,4 @@ def _row(r: dict, name: str, prefix: str) -> str:
 
 
 def write_markdown(path: str, text: str) -> None:
-    from beit3.core.files import atomic_write_bytes
     atomic_write_bytes(path, text.encode())

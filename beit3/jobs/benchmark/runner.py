@@ -22,10 +22,11 @@ import torch
 from beit3.model.config import BEiT3Config
 from beit3.trainer.flops import pretrain_flops_breakdown
 from beit3.trainer.trainer import to_device
-from beit3.jobs.pretrain.objective import prepare_batch
+from beit3.jobs.pretrain.objective import MaskedDataModeling, prepare_batch
 from beit3.trainer.flops import batch_counts
 from beit3.jobs.benchmark.batches import BatchMix, synthetic_batch
 from beit3.jobs.benchmark.measure import Measurement, is_oom, measure, release_memory
+from beit3.jobs.benchmark.peers import TimmMIM, TorchscaleMDM
 from beit3.jobs.benchmark.search import largest_fitting
 from beit3.jobs.benchmark.trainers import compile_layers, compile_support, deepspeed_trainer, plain_trainer, sdpa_context
 
@@ -111,9 +112,6 @@ def build_trainer(name: str, s: Settings, checkpoint_every: int):
 
 def _build_module(name: str, s: Settings, checkpoint_every: int):
     """(module, its repeated layers) of model ``name``."""
-    from beit3.jobs.pretrain.objective import MaskedDataModeling
-    from beit3.jobs.benchmark.peers import TimmMIM, TorchscaleMDM
-
     if name == "beit3":
         module = MaskedDataModeling(s.cfg, s.num_visual_tokens)
         module.model.set_grad_checkpointing(checkpoint_every > 0, checkpoint_every, s.checkpoint_mode)

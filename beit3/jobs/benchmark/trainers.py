@@ -15,8 +15,13 @@ import shutil
 from typing import Iterable, Optional
 
 import torch
+import torch._dynamo
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._triton import has_triton
 
+from beit3.trainer.engine import OptimConfig, build_engine
 from beit3.trainer.optim import build_optimizer, param_groups
 from beit3.trainer.plain_engine import PlainEngine
 from beit3.trainer.trainer import compute_dtype
@@ -56,8 +61,6 @@ def plain_trainer(module: nn.Module, device: torch.device) -> BenchTrainer:
 def deepspeed_trainer(module: nn.Module, ds_config: dict) -> BenchTrainer:
     """Our pretraining engine with the given DeepSpeed config: the model in the config's precision,
     inputs cast to it as the pretraining loop does."""
-    from beit3.trainer.engine import OptimConfig, build_engine
-
     # build_engine adds sections to the config it is given: keep the caller's intact.
     engine = build_engine(module, copy.deepcopy(ds_config), OptimConfig(lr=LR, total_steps=10**6))
     return BenchTrainer(engine, compute_dtype(ds_config))
@@ -65,12 +68,9 @@ def deepspeed_trainer(module: nn.Module, ds_config: dict) -> BenchTrainer:
 
 def compile_support(device: torch.device) -> Optional[str]:
     """None if torch.compile (Inductor) can run on ``device``, else the reason it cannot."""
-    import torch._dynamo
-
     if not torch._dynamo.is_dynamo_supported():
         return "TorchDynamo does not support this Python version"
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
         return None if has_triton() else "Triton is not installed (Inductor's GPU code generator)"
     if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
         return "no C++ compiler on PATH (Inductor's CPU code generator)"
@@ -82,8 +82,6 @@ def compile_layers(layers: Iterable[nn.Module], backend: str = "inductor") -> in
     DeepSpeed and checkpoints see the same module tree). Per layer rather than the whole model:
     the layers are identical, so one graph serves them all, and the routing between image, text
     and pair inputs stays in eager Python. Returns how many were compiled."""
-    import torch._dynamo
-
     # One graph per (input kinds, VL-FFN or not, mask or not): more than dynamo's default of 8
     # variants per code object, past which it would silently run the layer eagerly.
     for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
@@ -106,7 +104,6 @@ def uncompile_layers(layers: Iterable[nn.Module]) -> None:
 def compile_stats() -> dict:
     """What dynamo made of the compiled code so far: graphs, graph breaks and their main reasons
     (a layer broken into many graphs gains little)."""
-    from torch._dynamo.utils import counters
     breaks = counters["graph_break"]
     return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
             "graph_breaks": int(sum(breaks.values())),
@@ -121,7 +118,6 @@ def sdpa_context(backend: str):
     padding mask on CUDA, "flash" has no kernel to run and fails: that is the point of measuring."""
     if backend == "auto":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     kernel = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
     return sdpa_kernel(kernel)

@@ -19,6 +19,7 @@ from typing import Optional
 from beit3.model.config import LAYOUTS, PRESETS, check_fields
 from beit3.metrics.vqa import VQA_EVAL_VERSIONS
 from beit3.core.settings import SettingError, check_settings, setting as _f
+from beit3.trainer.ds_config import ConfigError
 
 TASKS = ("vqa", "retrieval", "captioning", "classification", "nlvr2", "segmentation")
 DATASETS = {
@@ -277,3 +278,23 @@ def get_recipe(name: str, **overrides) -> FinetuneConfig:
         raise SettingError(f"unknown --recipe {name!r}; choices:\n" + "\n".join(lines))
     check_fields(FinetuneConfig, overrides)
     return FinetuneConfig(**{**RECIPES[name], **overrides})
+
+
+def resolve_recipe(recipe: Optional[str], task: Optional[str], flags: dict) -> FinetuneConfig:
+    """The recipe (``--recipe``, else the task's demo recipe) with ``flags`` (the FinetuneConfig
+    fields the command line set) on top."""
+    if recipe is None and task is None:
+        raise ConfigError(f"give --task ({', '.join(TASKS)}) or --recipe")
+    name = recipe or DEFAULT_RECIPE[task]
+    if name not in RECIPES:
+        lines = [f"  {t}: {', '.join(recipe_names(t))}" for t in TASKS]
+        raise ConfigError(f"unknown --recipe {name!r}; choices:\n" + "\n".join(lines))
+    if task is not None and RECIPES[name]["task"] != task:
+        raise ConfigError(f"--recipe {name} is a {RECIPES[name]['task']} recipe, not {task}; "
+                          f"{task} recipes: {', '.join(recipe_names(task))}")
+    cfg = get_recipe(name, **{k: v for k, v in flags.items() if k != "task"})  # the task is the recipe's
+    if cfg.layer_decay != 1.0 and cfg.head_lr_scale != 1.0:  # unilm takes the head's weight only without decay
+        raise SettingError(f"--head-lr-scale {cfg.head_lr_scale:g} with --layer-decay {cfg.layer_decay:g} (given, or "
+                           f"--recipe {name}'s): the head's factor applies only without layer decay, as unilm's "
+                           f"--task_head_lr_weight; give --layer-decay 1 or leave --head-lr-scale at 1")
+    return cfg

@@ -22,6 +22,7 @@ import warnings
 from typing import Optional
 
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from beit3.model.config import BEiT3Config, check_text_vocab, text_table_rows
@@ -38,6 +39,7 @@ from beit3.trainer.optim import param_groups
 from beit3.trainer.run_dir import check_resume, check_same_run, find_checkpoint, on_every_rank
 from beit3.trainer.throughput import Throughput
 from beit3.trainer.trainer import Trainer, compute_dtype, seed_everything, to_device
+from beit3.jobs.demo_assets import finetune_world
 from beit3.jobs.finetune.batches import collate, epoch_batches
 from beit3.model.heads import TaskModel, unreached_parameters
 from beit3.jobs.finetune.init_weights import InitWeights, apply_init, load_init, tokenizer_for
@@ -54,8 +56,6 @@ warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_i
 def synthetic_data(dist: DistInfo, log=print) -> tuple[str, str]:
     """(data root, spm) of the synthetic world with its fine-tuning index files (rank 0 builds them;
     a stopped build stops every rank)."""
-    from beit3.jobs.demo_assets import finetune_world
-
     world = on_every_rank(dist, lambda: finetune_world(build=dist.is_main, log=log))
     return world.world, world.spm
 
@@ -234,7 +234,6 @@ class FinetuneRun(Trainer):
     def build_ema(self):
         if not self.cfg.model_ema:
             return None
-        from timm.utils import ModelEmaV3
         return ModelEmaV3(self.model, decay=self.cfg.ema_decay, device=self.dist.device, dtype=torch.float32)
 
     @property
@@ -245,7 +244,7 @@ class FinetuneRun(Trainer):
         """Context in which the module holds its whole parameters (ZeRO-3 gathers them: memory!)."""
         if not self.zero3:
             return contextlib.nullcontext()
-        import deepspeed
+        import deepspeed  # heavy: deepspeed, ~2 s to import
         return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
 
     def write_run_info(self) -> None:

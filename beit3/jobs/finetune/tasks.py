@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -19,7 +21,7 @@ from beit3.data.downstream import datasets as dd
 from beit3.data.text_tokenizer import TextTokenizer
 from beit3.data.transforms import build_cls_transform, cls_preprocess
 from beit3.metrics.captioning import caption_scores, load_coco_captions
-from beit3.metrics.classification import classification_report
+from beit3.metrics.classification import classification_report, save_confusion_matrix_png
 from beit3.trainer.gather import gather_features
 from beit3.metrics.retrieval import retrieval_recall
 from beit3.metrics.vqa import vqa_accuracy_by_type
@@ -65,13 +67,11 @@ class ClassificationTask(Task):
         num_classes = _num_classes(train_set)
         c = self.cfg
         if c.mixup > 0 or c.cutmix > 0:
-            from timm.data import Mixup
             self.mixup = Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, label_smoothing=c.label_smoothing,
                                num_classes=num_classes)
         return ImageClassifier(model_cfg, num_classes, linear_probe=c.linear_probe)
 
     def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         if target.dim() == 2:
             return SoftTargetCrossEntropy()(logits, target)
         if self.cfg.label_smoothing > 0:
@@ -98,7 +98,6 @@ class ClassificationTask(Task):
         out = {"acc1": (top[:, 0] == label).double().mean().item(),
                "acc5": (top == label[:, None]).any(dim=1).double().mean().item(), "samples": len(label)}
         if output_dir is not None:
-            from beit3.metrics.classification import save_confusion_matrix_png
             names = class_names(dataset)
             report = classification_report(top[:, 0], label, names)
             save_confusion_matrix_png(report["confusion_matrix"], names, Path(output_dir) / "confusion_matrix.png")

@@ -8,12 +8,10 @@ every ``log_every`` steps, with the throughput figures of every job: ``flops.vqk
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,15 +27,14 @@ from torchvision import transforms as T
 from beit3.trainer.distributed import pick_device
 from beit3.trainer.flops import vqkd_flops
 from beit3.trainer.plain_engine import PlainEngine
-from beit3.trainer.run_dir import check_resume, check_run_folder, find_checkpoint
+from beit3.trainer.run_dir import check_resume, find_checkpoint
 from beit3.trainer.throughput import Throughput
-from beit3.trainer.trackers import check_request
 from beit3.trainer.trainer import StopRequested, Trainer, seed_everything
 from beit3.vqkd.teachers import Teacher, build_teacher
 from beit3.jobs.tokenizer.config import TokenizerTrainConfig
-from beit3.vqkd.vqkd import VQKD, VQKD_PRESETS, VQKDConfig, VQKDOutput, WEIGHTS_NAME, load_trained_tokenizer, save_trained
+from beit3.vqkd.vqkd import VQKD, VQKDConfig, VQKDOutput, WEIGHTS_NAME, load_trained_tokenizer, save_trained
 
-__all__ = ["train_tokenizer", "load_trained_tokenizer", "ImageFolder", "CodeUsage", "TokenizerRun", "main"]
+__all__ = ["train_tokenizer", "tokenizer_run", "load_trained_tokenizer", "ImageFolder", "CodeUsage", "TokenizerRun"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -361,51 +358,18 @@ def train_tokenizer(images_source: str | os.PathLike, config: VQKDConfig, teache
     return TokenizerRun(settings, config, teacher).train()
 
 
+def tokenizer_run(settings: TokenizerTrainConfig) -> TokenizerRun:
+    """The run of checked ``settings`` (``beit3 train-tokenizer``): the teacher built, the VQ-KD
+    sized to its features."""
+    preset = VQKDConfig.from_preset(settings.preset)
+    teacher = build_teacher(settings.teacher, settings.teacher_weights, grid=preset.grid_size,
+                            img_size=preset.img_size)
+    config = VQKDConfig.from_preset(settings.preset, teacher_dim=teacher.dim)
+    _check_compatible(config, teacher)
+    return TokenizerRun(settings, config, teacher)
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The ``metrics.jsonl`` lines of a run, in order."""
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-# -- command line --------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from beit3.core.settings import add_dataclass_flags
-    p = argparse.ArgumentParser(prog="beit3 train-tokenizer", description="Train a BEiT v2 VQ-KD visual tokenizer.")
-    add_dataclass_flags(p, TokenizerTrainConfig)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from beit3.core.errors import UserError
-    from beit3.core.settings import given
-    args = build_parser().parse_args(argv)
-    try:
-        settings = TokenizerTrainConfig(**given(args, TokenizerTrainConfig)).resolved()
-        settings.check()  # before the teacher is loaded and the steps run
-        check_request(settings.report_to, settings.tensorboard, getattr(args, "tensorboard", None))
-        check_run_folder(settings.output, settings.resume, settings.overwrite)  # the run checks again, locked
-        pick_device(settings.device)
-        preset = VQKDConfig.from_preset(settings.preset)
-        teacher = build_teacher(settings.teacher, settings.teacher_weights, grid=preset.grid_size,
-                                img_size=preset.img_size)
-        config = VQKDConfig.from_preset(settings.preset, teacher_dim=teacher.dim)
-        _check_compatible(config, teacher)
-        run = TokenizerRun(settings, config, teacher)
-        path = run.train()
-    except (ValueError, FileNotFoundError, ImportError, UserError) as e:
-        print(f"beit3 train-tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    metrics = read_metrics(settings.output)
-    first, last = metrics[0], metrics[-1]
-    if run.step_reached < settings.steps:
-        print(f"stopped at step {run.step_reached} of {settings.steps} (rec loss {last['rec_loss']:.4f} at step "
-              f"{last['step']}); continue with --resume auto; saved {path}")
-        return 0
-    print(f"final rec loss {last['rec_loss']:.4f} (first logged {first['rec_loss']:.4f}), "
-          f"quant loss {last['quant_loss']:.4f}, codebook usage {last['usage']:.1%} of {config.num_codes} codes "
-          f"(perplexity {last['perplexity']:.1f}); saved {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
