@@ -1,14 +1,43 @@
+"""Fixtures shared by the test files. The suite runs in two pytest-xdist workers (``-n 2 --dist
+loadscope`` in pyproject.toml), one per core of the CI machine, each on one torch thread so that
+the two do not fight over the cores. A module's tests stay on one worker, so its module fixtures
+are built once; the session fixtures that train something are built once for both workers, under
+a file lock, in the folder the workers share (``worker_cache.py``)."""
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch is imported: its subprocesses' thread pools too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+from worker_cache import WORKER, built_once, mark_built
+
+if WORKER:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_variables_restored():
+    """A job run in-process sets MASTER_PORT for its world of one and keeps that group (bound to the
+    port) until exit; left in the environment, the variable would send every later subprocess's own
+    world of one to the same, taken port (EADDRINUSE)."""
+    before = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +58,8 @@ def assets(tmp_path_factory):
     inputs, web sources) run on; built once, never written to by a test."""
     from pretrain_fixtures import make_assets
 
-    return make_assets(str(tmp_path_factory.mktemp("assets")))
+    with built_once(tmp_path_factory, "assets") as (path, _):
+        return make_assets(str(path))  # builds what its folder lacks
 
 
 @pytest.fixture(scope="session")
@@ -38,16 +68,16 @@ def small_world(tmp_path_factory):
     (the same code path as the demo's cached assets), shared by pretraining and fine-tuning tests."""
     from beit3.jobs.demo_assets import demo_assets
 
-    root = tmp_path_factory.mktemp("beit3_cache")
-    old = os.environ.get("BEIT3_CACHE")
-    os.environ["BEIT3_CACHE"] = str(root)
-    try:
-        return demo_assets(seed=0, num_images=240, tokenizer_steps=60, tokenizer_batch=16, log=lambda *_: None)
-    finally:
-        if old is None:
-            os.environ.pop("BEIT3_CACHE")
-        else:
-            os.environ["BEIT3_CACHE"] = old
+    with built_once(tmp_path_factory, "beit3_cache") as (root, _):
+        old = os.environ.get("BEIT3_CACHE")
+        os.environ["BEIT3_CACHE"] = str(root)
+        try:  # a second call finds the cache READY and builds nothing
+            return demo_assets(seed=0, num_images=240, tokenizer_steps=60, tokenizer_batch=16, log=lambda *_: None)
+        finally:
+            if old is None:
+                os.environ.pop("BEIT3_CACHE")
+            else:
+                os.environ["BEIT3_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
@@ -55,24 +85,30 @@ def pretrained_tiny(small_world, tmp_path_factory):
     """A tiny BEiT-3 pretrained for 60 steps on the small world through `beit3 pretrain`."""
     from beit3.cli.pretrain import main as pretrain_main
 
-    out = tmp_path_factory.mktemp("pretrained") / "run"
-    rc = pretrain_main(["--preset", "tiny", "--data", small_world.shards, "--spm", small_world.spm,
-                        "--tokenizer", small_world.tokenizer, "--steps", "60", "--batch-images", "8",
-                        "--batch-texts", "8", "--batch-pairs", "8", "--log-every", "5", "--save-every", "60",
-                        "--warmup-steps", "6", "--output", str(out), "--no-tensorboard"])
-    assert rc == 0
-    return out
+    with built_once(tmp_path_factory, "pretrained") as (path, built):
+        out = path / "run"
+        if not built:
+            rc = pretrain_main(["--preset", "tiny", "--data", small_world.shards, "--spm", small_world.spm,
+                                "--tokenizer", small_world.tokenizer, "--steps", "60", "--batch-images", "8",
+                                "--batch-texts", "8", "--batch-pairs", "8", "--log-every", "5", "--save-every", "60",
+                                "--warmup-steps", "6", "--output", str(out), "--no-tensorboard"])
+            assert rc == 0
+            mark_built(path)
+        return out
 
 
 @pytest.fixture(scope="session")
-def data(small_world):
+def data(small_world, tmp_path_factory):
     """The small world with its fine-tuning index files (VQA: every val image in rest_val)."""
     from beit3.data.downstream import build_all_indexes
 
     world = small_world.world
-    val_images = len(os.listdir(os.path.join(world, "images", "val")))
-    build_all_indexes(os.path.join(world, "raw"), world, small_world.spm, min_answer_count=2,
-                      rest_val_images=val_images)
+    with built_once(tmp_path_factory, "indexes") as (path, built):
+        if not built:
+            val_images = len(os.listdir(os.path.join(world, "images", "val")))
+            build_all_indexes(os.path.join(world, "raw"), world, small_world.spm, min_answer_count=2,
+                              rest_val_images=val_images)
+            mark_built(path)
     return small_world
 
 
@@ -85,6 +121,11 @@ def retrieval_run(data, tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # see one_thread
     try:
-        return finetune("retrieval", data, None, tmp_path_factory.mktemp("retrieval") / "run", "--max-steps", "2")
+        with built_once(tmp_path_factory, "retrieval") as (path, built):
+            if not built:
+                finetune("retrieval", data, None, path / "run", "--max-steps", "2")
+                mark_built(path)
+            return path / "run"
     finally:
         torch.set_num_threads(before)
+

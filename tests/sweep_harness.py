@@ -58,13 +58,19 @@ class Result:
                f"{self.err[-4000:]}\n--- stdout:\n{self.out[-1000:]}"
 
 
+LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+
+
 class ForkServer:
     """The client: starts the server, sends it one case at a time, reads back what the child wrote."""
 
     def __init__(self, workdir: Optional[str] = None, env: Optional[dict] = None):
         self.workdir = workdir or tempfile.mkdtemp(prefix="beit3-sweep-")
         self.count = 0
-        server_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+        # A user's command starts without a launcher's variables; one left by an in-process test
+        # (MASTER_PORT of a group still bound in pytest) would make every pretraining case fail to bind.
+        server_env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES},
+                      "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                       "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                       **(env or {})}
         self.env = server_env

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from worker_cache import built_once, mark_built
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,16 +37,20 @@ def _pos(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dry_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_check")
-    r = _run(tmp, "--profile", "always")
-    assert r.returncode == 0, r.stderr[-3000:]
+    """The whole dry run (~2 minutes), once for every test and worker that reads it."""
+    with built_once(tmp_path_factory, "gpu_check") as (tmp, built):
+        if not built:
+            r = _run(tmp, "--profile", "always")
+            assert r.returncode == 0, r.stderr[-3000:]
+            (tmp / "stdout.txt").write_text(r.stdout)
+            mark_built(tmp)
     report, md = _report(tmp)
     [trace] = [p for p in os.listdir(tmp / "out") if p.endswith("-trace.json.gz")]
     with gzip.open(tmp / "out" / trace) as f:
         assert json.load(f)["traceEvents"]
-    return report, md, r.stdout
+    return report, md, (tmp / "stdout.txt").read_text()
 
 
 @pytest.mark.slow
@@ -138,16 +143,17 @@ def test_numerics_and_attention_parts(dry_run):
 
 @pytest.mark.slow
 def test_a_part_out_of_time_is_recorded_and_the_check_goes_on(tmp_path):
-    """giant cannot finish in the ~25 s left after peak (it needs ~90 s): it is stopped, recorded as
-    timed out with what it had, the report is still written, and the exit status is 0. (40 s, not
-    less: on a loaded 2-core machine peak alone has taken 22 s.)"""
-    r = _run(tmp_path, "--parts", "peak,giant,peers", "--budget", "40", timeout=150)
+    """giant cannot get past its first step in 6 s (its process spends ~4 s importing torch and
+    DeepSpeed, the first step ~5 s more on 2 cores): it is stopped, recorded as timed out with what
+    it had, the report is still written, the part after it is skipped, and the exit status is 0.
+    (With more time giant cuts its own measurements short and ends "ok": only the kill is tested.
+    That the figures measured before a kill are kept: the test below.)"""
+    r = _run(tmp_path, "--parts", "giant,peers", "--budget", "6", timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     report, md = _report(tmp_path)
     status = {p: v["status"] for p, v in report["parts"].items()}
-    assert status["peak"] == "ok" and status["giant"] == "timed out", report["parts"]
-    assert status["peers"] == "skipped"
-    assert "stopped after its" in report["parts"]["giant"]["error"] and "| giant | timed out |" in md
+    assert status == {"giant": "timed out", "peers": "skipped"}, report["parts"]
+    assert "stopped after its 6 s budget" in report["parts"]["giant"]["error"] and "| giant | timed out |" in md
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):

@@ -168,9 +168,9 @@ def test_command_line_options():
         return pretrain.defaults_for(args, "cpu")
 
     a = pretrain_args("--checkpoint-mode", "selective")
-    assert (a.checkpoint_every, a.checkpoint_mode) == (1, "selective")  # also on the CPU
+    assert (a.model.checkpoint_every, a.model.checkpoint_mode) == (1, "selective")  # also on the CPU
     a = pretrain_args()
-    assert (a.checkpoint_every, a.checkpoint_mode) == (0, "full")  # the defaults as before
+    assert (a.model.checkpoint_every, a.model.checkpoint_mode) == (0, "full")  # the defaults as before
     with pytest.raises(ConfigError, match="--checkpoint-every 0"):
         pretrain.check_args(pretrain_args("--checkpoint-mode", "selective", "--checkpoint-every", "0"), 1)
     with pytest.raises(ValueError, match="--checkpoint-every must be >= 0, got -1"):  # when the settings are made

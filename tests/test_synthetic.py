@@ -479,7 +479,8 @@ def test_a_stopped_demo_tokenizer_is_not_cached_and_the_next_run_finishes_it(tmp
     assert line in err and "next run resumes the build" in err and "Traceback" not in err
     tok_dir = assets.demo_assets(build=False).tokenizer
     assert not os.path.exists(os.path.join(tok_dir, "READY"))
-    assert os.listdir(out) == [".lock"]  # no pretraining started
+    assert sorted(os.listdir(out)) == [".lock", "run.log"]  # no pretraining started; the error is in run.log
+    assert "stopped by SIGTERM at step 3 of 6" in (out / "run.log").read_text()
 
     assert pretrain_main(command) == 0
     assert f"resuming the build of the tiny VQ-KD visual tokenizer in {tok_dir}: it stopped at step 3 of 6" \

@@ -85,8 +85,8 @@ def test_subln_scales_what_torchscale_scales():
 
 def test_pretraining_defaults_to_subln_and_finetuning_to_unilms_wrapper():
     from beit3.cli.pretrain import build_parser, config_from_args
-    assert config_from_args(build_parser().parse_args([])).init_scheme == "subln"
-    assert config_from_args(build_parser().parse_args(["--init-scheme", "plain"])).init_scheme == "plain"
+    assert config_from_args(build_parser().parse_args([])).model.init_scheme == "subln"
+    assert config_from_args(build_parser().parse_args(["--init-scheme", "plain"])).model.init_scheme == "plain"
     # unilm/beit3's BEiT3Wrapper re-initialises every Linear after torchscale's Sub-LN scaling.
     assert BEiT3Config.from_preset("base").subln_init_scale is False
 
