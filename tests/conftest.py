@@ -12,6 +12,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch is imported: its subpr
 import pytest
 import torch
 
+from beit3.metrics import captioning
 from worker_cache import WORKER, built_once, mark_built
 
 if WORKER:
@@ -21,6 +22,14 @@ if WORKER:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _captions_scored_without_java(monkeypatch):
+    """Fine-tuning and evaluation runs read CIDEr and BLEU, which need no Java; METEOR and the PTB
+    tokenizer start a JVM per call (a third of a captioning test's time here). The tests of the
+    Java path (tests/test_metrics.py) ask for it with ``use_java=True``."""
+    monkeypatch.setattr(captioning, "java_available", lambda: False)
 
 
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

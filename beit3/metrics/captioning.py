@@ -50,6 +50,11 @@ def simple_tokenize(caption: str) -> str:
     return " ".join(_TOKEN.findall(text))
 
 
+def java_available() -> bool:
+    """Whether METEOR, SPICE and the PTB tokenizer can run (each starts a JVM per call)."""
+    return shutil.which("java") is not None
+
+
 def caption_scores(predictions: Mapping[Hashable, str], ground_truth: Mapping[Hashable, Sequence[str]],
                    use_java: bool | None = None) -> dict[str, float]:
     """Corpus caption scores of ``predictions`` ({image_id: caption}) against ``ground_truth``
@@ -62,7 +67,7 @@ def caption_scores(predictions: Mapping[Hashable, str], ground_truth: Mapping[Ha
     comparable across runs on the same image set.
     """
     _check_captions(predictions, ground_truth)
-    use_java = shutil.which("java") is not None if use_java is None else use_java
+    use_java = java_available() if use_java is None else use_java
     gts = _tokenize(ground_truth, use_java)
     res = _tokenize({k: [v] for k, v in predictions.items()}, use_java)
     res = {k: res[k] for k in gts}  # the scorers want the same key order
