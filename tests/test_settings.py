@@ -18,7 +18,8 @@ from beit3.cli import data, embed, evaluate, finetune, predict
 from beit3.jobs.finetune.options import RunOptions
 from beit3.jobs.finetune.recipes import RECIPES, FinetuneConfig
 from beit3.jobs.finetune.run import schedule_steps
-from beit3.core.settings import Range, SettingError, check_values, flag_ranges, given, is_number, leaves, ranges_table
+from beit3.core.settings import (Range, SettingError, check_values, flag_ranges, flat_values, given, is_number,
+                                 leaves, ranges_table)
 from beit3.jobs.finetune.evaluate import config_for
 from beit3.cli.info import InfoSettings
 from beit3.cli import train_tokenizer
@@ -109,11 +110,27 @@ def test_values_of_the_wrong_type_or_range_are_named(values, message):
         FinetuneConfig(task="vqa", betas=(0.9, 1.0))
 
 
+def _out_of_range(cls, values: dict) -> list[str]:
+    """The settings among ``values`` (flat, by key) whose number lies outside the range it declares."""
+    bad = []
+    for key, leaf in leaves(cls).items():
+        valid, value = Range.of(leaf.field.metadata), values.get(key)
+        if valid is None or value is None or not is_number(leaf.tp):
+            continue
+        if not all(valid.holds(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
+            bad.append(key)
+    return bad
+
+
 def test_every_recipe_is_within_the_ranges():
-    for name in RECIPES:
-        FinetuneConfig(**RECIPES[name])  # raises on a value outside its range
+    for name, values in RECIPES.items():
+        cfg = FinetuneConfig(**values)  # would raise on a value outside its range
+        assert cfg.task == values["task"] and _out_of_range(FinetuneConfig, vars(cfg)) == [], name
     for name in PRETRAIN_RECIPES:
-        PretrainConfig.from_recipe(name)
+        flat = flat_values(PretrainConfig.from_recipe(name))
+        assert _out_of_range(PretrainConfig, flat) == [], name
+    # and the check can fail: a value outside its range is found
+    assert _out_of_range(FinetuneConfig, {**vars(FinetuneConfig(task="vqa")), "lr": -1.0}) == ["lr"]
 
 
 def test_a_recipe_alone_sets_the_task_and_the_flags_go_on_top():

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from beit3.core.errors import UserError, first_line
 from beit3.core.files import atomic_write_bytes
+from beit3.core.settings import setting
 from beit3.trainer.mlflow_tracker import MlflowTracker
 from beit3.trainer.wandb_tracker import WandbTracker
 
@@ -31,6 +32,17 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 # The libraries of the trackers that are optional extras (pip install 'beit3[trackers]').
 LIBRARIES = {"wandb": "wandb", "mlflow": "mlflow"}
 IDS_FILE = "trackers.json"  # <output>/trackers.json: the tracker runs' ids, for --resume
+
+
+def tensorboard_setting():
+    """Every job's ``--tensorboard/--no-tensorboard`` setting."""
+    return setting(True, "also write tensorboard/ beside metrics.jsonl")
+
+
+def report_to_setting():
+    """Every job's ``--report-to`` setting."""
+    return setting("", "where the metrics go besides metrics.jsonl: a comma list of tensorboard, wandb, mlflow, "
+                   "or none (default: tensorboard; none with --no-tensorboard; docs/tracking.md)", metavar="LIST")
 
 
 class TrackerError(UserError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from beit3.core.settings import check_settings, setting as _f
+from beit3.trainer.trackers import report_to_setting, tensorboard_setting
 
 SYNTHETIC = "synthetic"
 
@@ -45,10 +46,8 @@ class RunOptions:
     num_workers: Optional[int] = _f(None, "data loader workers (default 0 on CPU, 6 on GPU)", ge=0)
     device: Optional[str] = _f(None, "default: cuda when available", choices=["cuda", "cpu"])
     dist_timeout: float = _f(1800.0, "seconds a collective may wait for a peer before failing", gt=0)
-    tensorboard: bool = _f(True, "also write tensorboard/ beside metrics.jsonl")
-    report_to: str = _f("", "where the metrics go besides metrics.jsonl: a comma list of tensorboard, wandb, "
-                        "mlflow, or none (default: tensorboard; none with --no-tensorboard; docs/tracking.md)",
-                        metavar="LIST")
+    tensorboard: bool = tensorboard_setting()
+    report_to: str = report_to_setting()
 
     def __post_init__(self):
         check_settings(self)

@@ -39,6 +39,7 @@ from beit3.model.config import PRESETS, BEiT3Config
 from beit3.trainer.ds_config import ConfigError, default_ds_config, ds_config_path, resolve_ds_config
 from beit3.trainer.engine import OptimConfig
 from beit3.trainer.recompute import check_activation_checkpointing, fill_checkpoint_defaults
+from beit3.trainer.trackers import report_to_setting, tensorboard_setting
 
 SOURCE_FLAGS = {"images": "image_shards", "texts": "text_shards", "pairs": "pair_shards"}
 ACCUMULATION = ("micro_batches_per_step", "grad_accum")  # one knob, two spellings
@@ -149,10 +150,8 @@ class RunSettings:
                                          "SIGTERM (time-limited jobs; the schedule still spans --steps)", ge=1)
     log_every: int = _f(10, "optimizer steps between logged lines", ge=1)
     max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row", ge=1)
-    tensorboard: bool = _f(True, "also write tensorboard/ beside metrics.jsonl")
-    report_to: str = _f("", "where the metrics go besides metrics.jsonl: a comma list of tensorboard, wandb, "
-                        "mlflow, or none (default: tensorboard; none with --no-tensorboard; docs/tracking.md)",
-                        metavar="LIST")
+    tensorboard: bool = tensorboard_setting()
+    report_to: str = report_to_setting()
 
     def __post_init__(self):
         check_settings(self)

@@ -9,6 +9,7 @@ from typing import Optional
 from beit3.core.errors import UserError
 from beit3.core.files import check_output_dir
 from beit3.core.settings import check_settings, setting as _f
+from beit3.trainer.trackers import report_to_setting, tensorboard_setting
 from beit3.vqkd.vqkd import VQKD_PRESETS
 
 
@@ -44,10 +45,8 @@ class TokenizerTrainConfig:
                                          "(a time-limited job; continue with --resume auto)", ge=1)
     max_bad_steps: int = _f(5, "non-finite steps in a row that stop the run (each one is skipped)", ge=1)
     allow_pickle: bool = _f(False, "load checkpoint files that hold pickled objects (only files you trust)")
-    tensorboard: bool = _f(True)
-    report_to: str = _f("", "where the metrics go besides metrics.jsonl: a comma list of tensorboard, wandb, "
-                        "mlflow, or none (default: tensorboard; none with --no-tensorboard; docs/tracking.md)",
-                        metavar="LIST")
+    tensorboard: bool = tensorboard_setting()
+    report_to: str = report_to_setting()
     seed: int = _f(0, ge=0, lt=2**32)
     device: Optional[str] = _f(None, "default: cuda when available", choices=["cuda", "cpu"])
 
