@@ -221,7 +221,8 @@ class RetrievalTask(Task):
         def texts(model, batch):
             out = model(text=batch["text"], padding_mask=batch["padding_mask"])
             return {"feat": out["text"].float(), "image_id": batch["image_id"]}
-        return [EvalPass("images", RetrievalImages(dataset), images), EvalPass("texts", RetrievalTexts(dataset), texts)]
+        return [EvalPass("images", DistinctImages(dataset, by_id=True), images),
+                EvalPass("texts", RetrievalTexts(dataset), texts)]
 
     def metrics(self, rows: dict[str, Rows], dataset: Dataset, output_dir: Optional[str] = None) -> dict:
         img, txt = rows["images"], rows["texts"]
@@ -246,15 +247,16 @@ def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor
     return loss, (logits_i.detach().argmax(-1) == labels).float().mean()
 
 
-class RetrievalImages(Dataset):
-    """Each distinct image of a retrieval split once, ordered by ``image_id``."""
+class DistinctImages(Dataset):
+    """Each distinct image of a split once (its first line: retrieval and captioning train indexes
+    hold one line per caption), ordered by ``image_id`` with ``by_id``, else as the index lists them."""
 
-    def __init__(self, ds: dd.RetrievalDataset):
+    def __init__(self, ds, by_id: bool = False):
         self.ds = ds
         first: dict[int, int] = {}
         for i, item in enumerate(ds.items):
             first.setdefault(int(item["image_id"]), i)
-        self.index = [first[k] for k in sorted(first)]
+        self.index = [first[k] for k in sorted(first)] if by_id else list(first.values())
 
     def __len__(self) -> int:
         return len(self.index)
@@ -329,7 +331,7 @@ class CaptioningTask(Task):
         def run(model, batch):
             tokens, _ = generate(model, batch["image"], unwrap(model).cfg.depth, dc, stop=_all_ranks)
             return {"tokens": tokens, "image_id": batch["image_id"]}
-        return [EvalPass("images", CaptionImages(dataset), run)]
+        return [EvalPass("images", DistinctImages(dataset), run)]
 
     def metrics(self, rows: dict[str, Rows], dataset: Dataset, output_dir: Optional[str] = None) -> dict:
         r = rows["images"]
@@ -342,25 +344,6 @@ class CaptioningTask(Task):
             out.update(caption_scores(preds, {k: gts[k] for k in preds}))
         out["predictions"] = [{"image_id": k, "caption": v} for k, v in preds.items()]
         return out
-
-
-class CaptionImages(Dataset):
-    """The distinct images of a captioning split (train indexes hold one line per caption)."""
-
-    def __init__(self, ds: dd.CaptioningDataset):
-        self.ds = ds
-        seen: dict[int, int] = {}
-        for i, item in enumerate(ds.items):
-            seen.setdefault(int(item["image_id"]), i)
-        self.index = list(seen.values())
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.ds.items[self.index[i]]
-        image = dd.load_image(self.ds.data_root / item["image_path"], str(self.ds.index_paths))
-        return {"image": self.ds.transform(image), "image_id": int(item["image_id"])}
 
 
 def _rank() -> int:
